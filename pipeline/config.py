@@ -1,0 +1,105 @@
+"""The typed configuration of the whole pipeline: Hydra composes YAML, these dataclasses consume it.
+
+`conf/config.yaml` composes one group per code folder (`data/`, `model/`, `parallel/`, ...). Stage entry points
+receive Hydra's `DictConfig` and call `to_config`, which merges it into the structured schema below: a misspelt or
+unknown key, or a value of the wrong type, fails here — before any work starts — with an error naming the key.
+Library code only ever sees these dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.config import DataConfig
+from model.config import ModelConfig
+from train.parallel.config import ParallelConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run: unknown key, wrong type, impossible combination."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"  # outputs/<name>/<stage>/
+    root: str = "outputs"
+    seed: int = 0
+    deterministic: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "deepseek-repro"
+    entity: Optional[str] = None
+
+
+@dataclass
+class KernelsConfig:
+    backend: str = "auto"  # auto | triton | torch
+    pow2_scale: bool = False
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    precision: str = "fp32"  # fp32 | bf16 | fp8
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def _check(cfg: Config) -> None:
+    if cfg.precision not in ("fp32", "bf16", "fp8"):
+        raise ConfigError(f"precision must be fp32, bf16 or fp8, got {cfg.precision!r}")
+    if cfg.kernels.backend not in ("auto", "triton", "torch"):
+        raise ConfigError(f"kernels.backend must be auto, triton or torch, got {cfg.kernels.backend!r}")
+    if cfg.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"wandb.mode must be offline, online or disabled, got {cfg.wandb.mode!r}")
+    for section in (cfg.model, cfg.data):
+        validate = getattr(section, "validate", None)
+        if validate is not None:
+            try:
+                validate()
+            except ValueError as e:
+                raise ConfigError(f"{type(section).__name__}: {e}") from e
+
+
+def to_config(dcfg: DictConfig | dict) -> Config:
+    """Merge a composed Hydra config into the schema; raise ConfigError naming the offending key."""
+    if isinstance(dcfg, DictConfig):
+        dcfg = OmegaConf.to_container(dcfg, resolve=True)
+    dcfg = {k: v for k, v in dcfg.items() if k != "hydra"}
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, dcfg)
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"invalid config key {key!r}: {e.msg if hasattr(e, 'msg') else e}") from None
+    _check(cfg)
+    return cfg
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> Config:
+    """Compose `conf/<config_name>.yaml` with command-line style overrides (for tests and notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        dcfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    return to_config(dcfg)
+
+
+def as_dict(section: Any) -> dict:
+    """A dataclass section as a plain dict (for manifests and W&B)."""
+    return OmegaConf.to_container(OmegaConf.structured(section), resolve=True)

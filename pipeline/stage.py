@@ -1,0 +1,159 @@
+"""The run-directory contract: `outputs/<run>/<stage>/manifest.json`, skip-if-unchanged, and the stage's tracker.
+
+A stage does:
+
+    stage = StageRun(cfg, "pretrain", config=asdict(cfg.train), inputs={"shards": data_dir / "train"})
+    if stage.up_to_date():
+        return stage.previous_metrics()          # same config, same inputs, outputs intact: nothing to do
+    with stage:                                   # opens the W&B run, starts the clock
+        stage.tracker.log({"loss": 2.3}, step=1)
+        return stage.finish(outputs={"ckpt": ckpt_dir}, metrics={"val_loss": 2.1})
+
+The manifest holds the stage name, the resolved config, the code version (git sha + dirty flag), the content hash of
+every input and output, the wall time and the key metrics. It is written last and atomically, so a stage killed
+half-way has no manifest and runs again; `up_to_date` also re-checks that each output still has its recorded hash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.io import atomic_write_json, clean_temporaries, hash_config, hash_path
+from pipeline.tracking import Tracker
+
+MANIFEST = "manifest.json"
+
+
+def git_version(cwd: Path | None = None) -> dict[str, Any]:
+    """Code version of the repository holding this file: sha and whether the tree has uncommitted changes."""
+    cwd = cwd or Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return {"sha": sha or None, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": None, "dirty": None}
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+class StageRun:
+    """One execution of one stage inside a pipeline run directory."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        stage: str,
+        *,
+        config: dict,
+        inputs: dict[str, Path] | None = None,
+        rank: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.stage = stage
+        self.config = config
+        self.run_name = cfg.run.name
+        self.dir = Path(cfg.run.root) / cfg.run.name / stage
+        self.rank = rank
+        self.inputs = {k: Path(v) for k, v in (inputs or {}).items()}
+        for name, path in self.inputs.items():
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"stage {stage!r}: input {name!r} not found at {path} (run the upstream stage first)"
+                )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._input_hashes = {k: hash_path(v) for k, v in self.inputs.items()}
+        self._config_hash = hash_config(config)
+        self._t0: float | None = None
+        self.tracker: Tracker | None = None
+
+    # ---- skip logic -------------------------------------------------------------------------------------------
+    def up_to_date(self) -> bool:
+        """True when a previous execution finished with the same config and inputs and its outputs are intact."""
+        m = read_manifest(self.dir)
+        if m is None or m.get("config_hash") != self._config_hash:
+            return False
+        if {k: v["sha256"] for k, v in m.get("inputs", {}).items()} != self._input_hashes:
+            return False
+        for out in m.get("outputs", {}).values():
+            p = Path(out["path"])
+            if not p.exists() or hash_path(p) != out["sha256"]:
+                return False
+        return True
+
+    def previous_metrics(self) -> dict:
+        m = read_manifest(self.dir) or {}
+        return {**m.get("metrics", {}), "skipped": True}
+
+    # ---- lifecycle --------------------------------------------------------------------------------------------
+    def __enter__(self) -> StageRun:
+        clean_temporaries(self.dir)
+        stale = self.dir / MANIFEST
+        if stale.exists():  # a re-run invalidates the old manifest before anything is overwritten
+            stale.unlink()
+        self._t0 = time.time()
+        self.tracker = Tracker(
+            self.dir,
+            run_group=self.run_name,
+            stage=self.stage,
+            config=self.config,
+            mode=self.cfg.wandb.mode,
+            project=self.cfg.wandb.project,
+            entity=self.cfg.wandb.entity,
+            enabled=self.rank == 0,
+        )
+        for name, path in self.inputs.items():
+            self.tracker.use_artifact(path, name=f"{self.run_name}-{name}", type=name)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()
+
+    def finish(self, outputs: dict[str, Path], metrics: dict[str, Any]) -> dict:
+        """Hash outputs, log them as artifacts and the metrics as the W&B summary, write the manifest last."""
+        assert self._t0 is not None, "finish() must be called inside `with stage:`"
+        wall = time.time() - self._t0
+        metrics = {**metrics, "wall_time_s": round(wall, 3)}
+        out_entries = {}
+        for name, path in outputs.items():
+            path = Path(path)
+            out_entries[name] = {"path": str(path), "sha256": hash_path(path)}
+        if self.rank == 0:
+            for name, path in outputs.items():
+                self.tracker.log_artifact(path, name=f"{self.run_name}-{name}", type=name)
+            self.tracker.summary(metrics)
+            manifest = {
+                "stage": self.stage,
+                "run": self.run_name,
+                "config": self.config,
+                "config_hash": self._config_hash,
+                "code": git_version(),
+                "inputs": {k: {"path": str(v), "sha256": self._input_hashes[k]} for k, v in self.inputs.items()},
+                "outputs": out_entries,
+                "metrics": metrics,
+                "wall_time_s": round(wall, 3),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "host": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()},
+            }
+            atomic_write_json(self.dir / MANIFEST, manifest)
+        return metrics
