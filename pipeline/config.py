@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -38,7 +38,7 @@ class RunConfig:
 class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "deepseek-repro"
-    entity: Optional[str] = None
+    entity: str | None = None
 
 
 @dataclass

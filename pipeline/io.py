@@ -84,7 +84,9 @@ def hash_path(path: Path, chunk: int = 1 << 20) -> str:
         root = path.parent
     elif path.is_dir():
         files = sorted(
-            p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         root = path
     else:

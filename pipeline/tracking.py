@@ -72,7 +72,7 @@ class Tracker:
         if not enabled:
             return
         self.stage_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.metrics_path, "a", encoding="utf-8", buffering=1)
+        self._file = open(self.metrics_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (open for the tracker's lifetime)
         if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
             return
         env = wandb_env(self.stage_dir)
