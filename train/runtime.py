@@ -1,0 +1,71 @@
+"""What every training loop needs around the model: device, process group facts, precision, model construction.
+
+Precision (`precision=`):
+- fp32: everything in FP32.
+- bf16: FP32 master weights, compute under `torch.autocast(bfloat16)` (bf16 matmuls are ~3x faster on AMX CPUs).
+- fp8:  as bf16, plus the DeepSeek-V3 FP8 recipe on the attention projections and every expert/MLP linear
+        (`kernels.convert_to_fp8`): 1x128 activation tiles, 128x128 weight blocks, e4m3, FP32 promotion.
+        Embedding, output head, router, norms and the attention core stay in BF16/FP32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.config import ModelConfig
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo()
+
+
+def device_for(info: DistInfo) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def autocast(precision: str, device: torch.device):
+    if precision in ("bf16", "fp8"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_model(mcfg: ModelConfig, precision: str, kernels_backend: str, device: torch.device) -> nn.Module:
+    """The single-device model with FP32 master weights, the FP8 path applied from outside when asked."""
+    from model.transformer import DeepseekV3
+
+    mcfg.validate()
+    model = DeepseekV3(mcfg).to(device)
+    if precision == "fp8":
+        from kernels.fp8_linear import convert_to_fp8
+
+        convert_to_fp8(model, backend=kernels_backend)
+    return model
+
+
+def check_fp8_shapes(mcfg: ModelConfig) -> None:
+    """FP8 GEMMs tile K and N in blocks of 128 and pad what is not a multiple; refuse what they cannot do."""
+    from kernels.fp8_linear import check_fp8_dims
+
+    check_fp8_dims(mcfg)
