@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
 from model.config import ModelConfig
+from train.config import TrainConfig
 from train.parallel.config import ParallelConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -48,14 +49,21 @@ class KernelsConfig:
 
 
 @dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: ["data", "pretrain"])
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     precision: str = "fp32"  # fp32 | bf16 | fp8
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def _check(cfg: Config) -> None:
