@@ -10,7 +10,7 @@ export WANDB_SILENT := true
 export TOKENIZERS_PARALLELISM := false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint format data clean
+.PHONY: help setup test test-fast lint format data pretrain pipeline clean
 
 help:  ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -42,3 +42,9 @@ data: $(VENV)  ## data stage: corpus -> filters -> dedup -> BPE -> FIM -> packed
 
 clean:  ## delete outputs/ (runs, checkpoints, W&B files)
 	rm -rf outputs multirun
+
+pretrain: $(VENV)  ## pretraining stage: the tiny MoE on the packed shards (needs `make data`)
+	$(PY) -m train.pretrain run.name=$(RUN) $(ARGS)
+
+pipeline: $(VENV)  ## every stage in order into outputs/$(RUN)/, resumable
+	$(PY) -m pipeline run.name=$(RUN) $(ARGS)
