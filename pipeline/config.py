@@ -19,6 +19,7 @@ from data.config import DataConfig
 from model.config import ModelConfig
 from train.config import TrainConfig
 from train.parallel.config import ParallelConfig
+from train.post_config import GRPOConfig, SFTConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -64,6 +65,19 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: GRPOConfig = field(default_factory=GRPOConfig)
+
+
+def register_schema() -> None:
+    """Make the dataclasses the base of conf/config.yaml (its first default, `schema`): every field is then
+    overridable from the command line and type-checked while Hydra composes."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+register_schema()
 
 
 def _check(cfg: Config) -> None:

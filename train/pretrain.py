@@ -1,0 +1,298 @@
+"""Pretraining: the DeepSeekMoE model learns next-token (and multi-token) prediction from the packed shards.
+
+    python -m train.pretrain                                   # CPU default: tiny MoE, ~10 minutes on 2 cores
+    python -m train.pretrain model=small precision=fp8 train.steps=2000
+    python -m train.pretrain precision=bf16 train.resume=none run.name=bf16_baseline
+    torchrun --nproc_per_node=4 -m train.pretrain parallel=hsdp_ep     # see train/parallel/
+    make pretrain RUN=<run>
+
+Reads `outputs/<run>/data/` (token shards, tokenizer) and writes `outputs/<run>/pretrain/`: checkpoints/
+(DCP, resumable, last N kept), hf/ (Hugging Face export of the final weights), metrics.jsonl, expert_load.npy,
+manifest.json and the W&B run.
+
+One optimizer step: `batch_size` sequences split into micro-batches of `micro_batch_size` (gradient accumulation),
+loss = next-token CE + mtp_loss_weight * MTP loss + alpha * balance loss; the gradient norm is clipped; a step whose
+loss or gradient is NaN/Inf is skipped and counted (`max_bad_steps` in a row stop the run with a checkpoint and the
+step and tensor named); then AdamW, the auxiliary-loss-free bias update of every MoE layer from that step's expert
+loads, and the EMA. Validation (loss and bits per byte, live and EMA weights) every `eval_every` steps.
+Resume: `train.resume=auto` loads the newest valid checkpoint (model, optimizer, EMA, loader position, RNG), so a
+run killed at any step continues on exactly the trajectory it would have followed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from data.loader import PackedDataset, ShardLoader
+from data.prepare import stage_outputs
+from data.tokenizer import load_tokenizer
+from model.moe import update_expert_bias
+from pipeline.config import Config, as_dict, to_config
+from pipeline.seed import seed_everything
+from pipeline.stage import StageRun
+from train.checkpoint import CheckpointManager
+from train.ema import EMA
+from train.metrics import bits_per_byte, flops_per_token, max_violation, mfu, peak_memory_mb, unigram_loss
+from train.optim import build_optimizer, lr_at
+from train.runtime import autocast, build_model, device_for, dist_info
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (too many bad steps); a checkpoint was written before raising."""
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token stands for. Byte-level BPE maps one byte to one symbol, so the token string's length
+    is its byte count; special tokens stand for no text and count 0."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    lengths = np.zeros(max(vocab.values()) + 1, dtype=np.int64)
+    for tok, i in vocab.items():
+        lengths[i] = 0 if tok in special else len(tok)
+    return lengths
+
+
+def check_config(cfg: Config, world_size: int) -> None:
+    t, m = cfg.train, cfg.model
+    if t.seq_len > m.max_position_embeddings:
+        raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    if t.batch_size % (t.micro_batch_size * world_size):
+        raise ValueError(
+            f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}"
+            f" x {world_size} data-parallel ranks"
+        )
+    if t.steps <= 0:
+        raise ValueError(f"train.steps must be positive, got {t.steps}")
+
+
+@torch.no_grad()
+def evaluate(model, batches, precision, device, byte_len: np.ndarray) -> dict:
+    """Mean next-token CE (the MTP head is not an evaluation target) and bits per byte over fixed batches."""
+    model.eval()
+    total, n_tok, n_bytes = 0.0, 0, 0
+    for x, y in batches:
+        with autocast(precision, device):
+            out = model(x.to(device), y.to(device))
+        k = int((y >= 0).sum())
+        total += float(out.ce_loss) * k
+        n_tok += k
+        n_bytes += int(byte_len[y[y >= 0].numpy()].sum())
+    model.train()
+    loss = total / max(1, n_tok)
+    return {"loss": loss, "bpb": bits_per_byte(loss, n_tok, n_bytes)}
+
+
+def fixed_batches(ds: PackedDataset, batch_size: int, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first sequences of a split, in order: the same validation batches at every evaluation."""
+    n = min(len(ds), batch_size * n_batches)
+    if n == 0:
+        raise ValueError(f"validation split {ds.dir} holds no sequence of length {ds.seq_len}")
+    rows = torch.from_numpy(np.stack([ds[i] for i in range(n)]))
+    return [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in rows.split(batch_size)]
+
+
+def first_nonfinite(model) -> str | None:
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return name
+    return None
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric rows logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.is_file():
+        return
+    rows = path.read_text().splitlines()
+    kept = [r for r in rows if json.loads(r).get("step", -1) <= last_step]
+    with open(path, "r+", encoding="utf-8") as f:
+        f.write("".join(r + "\n" for r in kept))
+        f.truncate()
+
+
+def train(cfg: Config, stage: StageRun, data: dict[str, Path]) -> dict:
+    """The loop. Parallelism (when configured) is applied from outside by train.parallel."""
+    info = dist_info()
+    device = device_for(info)
+    t = cfg.train
+    tok = load_tokenizer(data["tokenizer"])
+    mcfg = replace(cfg.model, vocab_size=tok.get_vocab_size(with_added_tokens=True))
+    check_config(replace(cfg, model=mcfg), info.world_size)
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    model = build_model(mcfg, cfg.precision, cfg.kernels.backend, device)
+    opt = build_optimizer(model, t.optim)
+    ema = EMA(model, t.ema_decay, t.ema_every) if t.ema_decay > 0 else None
+    train_ds = PackedDataset(data["train"], t.seq_len)
+    val_ds = PackedDataset(data["val"], t.seq_len)
+    loader = ShardLoader(train_ds, t.micro_batch_size, info.rank, info.world_size, seed=cfg.run.seed)
+    val_batches = fixed_batches(val_ds, t.micro_batch_size, t.eval_batches)
+    byte_len = token_byte_lengths(tok)
+    ckpts = CheckpointManager(stage.dir / "checkpoints", keep_last=t.keep_last)
+    tracker = stage.tracker
+
+    start_step, bad_total = 0, 0
+    resumed = None
+    if t.resume == "auto":
+        resumed = ckpts.load_latest_valid(model, opt, ema.shadow if ema else None)
+    elif t.resume != "none":
+        resumed = (Path(t.resume), ckpts.load(Path(t.resume), model, opt, ema.shadow if ema else None))
+    if resumed is not None:
+        path, state = resumed
+        start_step, bad_total = state["step"], state.get("bad_steps", 0)
+        loader.load_state_dict(state["loader"])
+        truncate_metrics(tracker.metrics_path, start_step)
+        print(f"resumed from {path} at step {start_step}")
+
+    moe_layers = list(model.moe_layers())
+    n_moe, n_exp = len(moe_layers), mcfg.n_routed_experts
+    cum_load = torch.zeros(n_moe, n_exp)
+    accum = t.batch_size // (t.micro_batch_size * info.world_size)
+    fpt = flops_per_token(model, mcfg, t.seq_len)
+    tokens_per_step = t.batch_size * t.seq_len
+    model_cfg_json = asdict(mcfg)
+    metrics: dict = {}
+    bad_run = 0
+    it = iter(loader)
+
+    def save(step: int) -> Path:
+        state = {"loader": loader.state_dict(), "bad_steps": bad_total}
+        return ckpts.save(step, model, opt, state, model_cfg_json, ema.shadow if ema else None)
+
+    bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc="pretrain", disable=not info.is_main)
+    t_last = time.perf_counter()
+    for step in bar:
+        lr = lr_at(step, t.steps, t.optim)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        sums = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0}
+        load = torch.zeros(n_moe, n_exp)
+        for _ in range(accum):
+            x, y = next(it)
+            with autocast(cfg.precision, device):
+                out = model(x.to(device), y.to(device))
+            loss = out.loss
+            if step == t.inject_nan_at_step:
+                loss = loss * float("nan")
+            (loss / accum).backward()
+            sums["loss"] += float(loss.detach()) / accum
+            sums["ce"] += float(out.ce_loss.detach()) / accum
+            sums["mtp"] += float(out.mtp_loss.detach()) / accum
+            sums["balance"] += float(out.balance_loss.detach()) / accum
+            if n_moe:
+                load += out.expert_load_LE.detach().float().cpu()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.optim.grad_clip or float("inf"))
+        culprit = "loss" if not math.isfinite(sums["loss"]) else first_nonfinite(model)
+        if culprit is not None or not torch.isfinite(gnorm):
+            opt.zero_grad(set_to_none=True)
+            bad_run += 1
+            bad_total += 1
+            bad = {"skipped_step": 1, "bad_steps": bad_total, "bad_tensor": culprit or "grad_norm"}
+            tracker.log(bad, step=step + 1)
+            if bad_run >= t.max_bad_steps:
+                path = save(step)
+                raise TrainingError(
+                    f"stopping: {bad_run} consecutive non-finite steps (last at step {step + 1}, first bad tensor:"
+                    f" {culprit or 'grad_norm'}); checkpoint of the last good weights at {path}"
+                )
+            continue
+        bad_run = 0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if n_moe and mcfg.moe_balance == "aux_free":
+            for layer, l_E in zip(moe_layers, load):
+                update_expert_bias(layer, l_E.to(device), mcfg.bias_update_speed)
+        if ema is not None:
+            ema.update(model, step + 1)
+        cum_load += load
+
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        tok_s = tokens_per_step / dt
+        metrics = {
+            "loss": sums["loss"],
+            "ce_loss": sums["ce"],
+            "mtp_loss": sums["mtp"],
+            "balance_loss": sums["balance"],
+            "lr": lr,
+            "grad_norm": float(gnorm),
+            "tokens_per_s": tok_s,
+            "flops_per_token": fpt,
+            "mfu": mfu(tok_s, fpt, t.peak_tflops),
+            "mem_mb": peak_memory_mb(),
+            "tokens": (step + 1) * tokens_per_step,
+        }
+        if n_moe:
+            vio = [max_violation(l_E) for l_E in load]
+            cvio = [max_violation(l_E) for l_E in cum_load]
+            metrics |= {"maxvio_batch": float(np.mean(vio)), "maxvio_cum": float(np.mean(cvio))}
+            metrics |= {f"maxvio_batch/layer{i}": v for i, v in enumerate(vio)}
+        if cfg.precision == "fp8":
+            from kernels.fp8_linear import fp8_stats
+
+            metrics |= {f"fp8/{k}": v for k, v in fp8_stats(model).items()}
+        last = step + 1 == t.steps
+        if (step + 1) % t.eval_every == 0 or last:
+            val = evaluate(model, val_batches, cfg.precision, device, byte_len)
+            metrics |= {"val_loss": val["loss"], "val_bpb": val["bpb"]}
+            if ema is not None:
+                with ema.swapped_in(model):
+                    ev = evaluate(model, val_batches, cfg.precision, device, byte_len)
+                metrics |= {"val_loss_ema": ev["loss"], "val_bpb_ema": ev["bpb"]}
+            if n_moe:
+                metrics["expert_load"] = load.tolist()
+                metrics["expert_bias"] = [m.gate.e_score_correction_bias.tolist() for m in moe_layers]
+        if (step + 1) % t.log_every == 0 or "val_loss" in metrics:
+            tracker.log(metrics, step=step + 1)
+        eta = (t.steps - step - 1) * dt
+        bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{tok_s:.0f}", eta=f"{eta / 60:.1f}m")
+        if (step + 1) % t.ckpt_every == 0 or last:
+            save(step + 1)
+
+    final = ckpts.checkpoints()[-1]
+    np.save(stage.dir / "expert_load.npy", cum_load.numpy())
+    # unigram baseline on the same tokenizer and data: what a model that ignores context achieves
+    train_sample = train_ds.tokens(0, min(train_ds.n_tokens, 4_000_000))
+    uni = unigram_loss(train_sample, np.concatenate([y.flatten().numpy() for _, y in val_batches]), mcfg.vocab_size)
+    result = {k: metrics[k] for k in ("loss", "val_loss", "val_bpb", "val_loss_ema", "val_bpb_ema") if k in metrics}
+    result |= {"unigram_val_loss": uni, "steps": t.steps, "bad_steps": bad_total, "checkpoint": str(final)}
+    if t.export_hf and info.is_main:
+        from model.hf import export_hf
+
+        export_hf(model, stage.dir / "hf", tokenizer_path=data["tokenizer"])
+    return result
+
+
+def run(cfg: Config) -> dict:
+    data_dir = Path(cfg.run.root) / cfg.run.name / "data"
+    data = stage_outputs(data_dir)
+    info = dist_info()
+    config = {"train": as_dict(cfg.train), "model": as_dict(cfg.model), "precision": cfg.precision,
+              "kernels": as_dict(cfg.kernels), "parallel": as_dict(cfg.parallel), "seed": cfg.run.seed}  # fmt: skip
+    inputs = {"train_shards": data["train"], "val_shards": data["val"], "tokenizer": data["tokenizer"]}
+    stage = StageRun(cfg, "pretrain", config=config, inputs=inputs, rank=info.rank)
+    if stage.up_to_date():
+        return stage.previous_metrics()
+    with stage:
+        result = train(cfg, stage, data)
+        outputs = {"checkpoint": Path(result["checkpoint"])}
+        if (stage.dir / "hf").is_dir():
+            outputs["hf"] = stage.dir / "hf"
+        return stage.finish(outputs=outputs, metrics=result)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(dcfg: DictConfig) -> None:
+    print(json.dumps(run(to_config(dcfg)), indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
