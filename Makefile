@@ -23,11 +23,12 @@ $(VENV): pyproject.toml
 
 setup: $(VENV)  ## create .venv and install everything (nothing is downloaded at run time afterwards)
 
+# one torch thread per process in tests: distributed and end-to-end tests run several processes on 2 cores
 test: $(VENV)  ## run the whole test suite (what CI runs)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 test-fast: $(VENV)  ## the suite without the slow and distributed tests
-	$(PY) -m pytest -q -m "not slow and not dist"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not dist"
 
 lint: $(VENV)  ## ruff check + format check
 	.venv/bin/ruff check .

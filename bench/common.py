@@ -1,0 +1,47 @@
+"""What every benchmark shares: where results go and how each row says where it was measured."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} x{os.cpu_count()}"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def append_result(name: str, row: dict) -> Path:
+    """Append `row` (plus machine, commit, date) to bench/results/<name>.csv, writing a header for a new file."""
+    path = RESULTS_DIR / f"{name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    full = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine(),
+            "commit": commit(), **row}  # fmt: skip
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(full))
+        if new:
+            w.writeheader()
+        w.writerow(full)
+    return path

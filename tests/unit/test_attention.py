@@ -1,0 +1,187 @@
+"""MLA, RoPE/YaRN and the latent cache, against transformers' DeepseekV3 (a reference nobody here wrote).
+
+Tolerances (fp32): 1e-5 absolute on attention outputs of magnitude ~1; the absorbed inference path vs the training
+path: 1e-4 on logits (a different association order of the same sums).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import DeepseekV3Config
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
+
+from model.attention import MLA, build_attention_mask
+from model.cache import MLACache
+from model.config import ModelConfig
+from model.rope import RotaryEmbedding, apply_rope, rope_parameters
+
+
+def small_cfg(**kw) -> ModelConfig:
+    base = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=48,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=24,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        num_nextn_predict_layers=1,
+        max_position_embeddings=512,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.8,
+        },
+    )
+    base.update(kw)
+    return ModelConfig(**base).validate()
+
+
+def report(a, b):
+    d = (a - b).abs()
+    return f"max err {d.max().item():.3e}, mean err {d.mean().item():.3e}"
+
+
+@pytest.mark.parametrize("rope_scaling", ["v3", "v2lite", "attention_factor", None])
+def test_rope_frequencies_match_transformers_bitwise(rope_scaling):
+    scalings = {
+        "v3": ModelConfig().rope_scaling,
+        "v2lite": {**ModelConfig().rope_scaling, "mscale": 0.707, "mscale_all_dim": 0.707},
+        "attention_factor": {**ModelConfig().rope_scaling, "mscale": 1.0, "mscale_all_dim": 0.5},
+        None: None,
+    }
+    cfg = dataclasses.replace(ModelConfig(), rope_scaling=scalings[rope_scaling])
+    hf_cfg = DeepseekV3Config(**cfg.to_hf())
+    kind = hf_cfg.rope_parameters["rope_type"]
+    if kind == "default":
+        ref_inv, ref_factor = hf.DeepseekV3RotaryEmbedding.compute_default_rope_parameters(hf_cfg)
+    else:
+        ref_inv, ref_factor = ROPE_INIT_FUNCTIONS[kind](hf_cfg)
+    inv, factor = rope_parameters(cfg)
+    assert torch.equal(inv, ref_inv) and factor == ref_factor
+    # and the softmax scale transformers' attention uses
+    assert cfg.softmax_scale == pytest.approx(hf.yarn_apply_mscale(hf_cfg.rope_parameters, cfg.qk_head_dim**-0.5))
+    # cos/sin tables for arbitrary positions
+    pos = torch.tensor([[0, 5, 4095, 100000]])
+    cos, sin = RotaryEmbedding(cfg)(pos)
+    ref_cos, ref_sin = hf.DeepseekV3RotaryEmbedding(hf_cfg)(torch.zeros(1, dtype=torch.float32), pos)
+    assert torch.equal(torch.cat([cos, cos], -1), ref_cos) and torch.equal(torch.cat([sin, sin], -1), ref_sin)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_apply_rope_matches_transformers(interleave):
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    q, k = torch.randn(2, 4, 7, 8), torch.randn(2, 1, 7, 8)  # transformers' [B, H, T, R]
+    pos = torch.arange(7)[None].expand(2, 7)
+    cos, sin = RotaryEmbedding(cfg)(pos)
+    fn = hf.apply_rotary_pos_emb_interleave if interleave else hf.apply_rotary_pos_emb
+    ref_q, ref_k = fn(q, k, torch.cat([cos, cos], -1), torch.cat([sin, sin], -1))
+    ours_q = apply_rope(q.transpose(1, 2), cos, sin, interleave).transpose(1, 2)
+    ours_k = apply_rope(k.transpose(1, 2), cos, sin, interleave).transpose(1, 2)
+    assert torch.equal(ours_q, ref_q) and torch.equal(ours_k, ref_k)
+    # a rotation scaled by YaRN's attention factor (mscale 1.0 / mscale_all_dim 0.8 here: != 1)
+    factor = RotaryEmbedding(cfg).attention_factor
+    assert factor != 1.0
+    assert torch.allclose(ours_q.norm(dim=-1), q.norm(dim=-1) * factor, atol=1e-5)
+
+
+def hf_attention(cfg: ModelConfig, ours: MLA, interleave: bool) -> hf.DeepseekV3Attention:
+    hf_cfg = DeepseekV3Config(**cfg.to_hf())
+    assert hf_cfg.rope_interleave == interleave
+    hf_cfg._attn_implementation = "eager"
+    ref = hf.DeepseekV3Attention(hf_cfg, layer_idx=0)
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=True)
+    assert not missing and not unexpected
+    return ref.eval(), hf_cfg
+
+
+@pytest.mark.parametrize("q_lora_rank", [48, None])
+@pytest.mark.parametrize("interleave", [True, False])
+def test_mla_matches_transformers(q_lora_rank, interleave):
+    torch.manual_seed(0)
+    cfg = small_cfg(q_lora_rank=q_lora_rank, rope_interleave=interleave)
+    ours = MLA(cfg, layer_idx=0).eval()
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    ref, hf_cfg = hf_attention(cfg, ours, interleave)
+    B, T = 2, 11
+    x = torch.randn(B, T, cfg.hidden_size)
+    pos = torch.arange(T)[None].expand(B, T) + 200  # beyond original_max_position_embeddings: YaRN matters
+    causal = torch.full((T, T), float("-inf")).triu(1)[None, None]
+    ref_out, _ = ref(x, hf.DeepseekV3RotaryEmbedding(hf_cfg)(x, pos), causal)
+    out = ours(x, RotaryEmbedding(cfg)(pos))
+    assert torch.allclose(out, ref_out, atol=1e-5, rtol=0), report(out, ref_out)
+
+
+def test_absorbed_cache_path_matches_full_attention():
+    """Prefill a prefix into the latent cache, decode the rest one token at a time: same outputs as one pass."""
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    mla = MLA(cfg, layer_idx=0).eval()
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    B, T, P = 3, 9, 5
+    x = torch.randn(B, T, cfg.hidden_size)
+    rope = RotaryEmbedding(cfg)
+    pos = torch.arange(T)[None].expand(B, T)
+    full = mla(x, rope(pos))
+    cache = MLACache(1, B, T, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=torch.float32)
+    outs = [mla(x[:, :P], rope(pos[:, :P]), build_attention_mask(None, P, 0, x.device), cache)]
+    cache.advance(P)
+    for t in range(P, T):
+        outs.append(mla(x[:, t : t + 1], rope(pos[:, t : t + 1]), build_attention_mask(None, 1, t, x.device), cache))
+        cache.advance(1)
+    inc = torch.cat(outs, dim=1)
+    assert torch.allclose(inc, full, atol=1e-4, rtol=0), report(inc, full)
+    assert cache.seq_len == T
+    # the cache holds exactly the latent and rope key, nothing per head
+    assert cache.bytes_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+
+
+def test_attention_mask_left_padding():
+    m = build_attention_mask(torch.tensor([[False, False, True, True], [True, True, True, True]]), 4, 0, "cpu")
+    assert m.shape == (2, 1, 4, 4)
+    # row 0: pads see only themselves; real tokens see real tokens up to themselves
+    assert m[0, 0].tolist() == [
+        [True, False, False, False],
+        [False, True, False, False],
+        [False, False, True, False],
+        [False, False, True, True],
+    ]
+    assert torch.equal(m[1, 0], torch.ones(4, 4, dtype=torch.bool).tril())
+    assert build_attention_mask(None, 4, 0, "cpu") is None
+    with pytest.raises(ValueError, match="attention_mask_BT covers 3"):
+        build_attention_mask(torch.ones(1, 3, dtype=torch.bool), 2, 2, "cpu")
+
+
+def test_cache_repeat_interleave_and_overflow():
+    cache = MLACache(2, 2, 4, 3, 2, dtype=torch.float32)
+    c = torch.arange(2 * 2 * 3, dtype=torch.float32).view(2, 2, 3)
+    k = torch.ones(2, 2, 2)
+    for layer in range(2):
+        cache.update(layer, c, k)
+    cache.advance(2)
+    cache.repeat_interleave(3)
+    assert cache.batch_size == 6 and cache.seq_len == 2
+    assert torch.equal(cache.latent[1][:3, :2], c[0].expand(3, 2, 3))
+    assert torch.equal(cache.latent[0][3:, :2], c[1].expand(3, 2, 3))
+    with pytest.raises(ValueError, match="overflow"):
+        cache.update(0, torch.zeros(6, 3, 3), torch.zeros(6, 3, 2))
+    assert MLACache(61, 1, 1, 512, 64).bytes_per_token == 61 * 576 * 2  # DeepSeek-V3, bf16
