@@ -58,7 +58,9 @@ def run(cfg, overrides: list[str]) -> dict:
         manifest = run_dir / name / MANIFEST
         # a stage that found its manifest up to date leaves it untouched: older than this invocation
         res["skipped"] = res["returncode"] == 0 and manifest.is_file() and manifest.stat().st_mtime < t0
-        if not res["skipped"]:
+        if res["skipped"]:
+            record["stages"].setdefault(name, {}).update(skipped_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        else:
             record["stages"][name] = res
         atomic_write_json(record_path, record)
         if res["returncode"] != 0:
