@@ -1,0 +1,242 @@
+"""Rule-based rewards: each grader on hand-made right and wrong cases, the registry, and score_safely."""
+
+import math
+from fractions import Fraction
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from eval.graders import (
+    REWARDS,
+    answer_reward,
+    answers_match,
+    code_program,
+    code_reward,
+    extract_answer,
+    extract_code,
+    format_reward,
+    get_reward,
+    length_penalty,
+    parse_number,
+    score_safely,
+)
+from eval.sandbox import Limits
+
+# ---------------------------------------------------------------- format
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<think>2+2 is 4</think><answer>4</answer>", 1.0),
+        ("  <think>\nmulti\nline\n</think>\n\n<answer>\n4\n</answer>\n", 1.0),
+        ("<think></think><answer></answer>", 1.0),
+        ("<answer>4</answer>", 0.0),  # no think
+        ("<think>x</think>", 0.0),  # no answer
+        ("<answer>4</answer><think>x</think>", 0.0),  # wrong order
+        ("<think>x</think><answer>4</answer><answer>5</answer>", 0.0),  # answer twice
+        ("<think>a</think><think>b</think><answer>4</answer>", 0.0),  # think twice
+        ("<think>x<answer>4</answer></think>", 0.0),  # answer nested in think
+        ("The answer: <think>x</think><answer>4</answer>", 0.0),  # text before
+        ("<think>x</think><answer>4</answer> done", 0.0),  # text after
+        ("<think>x</think> middle <answer>4</answer>", 0.0),  # text between
+        ("<think>x</think><answer>4", 0.0),  # unclosed
+        ("", 0.0),
+    ],
+)
+def test_format_reward(completion, expected):
+    assert format_reward([completion]) == [expected]
+
+
+@given(st.text(), st.text())
+def test_format_reward_accepts_any_tag_free_content(think, answer):
+    tags = ("<think>", "</think>", "<answer>", "</answer>")
+    if any(t in think or t in answer for t in tags):
+        return
+    assert format_reward([f"<think>{think}</think><answer>{answer}</answer>"]) == [1.0]
+
+
+# ---------------------------------------------------------------- answers
+
+
+def test_extract_answer_takes_the_last_block():
+    assert extract_answer("<answer> 3 </answer> then <answer>4</answer>") == "4"
+    assert extract_answer("no tags") is None
+    assert extract_answer("<answer>\n\n</answer>") == ""
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("42", Fraction(42)),
+        ("-0.5", Fraction(-1, 2)),
+        ("1,234,567", Fraction(1234567)),
+        ("1,234.5", Fraction(2469, 2)),
+        ("3/4", Fraction(3, 4)),
+        ("\\frac{3}{4}", Fraction(3, 4)),
+        ("\\dfrac{-3}{4}", Fraction(-3, 4)),
+        ("\\boxed{7}", Fraction(7)),
+        ("$12$", Fraction(12)),
+        ("12.", Fraction(12)),
+        ("1e3", Fraction(1000)),
+        ("50%", Fraction(50)),
+        ("1,23", None),  # not a thousands separator
+        ("seven", None),
+        ("inf", None),
+        ("nan", None),
+        ("1/0", None),
+        ("", None),
+    ],
+)
+def test_parse_number(text, value):
+    assert parse_number(text) == value
+
+
+@pytest.mark.parametrize(
+    "predicted, reference, match",
+    [
+        ("1000", "1,000", True),
+        ("0.5", "1/2", True),
+        ("\\frac{1}{2}", "0.5", True),
+        ("3.0", "3", True),
+        ("\\boxed{42}", "42", True),
+        ("$42$", "42", True),
+        ("x = 5", "5", True),
+        ("0.3333333333", "1/3", True),  # within rel_tol 1e-6
+        ("0.333", "1/3", False),  # outside it
+        ("-2", "2", False),
+        ("2", "3", False),
+        ("two", "2", False),
+        ("", "2", False),
+        ("1e400", "1e400", True),  # beyond float range, still exact
+        ("2e400", "1e400", False),
+        ("Paris", "paris", True),
+        ("  New   York. ", "new york", True),
+        ("London", "Paris", False),
+    ],
+)
+def test_answers_match(predicted, reference, match):
+    assert answers_match(predicted, reference) is match
+
+
+@given(st.fractions(max_denominator=10**6))
+def test_answers_match_a_number_written_two_ways(x):
+    assert answers_match(f"{x.numerator}/{x.denominator}", str(x))
+    assert answers_match(str(x), f"\\frac{{{x.numerator}}}{{{x.denominator}}}")
+
+
+def test_answer_reward():
+    completions = [
+        "<think>..</think><answer>4</answer>",
+        "<think>..</think><answer>5</answer>",
+        "4",  # right number, but not inside <answer>
+        "<answer>1,000</answer>",
+    ]
+    assert answer_reward(completions, answers=["4", "4", "4", "1000"]) == [1.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="answers has 1 entries for 4"):
+        answer_reward(completions, answers=["4"])
+
+
+# ---------------------------------------------------------------- length
+
+
+def test_length_penalty_follows_dapo_soft_overlong_punishment():
+    # max 100, cache 20: free up to 80, linear to -1 at 100, -1 beyond
+    got = length_penalty(["x"] * 6, max_length=100, cache_length=20, lengths=[0, 80, 81, 90, 100, 101])
+    assert got == [0.0, 0.0, -1 / 20, -0.5, -1.0, -1.0]
+    assert length_penalty(["a" * 90], max_length=100, cache_length=20) == [-0.5]  # characters by default
+    with pytest.raises(ValueError, match="cache_length"):
+        length_penalty(["a"], max_length=10, cache_length=20)
+    with pytest.raises(ValueError, match="lengths has 2 entries"):
+        length_penalty(["a"], lengths=[1, 2])
+
+
+# ---------------------------------------------------------------- code
+
+ADD_TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+
+
+def test_extract_code():
+    fenced = "Here:\n```python\ndef f():\n    return 1\n```\nand better:\n```python\ndef f():\n    return 2\n```"
+    assert extract_code(fenced) == "def f():\n    return 2\n"
+    assert extract_code("<think>x</think><answer>```py\nx = 1\n```</answer>") == "x = 1\n"
+    assert extract_code("<answer>x = 1</answer>") == "x = 1"
+    assert extract_code("x = 1") == "x = 1"
+
+
+def test_code_program_and_reward():
+    assert code_program("def add(a, b): return a + b", ADD_TEST, "add").endswith("\ncheck(add)")
+    completions = [
+        "<think>easy</think><answer>```python\ndef add(a, b):\n    return a + b\n```</answer>",
+        "```python\ndef add(a, b):\n    return a - b\n```",  # wrong
+        "def add(a, b):\n    return a + b",  # bare code
+        "def add(a, b):\n    while True: pass",  # hangs
+        "import os\ndef add(a, b):\n    os.system('rm -rf /')\n    return a + b",  # hostile
+        "def add(a, b) return",  # syntax error
+    ]
+    scores = code_reward(completions, tests=[ADD_TEST] * 6, entry_points=["add"] * 6, limits=Limits(wall_s=2.0))
+    assert scores == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_code_reward_with_a_prefix_continues_the_prompt():
+    prompt = "def add(a, b):\n    '''Add two numbers.'''\n"
+    scores = code_reward(
+        ["    return a + b\n", "    return a * b\n"],
+        tests=[ADD_TEST] * 2,
+        entry_points=["add"] * 2,
+        code_prefixes=[prompt] * 2,
+        extract=False,
+    )
+    assert scores == [1.0, 0.0]
+    with pytest.raises(ValueError, match="tests has 1 entries for 2"):
+        code_reward(["a", "b"], tests=[ADD_TEST])
+
+
+def test_code_reward_without_entry_point_runs_plain_asserts():
+    assert code_reward(["x = 3"], tests=["assert x == 3"]) == [1.0]
+    assert code_reward(["x = 4"], tests=["assert x == 3"]) == [0.0]
+
+
+# ---------------------------------------------------------------- registry and score_safely
+
+
+def test_registry():
+    assert set(REWARDS) == {"answer", "format", "length", "code"}
+    for name, fn in REWARDS.items():
+        assert get_reward(name) is fn
+    with pytest.raises(ValueError, match="unknown reward 'acuracy'.*answer, code, format, length"):
+        get_reward("acuracy")
+
+
+def test_score_safely_scores_a_failing_sample_zero_and_counts_it():
+    completions = ["<answer>4</answer>", None, "<answer>5</answer>"]  # None: a broken sample
+    scores, n_errors = score_safely(answer_reward, completions, answers=["4", "4", "5"], prompts="unused")
+    assert scores == [1.0, 0.0, 1.0] and n_errors == 1
+
+    def flaky(completions, answers, **kw):
+        return [float("nan") if a == "bad" else 1.0 for a in answers]
+
+    assert score_safely(flaky, ["a", "b"], answers=["ok", "bad"]) == ([1.0, 0.0], 1)
+
+    def wrong_length(completions, **kw):
+        return [1.0]
+
+    assert score_safely(wrong_length, ["a", "b"]) == ([1.0, 1.0], 0)  # per-sample fallback gives one each
+
+
+def test_score_safely_passes_per_sample_lists_and_shared_values():
+    seen = []
+
+    def grader(completions, answers, scale, **kw):
+        if len(completions) > 1:
+            raise RuntimeError("batch failure")
+        seen.append((completions[0], answers[0], scale))
+        if completions[0] == "boom":
+            raise KeyError("x")
+        return [scale]
+
+    scores, n_errors = score_safely(grader, ["a", "boom", "c"], answers=["A", "B", "C"], scale=0.5)
+    assert scores == [0.5, 0.0, 0.5] and n_errors == 1
+    assert seen == [("a", "A", 0.5), ("boom", "B", 0.5), ("c", "C", 0.5)]
+    assert all(math.isfinite(s) for s in scores)
