@@ -10,10 +10,11 @@ export WANDB_SILENT := true
 export TOKENIZERS_PARALLELISM := false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint format data pretrain pipeline clean
+.PHONY: help setup test test-fast lint format data pretrain sft rl distill eval report pretrain-dist sweep \
+	wandb-sync fp8-study bench pipeline clean
 
 help:  ## show this help
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
 $(VENV): pyproject.toml
 	python3 -m venv .venv
@@ -46,6 +47,44 @@ clean:  ## delete outputs/ (runs, checkpoints, W&B files)
 
 pretrain: $(VENV)  ## pretraining stage: the tiny MoE on the packed shards (needs `make data`)
 	$(PY) -m train.pretrain run.name=$(RUN) $(ARGS)
+
+sft: $(VENV)  ## cold-start SFT on the chain-of-thought traces (needs `make pretrain`)
+	$(PY) -m train.sft run.name=$(RUN) $(ARGS)
+
+rl: $(VENV)  ## GRPO on rule-based rewards from the SFT checkpoint
+	$(PY) -m train.grpo run.name=$(RUN) $(ARGS)
+
+distill: $(VENV)  ## teacher traces with rejection sampling -> dense student
+	$(PY) -m distill.run run.name=$(RUN) $(ARGS)
+
+eval: $(VENV)  ## every checkpoint of the run: BPB, FIM, HumanEval, reasoning, MoE load -> eval.json
+	$(PY) -m eval.run run.name=$(RUN) $(ARGS)
+
+report: $(VENV)  ## report.md + PNG plots into outputs/$(RUN)/ (RUN may also be a path)
+	$(PY) -m eval.report run.name=$(notdir $(RUN)) $(ARGS)
+
+pretrain-dist: $(VENV)  ## pretraining on NPROC local processes with a conf/parallel preset (gloo on CPU)
+	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m train.pretrain \
+		parallel=$(PARALLEL) run.name=$(RUN) $(ARGS)
+
+sweep: $(VENV)  ## Hydra multirun: precision x balancing, one W&B group, data stage shared with RUN
+	$(PY) -m train.pretrain --multirun precision=bf16,fp8 model.moe_balance=aux_free,aux_loss \
+		'run.name=sweep_$${precision}_$${model.moe_balance}' run.data_from=$(RUN) wandb.group=sweep \
+		train.steps=100 $(ARGS)
+
+wandb-sync: $(VENV)  ## upload the offline W&B runs of outputs/ (needs network and `wandb login`)
+	find outputs -type d -name 'offline-run-*' -print0 | xargs -0 -r -n 20 .venv/bin/wandb sync
+
+fp8-study: $(VENV)  ## FP8 studies: accumulation precision vs K; FP8 vs BF16 pretraining of the tiny model
+	$(PY) -m bench.fp8_accumulation
+	$(PY) -m bench.fp8_vs_bf16 --run $(RUN)
+
+bench: $(VENV)  ## the side-by-side benchmarks (CPU); results append to bench/results/*.csv
+	$(PY) -m bench.data_throughput
+	$(PY) -m bench.model_vs_hf
+	$(PY) -m bench.balance --run $(RUN)
+	$(PY) -m bench.eplb_imbalance
+	$(PY) -m bench.fp8_accumulation
 
 pipeline: $(VENV)  ## every stage in order into outputs/$(RUN)/, resumable
 	$(PY) -m pipeline run.name=$(RUN) $(ARGS)

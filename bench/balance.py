@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -43,20 +42,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for mode in ("aux_free", "aux_loss", "none"):
         name = f"{args.run}_balance_{mode}"
-        target = Path(args.root) / name / "data"
-        if not target.exists():
-            shutil.copytree(data, target)
-        cfg = compose([f"run.root={args.root}", f"run.name={name}", f"model.moe_balance={mode}",
-                       f"train.steps={args.steps}", f"train.eval_every={args.steps}", "train.export_hf=false",
-                       *args.overrides])  # fmt: skip
+        cfg = compose(
+            [
+                f"run.root={args.root}",
+                f"run.name={name}",
+                f"run.data_from={args.run}",
+                f"model.moe_balance={mode}",
+                f"train.steps={args.steps}",
+                f"train.eval_every={args.steps}",
+                "train.export_hf=false",
+                *args.overrides,
+            ]
+        )
         result = pretrain(cfg)
         stage_dir = Path(args.root) / name / "pretrain"
         cum = np.load(stage_dir / "expert_load.npy")
         last = [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]
         final_batch = next(r for r in reversed(last) if "maxvio_batch" in r)["maxvio_batch"]
         cum_vio = float(np.mean([max_violation(layer_load) for layer_load in torch.from_numpy(cum)]))
-        row = {"strategy": mode, "steps": args.steps, "val_loss": round(result["val_loss"], 4),
-               "maxvio_final_batch": round(final_batch, 4), "maxvio_cumulative": round(cum_vio, 4)}  # fmt: skip
+        row = {
+            "strategy": mode,
+            "steps": args.steps,
+            "val_loss": round(result["val_loss"], 4),
+            "maxvio_final_batch": round(final_batch, 4),
+            "maxvio_cumulative": round(cum_vio, 4),
+        }
         append_result("balance", row)
         rows.append(row)
         print(row)

@@ -36,8 +36,12 @@ def append_result(name: str, row: dict) -> Path:
     """Append `row` (plus machine, commit, date) to bench/results/<name>.csv, writing a header for a new file."""
     path = RESULTS_DIR / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    full = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine(),
-            "commit": commit(), **row}  # fmt: skip
+    full = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine(),
+        "commit": commit(),
+        **row,
+    }
     new = not path.exists()
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(full))

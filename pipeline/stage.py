@@ -112,7 +112,7 @@ class StageRun:
         self._t0 = time.time()
         self.tracker = Tracker(
             self.dir,
-            run_group=self.run_name,
+            run_group=getattr(self.cfg.wandb, "group", None) or self.run_name,
             stage=self.stage,
             config=self.config,
             mode=self.cfg.wandb.mode,

@@ -23,8 +23,15 @@ from train.config import OptimConfig
 class AdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam (Loshchilov & Hutter) with a configurable moment dtype."""
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                 moment_dtype: torch.dtype = torch.float32):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas=(0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        moment_dtype: torch.dtype = torch.float32,
+    ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.moment_dtype = moment_dtype
 
