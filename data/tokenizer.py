@@ -1,0 +1,127 @@
+"""Byte-level BPE tokenizer with DeepSeek-V3's special tokens, trained with Hugging Face `tokenizers`.
+
+How it works. Text is first split into "pre-tokens" (runs of letters, digits in groups of at most three, spaces,
+punctuation: the GPT-2 / DeepSeek regex idea), every pre-token is mapped to bytes and each byte to one of 256 visible
+characters (byte-level: no unknown token, any UTF-8 string is representable), then BPE merges the most frequent
+adjacent pairs until the vocabulary reaches `vocab_size`. Because nothing is normalized and every byte has a
+symbol, `decode(encode(text)) == text` for every string that does not itself contain a special token's text; the
+data stage checks that on every kept document and the filters drop documents that spell a special token.
+
+Special tokens take the first ids, in this order (DeepSeek-V3 spelling: fullwidth bar U+FF5C, U+2581 for spaces):
+
+    0 <｜begin▁of▁sentence｜>   BOS
+    1 <｜end▁of▁sentence｜>     EOS: ends every document in the packed stream
+    2 <｜▁pad▁｜>               PAD
+    3 <｜fim▁begin｜>  4 <｜fim▁hole｜>  5 <｜fim▁end｜>    fill-in-the-middle sentinels (see data/fim.py)
+    6 <｜User｜>  7 <｜Assistant｜>                        chat roles
+    8 <think>  9 </think>  10 <answer>  11 </answer>     reasoning format tags (R1)
+
+The saved `tokenizer.json` loads in `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`;
+`load_hf_tokenizer` does that with the BOS/EOS/PAD roles set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"
+FIM_BEGIN = "<｜fim▁begin｜>"
+FIM_HOLE = "<｜fim▁hole｜>"
+FIM_END = "<｜fim▁end｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+SPECIAL_TOKENS = [
+    BOS,
+    EOS,
+    PAD,
+    FIM_BEGIN,
+    FIM_HOLE,
+    FIM_END,
+    USER,
+    ASSISTANT,
+    THINK_OPEN,
+    THINK_CLOSE,
+    ANSWER_OPEN,
+    ANSWER_CLOSE,
+]
+
+# Digits are split into groups of 1-3 before the byte-level regex (as DeepSeek's and Llama-3's tokenizers do),
+# so numbers tokenize consistently; the ByteLevel step then applies the GPT-2 pre-tokenization regex.
+_DIGITS = Regex(r"\p{N}{1,3}")
+
+
+def new_tokenizer() -> Tokenizer:
+    """An untrained byte-level BPE tokenizer with this project's pre-tokenizer and decoder."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(_DIGITS, behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, length: int | None = None
+) -> Tokenizer:
+    """Train byte-level BPE on `texts` (strings or batches of them); special tokens get ids 0..11, bytes follow."""
+    if vocab_size < len(SPECIAL_TOKENS) + 256:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
+    tok = new_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(t) == i, f"special token {t} got id {tok.token_to_id(t)}, expected {i}"
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, path: Path) -> None:
+    """Write `tokenizer.json` (atomically: a reader never sees a half-written file)."""
+    from pipeline.io import atomic_write_text
+
+    atomic_write_text(Path(path), tok.to_str(pretty=False))
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(path))
+
+
+def load_hf_tokenizer(path: Path):
+    """`transformers.PreTrainedTokenizerFast` over `tokenizer.json`, with BOS/EOS/PAD set and no space clean-up."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(path),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def token_dtype(vocab_size: int):
+    """The smallest numpy dtype for token ids: uint16 when the vocabulary has fewer than 65536 entries."""
+    import numpy as np
+
+    return np.uint16 if vocab_size < 2**16 else np.uint32
+
+
+def contains_special_text(text: str) -> bool:
+    """True when `text` spells a special token (it would be encoded as that token, not as text)."""
+    return any(t in text for t in SPECIAL_TOKENS)
