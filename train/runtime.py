@@ -4,7 +4,9 @@ Precision (`precision=`):
 - fp32: everything in FP32.
 - bf16: FP32 master weights, compute under `torch.autocast(bfloat16)` (bf16 matmuls are ~3x faster on AMX CPUs).
 - fp8:  as bf16, plus the DeepSeek-V3 FP8 recipe on the attention projections and every expert/MLP linear
-        (`kernels.convert_to_fp8`): 1x128 activation tiles, 128x128 weight blocks, e4m3, FP32 promotion.
+        (`kernels.fp8_linear.convert_to_fp8`):
+        1x128 activation tiles, 128x128 weight blocks, e4m3, FP32 promotion; sizes that are not multiples of
+        128 are zero-padded.
         Embedding, output head, router, norms and the attention core stay in BF16/FP32.
 """
 
@@ -51,7 +53,9 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def build_model(mcfg: ModelConfig, precision: str, kernels_backend: str, device: torch.device) -> nn.Module:
+def build_model(
+    mcfg: ModelConfig, precision: str, kernels_backend: str, device: torch.device, pow2_scale: bool = False
+) -> nn.Module:
     """The single-device model with FP32 master weights, the FP8 path applied from outside when asked."""
     from model.transformer import DeepseekV3
 
@@ -60,12 +64,5 @@ def build_model(mcfg: ModelConfig, precision: str, kernels_backend: str, device:
     if precision == "fp8":
         from kernels.fp8_linear import convert_to_fp8
 
-        convert_to_fp8(model, backend=kernels_backend)
+        convert_to_fp8(model, backend=kernels_backend, pow2_scale=pow2_scale)
     return model
-
-
-def check_fp8_shapes(mcfg: ModelConfig) -> None:
-    """FP8 GEMMs tile K and N in blocks of 128 and pad what is not a multiple; refuse what they cannot do."""
-    from kernels.fp8_linear import check_fp8_dims
-
-    check_fp8_dims(mcfg)
