@@ -1,0 +1,267 @@
+"""Generation engine: cached greedy decoding == full recomputation, prefill once, sampling controls, streaming.
+
+References: greedy decoding by full recomputation (argmax of an uncached forward over the whole sequence, one prompt
+at a time, no padding); transformers' TopK/TopP logits warpers for the truncation rules.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from model.chat import EOS, TextStreamer, chat_turn, render_chat
+from model.config import ModelConfig
+from model.generate import generate, left_pad
+from model.sampling import SamplingParams, filter_logits, sample_next
+from model.transformer import DeepseekV3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from a 2nd thread, and on a loaded 2-core machine OpenMP's spinning barriers make
+    each op up to 100x slower (measured: this file 60 s with 2 threads vs 9 s with 1 under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+PROMPTS = [[5, 17, 9, 30, 2, 44, 3], [7, 8], [60, 1, 22, 13]]  # different lengths: left padding matters
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=32,
+        q_lora_rank=48,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        max_position_embeddings=256,
+        rope_scaling=None,
+        num_nextn_predict_layers=1,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    base.update(kw)
+    return ModelConfig(**base).validate()
+
+
+@pytest.fixture(scope="module")
+def model() -> DeepseekV3:
+    torch.manual_seed(0)
+    m = DeepseekV3(tiny_config())
+    with torch.no_grad():  # larger-than-init weights: peaked, well-separated logits so greedy choices are stable
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.15)
+        for moe in m.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0.0, 0.1)
+    return m.eval()
+
+
+def greedy_by_recompute(model: DeepseekV3, prompt: list[int], n_new: int) -> list[int]:
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n_new):
+            logits_TV = model(torch.tensor([seq])).logits_BTV[0]
+            seq.append(int(logits_TV[-1].argmax()))
+    return seq[len(prompt) :]
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+
+def test_left_pad_positions_start_at_each_prompt():
+    ids_BL, mask_BL, pos_BL = left_pad([[4, 5, 6], [7]], torch.device("cpu"))
+    assert ids_BL.tolist() == [[4, 5, 6], [0, 0, 7]]
+    assert mask_BL.tolist() == [[True, True, True], [False, False, True]]
+    assert pos_BL[0].tolist() == [0, 1, 2] and pos_BL[1, -1].item() == 0
+
+
+def test_cached_greedy_equals_full_recomputation(model):
+    n_new = 12
+    out = generate(model, PROMPTS, max_new_tokens=n_new, temperature=0.0)
+    for prompt, got in zip(PROMPTS, out.tokens):
+        want = greedy_by_recompute(model, prompt, n_new)
+        assert got == want, f"prompt {prompt}: cached {got} != recomputed {want}"
+    assert out.num_generated_tokens == n_new * len(PROMPTS)
+
+
+def test_prompt_prefilled_once_and_shared_by_samples(model):
+    calls = []
+    orig = model.forward
+
+    def counting_forward(input_ids_BT, *a, **kw):
+        calls.append(tuple(input_ids_BT.shape))
+        return orig(input_ids_BT, *a, **kw)
+
+    model.forward = counting_forward
+    try:
+        n, n_new = 3, 5
+        out = generate(model, PROMPTS, n_samples=n, max_new_tokens=n_new, temperature=1.0, seed=1)
+    finally:
+        del model.forward
+    L = max(len(p) for p in PROMPTS)
+    assert calls[0] == (len(PROMPTS), L), "one prefill over the B prompts, not B * n"
+    assert all(c == (len(PROMPTS) * n, 1) for c in calls[1:]), calls
+    assert len(calls) == n_new  # prefill + (n_new - 1) decode steps
+    assert len(out.tokens) == len(PROMPTS) * n and all(len(t) == n_new for t in out.tokens)
+
+
+def test_samples_of_a_prompt_share_its_prefix(model):
+    # greedy with n samples: all samples of one prompt equal that prompt's single greedy continuation
+    out1 = generate(model, PROMPTS, max_new_tokens=6, temperature=0.0)
+    outn = generate(model, PROMPTS, n_samples=2, max_new_tokens=6, temperature=0.0)
+    for b in range(len(PROMPTS)):
+        assert outn.tokens[2 * b] == outn.tokens[2 * b + 1] == out1.tokens[b]
+
+
+def test_stop_tokens_stop_rows(model):
+    free = generate(model, PROMPTS, max_new_tokens=8, temperature=0.0)
+    stop = free.tokens[0][2]  # a token that the first row draws at step 2
+    out = generate(model, PROMPTS, max_new_tokens=8, temperature=0.0, stop_token_ids=[stop], return_logprobs=True)
+    for got, full in zip(out.tokens, free.tokens):
+        cut = full.index(stop) + 1 if stop in full else len(full)
+        assert got == full[:cut], "a row keeps its stop token and grows no further"
+    assert out.tokens[0][-1] == stop and len(out.tokens[0]) <= 3
+    assert [len(lp) for lp in out.logprobs] == [len(t) for t in out.tokens]
+    assert out.num_generated_tokens == sum(len(t) for t in out.tokens)
+
+
+def test_finished_rows_leave_the_batch(model):
+    free = generate(model, PROMPTS, max_new_tokens=8, temperature=0.0)
+    stop = free.tokens[1][1]  # row 1 stops after its second token
+    calls = []
+    orig = model.forward
+
+    def counting_forward(input_ids_BT, *a, **kw):
+        calls.append(input_ids_BT.shape[0])
+        return orig(input_ids_BT, *a, **kw)
+
+    model.forward = counting_forward
+    try:
+        out = generate(model, PROMPTS, max_new_tokens=8, temperature=0.0, stop_token_ids=[stop])
+    finally:
+        del model.forward
+    assert out.tokens[1] == free.tokens[1][:2]
+    n_active = [sum(1 for t in out.tokens if len(t) > step) for step in range(8)]
+    assert calls[1:] == n_active[1 : len(calls)], (calls, n_active)  # decode step s feeds the rows still growing
+
+
+def test_top_k_one_equals_greedy(model):
+    greedy = generate(model, PROMPTS, max_new_tokens=8, temperature=0.0)
+    topk1 = generate(model, PROMPTS, max_new_tokens=8, temperature=1.3, top_k=1, seed=3)
+    assert topk1.tokens == greedy.tokens
+
+
+def test_seeded_sampling_is_reproducible(model):
+    kw = dict(n_samples=2, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=1234, return_logprobs=True)
+    a = generate(model, PROMPTS, **kw)
+    b = generate(model, PROMPTS, **kw)
+    c = generate(model, PROMPTS, **{**kw, "seed": 99})
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs
+    assert a.tokens != c.tokens, "another seed should draw other tokens"
+
+
+def test_logprobs_match_a_full_forward(model):
+    out = generate(model, PROMPTS[:2], max_new_tokens=6, temperature=1.0, seed=5, return_logprobs=True)
+    with torch.no_grad():
+        for prompt, toks, lps in zip(PROMPTS, out.tokens, out.logprobs):
+            logits_TV = model(torch.tensor([prompt + toks])).logits_BTV[0].float()
+            want = logits_TV[len(prompt) - 1 : -1].log_softmax(-1).gather(-1, torch.tensor(toks)[:, None]).flatten()
+            err = (torch.tensor(lps) - want).abs()
+            assert err.max() < 1e-4, f"fp32 logprobs: max err {err.max():.2e}, mean {err.mean():.2e}"
+
+
+def test_generate_rejects_bad_input(model):
+    with pytest.raises(ValueError, match="prompts\\[1\\] is empty"):
+        generate(model, [[1], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [[1]], max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match="n_samples"):
+        generate(model, [[1]], max_new_tokens=2, n_samples=0)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_top_k_matches_transformers(k):
+    logits_BV = torch.randn(4, 50, generator=torch.Generator().manual_seed(k))
+    want = TopKLogitsWarper(top_k=k)(None, logits_BV.clone())
+    got = filter_logits(logits_BV, top_k=k)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_matches_transformers(p):
+    logits_BV = 3 * torch.randn(6, 50, generator=torch.Generator().manual_seed(int(p * 1000)))
+    want = TopPLogitsWarper(top_p=p)(None, logits_BV.clone())
+    got = filter_logits(logits_BV, top_p=p)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert (~torch.isinf(got)).sum(-1).min() >= 1
+
+
+def test_sample_next_draws_from_the_truncated_distribution():
+    logits_BV = torch.tensor([[0.0, 0.0, 5.0, -9.0]]).repeat(4000, 1)
+    tok_B, lp_B = sample_next(logits_BV, SamplingParams(temperature=1.0, top_k=2), torch.Generator().manual_seed(0))
+    assert set(tok_B.tolist()) <= {0, 1, 2}
+    freq2 = (tok_B == 2).float().mean().item()
+    p2 = torch.tensor([0.0, 0.0, 5.0]).softmax(-1)[2].item()  # top-2 keeps 2 and one of the zero-logit ties
+    assert freq2 > 0.95 * p2
+    assert torch.allclose(lp_B, logits_BV.log_softmax(-1).gather(-1, tok_B[:, None]).squeeze(-1))
+
+
+# ------------------------------------------------------------------------------------------------ streaming chat
+
+
+def tiny_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<｜begin▁of▁sentence｜>", EOS, "<｜User｜>", "<｜Assistant｜>"]
+    trainer = trainers.BpeTrainer(vocab_size=96, special_tokens=specials)
+    tok.train_from_iterator(["hello world, héllo wörld: 2 + 3 = 5 ✓"] * 4, trainer)
+    tok.add_tokens([f"<extra_{i}>" for i in range(96 - tok.get_vocab_size())])  # every model id decodes
+    assert tok.get_vocab_size() == 96
+    return tok
+
+
+def test_text_streamer_reassembles_multibyte_characters():
+    tok = tiny_tokenizer()
+    text = "héllo ✓ wörld"
+    ids = tok.encode(text).ids
+    s = TextStreamer(tok, skip_ids=[tok.token_to_id(EOS)])
+    pieces = [s.push(i) for i in ids + [tok.token_to_id(EOS)]] + [s.flush()]
+    assert "".join(pieces) == tok.decode(ids) and "\ufffd" not in "".join(pieces)
+
+
+def test_chat_turn_streams_what_it_generates(model):
+    tok = tiny_tokenizer()
+    msgs = [{"role": "user", "content": "hello"}]
+    prompt = render_chat(msgs, tok, bos_token_id=0)
+    assert (
+        prompt[0] == 0 and tok.token_to_id("<｜User｜>") in prompt and prompt[-1] == tok.token_to_id("<｜Assistant｜>")
+    )
+    buf = io.StringIO()
+    reply, res = chat_turn(model, tok, msgs, buf, max_new_tokens=10, temperature=0.0)
+    eos = {tok.token_to_id(EOS), model.config.eos_token_id}
+    assert buf.getvalue() == reply == tok.decode([t for t in res.tokens[0] if t not in eos])
+    assert res.tokens[0] == generate(model, [prompt], max_new_tokens=10, temperature=0.0, stop_token_ids=eos).tokens[0]
