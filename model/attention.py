@@ -116,7 +116,15 @@ class MLA(nn.Module):
             o_BTHV = self._forward_full(q_nope_BTHK, q_rope_BTHR, latent_BTC, k_rope_BTR, mask_B1TS)
         else:
             latent_BSC, k_rope_BSR = cache.update(self.layer_idx, latent_BTC, k_rope_BTR)
-            o_BTHV = self._forward_absorbed(q_nope_BTHK, q_rope_BTHR, latent_BSC, k_rope_BSR, mask_B1TS)
+            if T > 1:  # prefill: expanding keys/values once beats the absorbed path's [T, S] latent scores
+                S = latent_BSC.shape[1]
+                if mask_B1TS is None and S != T:  # causal, aligned to the end of the cached history
+                    mask_B1TS = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(S - T)[None, None]
+                dtype = q_nope_BTHK.dtype
+                latent_BSC, k_rope_BSR = latent_BSC.to(dtype), k_rope_BSR.to(dtype)
+                o_BTHV = self._forward_full(q_nope_BTHK, q_rope_BTHR, latent_BSC, k_rope_BSR, mask_B1TS)
+            else:  # decode: attend over the cached latents directly, never re-expanding them
+                o_BTHV = self._forward_absorbed(q_nope_BTHK, q_rope_BTHR, latent_BSC, k_rope_BSR, mask_B1TS)
         return self.o_proj(o_BTHV.reshape(B, T, self.n_heads * self.v_head_dim))
 
     def _forward_full(
