@@ -60,8 +60,8 @@ distill: $(VENV)  ## teacher traces with rejection sampling -> dense student
 eval: $(VENV)  ## every checkpoint of the run: BPB, FIM, HumanEval, reasoning, MoE load -> eval.json
 	$(PY) -m eval.run run.name=$(RUN) $(ARGS)
 
-report: $(VENV)  ## report.md + PNG plots into outputs/$(RUN)/ (RUN may also be a path)
-	$(PY) -m eval.report run.name=$(notdir $(RUN)) $(ARGS)
+report: $(VENV)  ## report.md + PNG plots into the run directory (RUN: a name under outputs/ or a path)
+	$(PY) -m eval.report run=$(if $(findstring /,$(RUN)),$(RUN),outputs/$(RUN)) $(ARGS)
 
 pretrain-dist: $(VENV)  ## pretraining on NPROC local processes with a conf/parallel preset (gloo on CPU)
 	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m train.pretrain \

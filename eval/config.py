@@ -1,0 +1,93 @@
+"""Typed configuration of the evaluation stage (`conf/eval/`), merged into `pipeline.config.Config` as `cfg.eval`.
+
+OmegaConf structured configs: plain dataclasses, `Optional`, `list`, nested dataclasses; a misspelt key fails when
+the config is composed. One section per suite, each with `enabled`, so any suite can be switched off by config:
+
+    python -m eval.run eval.humaneval.enabled=false eval.reasoning.k=8 eval.reasoning.temperature=0.6
+
+The defaults are the CPU budget: the whole stage, over every checkpoint of a tiny-model run, in a few minutes on
+2 cores. A real model wants `eval.fim.max_tasks=0 eval.humaneval.max_problems=0 eval.humaneval.n_samples=20`
+(0 = all tasks / problems).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class BpbEvalConfig:
+    enabled: bool = True
+    batches: int = 4  # validation batches (the first ones of the split, the same for every checkpoint)
+    batch_size: int = 8
+    seq_len: int = 0  # 0: the length the data stage packed with (capped by the model's max positions)
+    code_problems: int = 20  # HumanEval programs (prompt + canonical solution) as held-out code; 0 = all, -1 = skip
+
+
+@dataclass
+class FimEvalConfig:
+    enabled: bool = True
+    modes: list[str] = field(default_factory=lambda: ["psm", "spm"])
+    max_tasks: int = 16  # single-line tasks drawn (seeded) from HumanEval's 1033; 0 = all
+    max_new_tokens: int = 32
+    batch_size: int = 32
+
+
+@dataclass
+class HumanEvalConfig:
+    enabled: bool = True
+    max_problems: int = 6  # the first problems of HumanEval; 0 = all 164
+    n_samples: int = 2  # n per problem for the unbiased pass@k estimator
+    ks: list[int] = field(default_factory=lambda: [1])
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    batch_size: int = 8  # prompts per generate() call (each sampled n_samples times)
+
+
+@dataclass
+class ReasoningEvalConfig:
+    enabled: bool = True
+    n: int = 24  # held-out prompts from the data stage's reasoning test split; 0 = all
+    k: int = 4  # samples per prompt: pass@1 is averaged over them
+    temperature: float = 0.6  # DeepSeek-R1's evaluation setting (temperature 0.6, top-p 0.95)
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+    batch_size: int = 32
+    gsm8k_path: str | None = None  # a local GSM8K jsonl/dir; absent -> the GSM8K part is skipped with a reason
+    gsm8k_n: int = 100
+
+
+@dataclass
+class MoEEvalConfig:
+    enabled: bool = True
+    batches: int = 2  # validation batches routed to measure expert load (batch size of the bpb suite)
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str | None = None  # a DCP checkpoint or HF directory; None: every checkpoint of outputs/<run>/
+    tokenizer: str | None = None  # None: the HF directory's tokenizer.json, else outputs/<run>/data/tokenizer.json
+    seed: int = 0
+    sandbox_workers: int = 2
+    table_rows: int = 8  # sample rows per suite and checkpoint in the W&B tables / <suite>_samples.jsonl
+    bpb: BpbEvalConfig = field(default_factory=BpbEvalConfig)
+    fim: FimEvalConfig = field(default_factory=FimEvalConfig)
+    humaneval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
+    reasoning: ReasoningEvalConfig = field(default_factory=ReasoningEvalConfig)
+    moe: MoEEvalConfig = field(default_factory=MoEEvalConfig)
+
+    def validate(self) -> None:
+        for mode in self.fim.modes:
+            if mode not in ("psm", "spm"):
+                raise ValueError(f"eval.fim.modes: unknown FIM mode {mode!r} (psm or spm)")
+        if any(k < 1 or k > self.humaneval.n_samples for k in self.humaneval.ks):
+            raise ValueError(
+                f"eval.humaneval.ks={self.humaneval.ks} must lie in [1, n_samples={self.humaneval.n_samples}]"
+            )
+        if self.reasoning.k < 1 or self.humaneval.n_samples < 1:
+            raise ValueError("eval.reasoning.k and eval.humaneval.n_samples must be >= 1")
+        if self.reasoning.temperature == 0 and self.reasoning.k != 1:
+            raise ValueError(
+                f"eval.reasoning: greedy decoding (temperature 0) draws one sample, got k={self.reasoning.k}"
+            )

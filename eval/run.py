@@ -1,0 +1,257 @@
+"""The evaluation stage: every checkpoint of a run through every enabled suite, into one `eval.json`.
+
+    python -m eval.run                                   # every checkpoint of outputs/default/ (make eval)
+    python -m eval.run run.name=exp1 eval=smoke          # micro budget, seconds per checkpoint
+    python -m eval.run ckpt=outputs/exp1/sft/checkpoints/step_000150      # one DCP checkpoint
+    python -m eval.run ckpt=outputs/exp1/rl/hf           # a Hugging Face directory (model.hf export / the release)
+    python -m eval.run eval.humaneval.max_problems=0 eval.humaneval.n_samples=20 eval.fim.max_tasks=0   # full sets
+    make eval RUN=<run>
+
+(`ckpt=X` is shorthand for `eval.ckpt=X`.) One process, one device: evaluation is generation-bound and a tiny
+model does not shard; a large one is evaluated through its HF export on one GPU.
+
+Checkpoints. Without `ckpt=`, the stage evaluates the newest checkpoint of each training stage of the run:
+`outputs/<run>/{pretrain,sft,rl}/checkpoints/step_*` (labels pretrain, sft, rl) and the distilled student
+`outputs/<run>/distill/checkpoints/step_*` (label student), falling back to a stage's `hf/` export when it has no
+checkpoints directory. A DCP checkpoint carries its `model_config.json`; an HF directory its `config.json` and
+`tokenizer.json`. With `ckpt=` inside a run directory (an ancestor holding `data/tokenizer.json`), that run's data
+and `eval/` directory are used.
+
+Suites (`conf/eval/`, each `eval.<suite>.enabled`), in `eval/suite_*.py`:
+  bpb        bits per byte and loss on the held-out validation split (mixed code and text) and on HumanEval code
+  fim        single-line infilling on HumanEval (PSM and SPM): exact match and pass@1 in the sandbox
+  humaneval  pass@k (unbiased, n samples) of completions in the sandbox
+  reasoning  held-out pass@1 over k samples with the RL graders; GSM8K when a local copy is configured
+  moe        expert load per layer and MaxVio on the validation windows
+
+Writes `outputs/<run>/eval/`: eval.json = {checkpoint label: {suite: metrics}}, samples_<label>_<suite>.jsonl (the
+sample tables, also logged to W&B), metrics.jsonl, manifest.json, and the W&B run whose summary holds every metric
+as `<label>/<suite>/<metric>`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from data.tokenizer import load_tokenizer
+from eval.config import EvalConfig
+from eval.generation import ModelGenerator, SuiteResult
+from eval.humaneval import load_problems
+from pipeline.config import Config, as_dict, to_config
+from pipeline.io import atomic_write_json
+from pipeline.seed import seed_everything
+from pipeline.stage import StageRun
+
+STAGE = "eval"
+SUITES = ("bpb", "fim", "humaneval", "reasoning", "moe")
+# label -> stage directory whose newest checkpoint it names, in report order
+CHECKPOINT_STAGES = {"pretrain": "pretrain", "sft": "sft", "rl": "rl", "student": "distill"}
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+# ---------------------------------------------------------------- finding and loading checkpoints
+
+
+def newest_step_dir(ckpt_dir: Path) -> Path | None:
+    """The `step_N` directory with the largest N (complete checkpoints only: temporaries are named `.tmp-*`)."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+    return max(found)[1] if found else None
+
+
+def discover_checkpoints(run_dir: Path) -> dict[str, Path]:
+    """{label: checkpoint} for every training stage of the run that has one (see the module docstring)."""
+    found = {}
+    for label, stage in CHECKPOINT_STAGES.items():
+        ckpt = newest_step_dir(run_dir / stage / "checkpoints")
+        if ckpt is None and (run_dir / stage / "hf" / "config.json").is_file():
+            ckpt = run_dir / stage / "hf"
+        if ckpt is not None:
+            found[label] = ckpt
+    return found
+
+
+def run_dir_of(path: Path) -> Path | None:
+    """The run directory holding a checkpoint: the nearest ancestor with `data/tokenizer.json`."""
+    for parent in list(Path(path).resolve().parents)[:5]:
+        if (parent / "data" / "tokenizer.json").is_file():
+            return parent
+    return None
+
+
+def label_of(path: Path, run_dir: Path | None) -> str:
+    if run_dir is not None:
+        stage = Path(path).resolve().relative_to(run_dir).parts[0]
+        for label, s in CHECKPOINT_STAGES.items():
+            if s == stage:
+                return label
+    return "ckpt"
+
+
+def resolve_tokenizer(ckpt: Path, explicit: str | None, run_dir: Path | None) -> Path:
+    candidates = [Path(explicit)] if explicit else [Path(ckpt) / "tokenizer.json"]
+    if run_dir is not None and not explicit:
+        candidates.append(run_dir / "data" / "tokenizer.json")
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(f"no tokenizer for {ckpt}: tried {[str(c) for c in candidates]} (set eval.tokenizer=)")
+
+
+def load_checkpoint(path: Path, precision: str = "fp32", backend: str = "auto", device: torch.device | None = None):
+    """A model from a DCP checkpoint directory (with model_config.json) or a Hugging Face directory (config.json)."""
+    path = Path(path)
+    device = device or torch.device("cpu")
+    if (path / "model_config.json").is_file():
+        from train.grpo import load_policy
+
+        model, _ = load_policy(path, precision, backend, device)
+    elif (path / "config.json").is_file():
+        from model.hf import import_hf
+
+        model = import_hf(path).to(device)
+    else:
+        raise ValueError(f"ckpt={path} is neither a DCP checkpoint (model_config.json) nor an HF dir (config.json)")
+    return model.eval()
+
+
+# ---------------------------------------------------------------- one checkpoint
+
+
+def evaluate_checkpoint(model, tokenizer, ecfg: EvalConfig, data: dict[str, Path | None], precision: str = "fp32",
+                        tracker=None, label: str = "ckpt") -> dict[str, dict]:  # fmt: skip
+    """{suite: metrics} of one model; sample tables go to the tracker as `samples_<label>_<suite>`."""
+    from eval import suite_code, suite_lm, suite_reasoning
+
+    problems = load_problems()
+    workers = ecfg.sandbox_workers
+    gen = ModelGenerator(model, tokenizer, precision=precision, seed=ecfg.seed, batch_size=ecfg.reasoning.batch_size)
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if vocab > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {vocab} tokens but the model only {model.config.vocab_size}: wrong tokenizer?")
+    batches = None
+    if (ecfg.bpb.enabled or ecfg.moe.enabled) and data.get("val") is not None:
+        n = max(ecfg.bpb.batches, ecfg.moe.batches)
+        batches = suite_lm.val_batches(data["val"], model, ecfg.bpb.batch_size, n, ecfg.bpb.seq_len)
+    results: dict[str, dict] = {}
+    for suite in SUITES:
+        if not getattr(ecfg, suite).enabled:
+            continue
+        t0 = time.perf_counter()
+        if suite in ("bpb", "moe") and batches is None:
+            res = SuiteResult({"skipped": "no validation split (outputs/<run>/data/val) for this checkpoint"})
+        elif suite == "bpb":
+            res = suite_lm.run_bpb(model, tokenizer, batches[: ecfg.bpb.batches], problems, ecfg.bpb, precision)
+        elif suite == "moe":
+            res = suite_lm.run_moe(model, batches, ecfg.moe, precision)
+        elif suite == "fim":
+            gen.batch_size = ecfg.fim.batch_size
+            res = suite_code.run_fim(gen, problems, ecfg.fim, ecfg.seed, workers, ecfg.table_rows)
+        elif suite == "humaneval":
+            gen.batch_size = ecfg.humaneval.batch_size
+            res = suite_code.run_humaneval(gen, problems, ecfg.humaneval, workers, ecfg.table_rows)
+        else:
+            gen.batch_size = ecfg.reasoning.batch_size
+            r = ecfg.reasoning
+            rows = suite_reasoning.load_test_rows(data["reasoning"], r.n) if data.get("reasoning") is not None else []
+            gsm8k = suite_reasoning.load_gsm8k_rows(r.gsm8k_path, r.gsm8k_n)
+            res = suite_reasoning.run_reasoning(gen, rows, r, gsm8k, gen.count_tokens, ecfg.table_rows)
+            if data.get("reasoning") is None:
+                res.metrics["skipped"] = "no reasoning test split (outputs/<run>/data/reasoning)"
+        res.metrics["seconds"] = round(time.perf_counter() - t0, 2)
+        results[suite] = res.metrics
+        if tracker is not None and res.samples:
+            columns = list(res.samples[0])
+            tracker.log_table(f"samples_{label}_{suite}", columns, [[row[c] for c in columns] for row in res.samples])
+        print(f"[eval] {label}/{suite}: {summarize(res.metrics)}", flush=True)
+    results["generation"] = dict(gen.stats)
+    return results
+
+
+def summarize(metrics: dict) -> str:
+    shown = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+             if isinstance(v, int | float | str) and k != "seconds"]  # fmt: skip
+    return ", ".join(shown[:8])
+
+
+def flat_metrics(results: dict[str, dict[str, dict]]) -> dict[str, float | int | str]:
+    """`<label>/<suite>/<metric>` for every scalar (lists such as expert_load stay in eval.json only)."""
+    return {f"{label}/{suite}/{k}": v for label, suites in results.items() for suite, m in suites.items()
+            for k, v in m.items() if isinstance(v, int | float | str)}  # fmt: skip
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run(cfg: Config) -> dict:
+    ecfg = cfg.eval
+    ecfg.validate()
+    if ecfg.ckpt:
+        ckpt = Path(ecfg.ckpt)
+        if not ckpt.exists():
+            raise FileNotFoundError(f"ckpt={ckpt} does not exist")
+        found = run_dir_of(ckpt)
+        if found is not None:  # evaluate inside the checkpoint's own run directory
+            cfg = replace(cfg, run=replace(cfg.run, root=str(found.parent), name=found.name))
+        checkpoints = {label_of(ckpt, found): ckpt}
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    if not ecfg.ckpt:
+        checkpoints = discover_checkpoints(run_dir)
+        if not checkpoints:
+            raise FileNotFoundError(f"no checkpoint under {run_dir}/{{pretrain,sft,rl,distill}}/ (or pass ckpt=<dir>)")
+    data = {k: run_dir / "data" / k for k in ("val", "reasoning")}
+    data = {k: (p if p.exists() else None) for k, p in data.items()}
+    tokenizers = {label: resolve_tokenizer(p, ecfg.tokenizer, run_dir if run_dir.is_dir() else None)
+                  for label, p in checkpoints.items()}  # fmt: skip
+    inputs = {f"ckpt_{label}": p for label, p in checkpoints.items()}
+    inputs |= {f"tokenizer_{label}": p for label, p in tokenizers.items()}
+    inputs |= {k: p for k, p in data.items() if p is not None}
+    config = {"eval": as_dict(ecfg), "precision": cfg.precision, "seed": cfg.run.seed,
+              "checkpoints": {k: str(v) for k, v in checkpoints.items()}}  # fmt: skip
+    stage = StageRun(cfg, STAGE, config=config, inputs=inputs)
+    if stage.up_to_date():
+        return stage.previous_metrics()
+    from train.runtime import device_for, dist_info
+
+    device = device_for(dist_info())
+    with stage:
+        for old in stage.dir.glob("samples_*.jsonl"):  # tables of a previous execution
+            old.unlink()
+        results = {}
+        for label, path in checkpoints.items():
+            seed_everything(ecfg.seed, cfg.run.deterministic)
+            model = load_checkpoint(path, cfg.precision, cfg.kernels.backend, device)
+            tok = load_tokenizer(tokenizers[label])
+            results[label] = evaluate_checkpoint(model, tok, ecfg, data, cfg.precision, stage.tracker, label)
+            results[label]["checkpoint"] = {"path": str(path)}
+            del model
+        out = stage.dir / "eval.json"
+        atomic_write_json(out, results)
+        flat = flat_metrics(results)
+        stage.tracker.log({k: v for k, v in flat.items() if isinstance(v, int | float)})
+        return stage.finish(outputs={"eval": out}, metrics=flat)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(dcfg: DictConfig) -> None:
+    print(json.dumps(run(to_config(dcfg)), indent=2, default=str))
+
+
+def _ckpt_shorthand(argv: list[str]) -> list[str]:
+    """`ckpt=X` on the command line means `eval.ckpt=X`."""
+    return [f"eval.{a}" if a.startswith("ckpt=") else a for a in argv]
+
+
+if __name__ == "__main__":
+    sys.argv[1:] = _ckpt_shorthand(sys.argv[1:])
+    main()
