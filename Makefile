@@ -63,9 +63,10 @@ eval: $(VENV)  ## every checkpoint of the run: BPB, FIM, HumanEval, reasoning, M
 report: $(VENV)  ## report.md + PNG plots into the run directory (RUN: a name under outputs/ or a path)
 	$(PY) -m eval.report run=$(if $(findstring /,$(RUN)),$(RUN),outputs/$(RUN)) $(ARGS)
 
+# train.batch_size (16 by default) must divide by micro_batch_size x data-parallel ranks: 4 x 4 here
 pretrain-dist: $(VENV)  ## pretraining on NPROC local processes with a conf/parallel preset (gloo on CPU)
-	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m train.pretrain \
-		parallel=$(PARALLEL) run.name=$(RUN) $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m train.pretrain \
+		parallel=$(PARALLEL) run.name=$(RUN) train.micro_batch_size=4 $(ARGS)
 
 sweep: $(VENV)  ## Hydra multirun: precision x balancing, one W&B group, data stage shared with RUN
 	$(PY) -m train.pretrain --multirun precision=bf16,fp8 model.moe_balance=aux_free,aux_loss \

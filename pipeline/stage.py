@@ -105,10 +105,10 @@ class StageRun:
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
     def __enter__(self) -> StageRun:
-        clean_temporaries(self.dir)
-        stale = self.dir / MANIFEST
-        if stale.exists():  # a re-run invalidates the old manifest before anything is overwritten
-            stale.unlink()
+        if self.rank == 0:
+            clean_temporaries(self.dir)
+            # a re-run invalidates the old manifest before anything is overwritten
+            (self.dir / MANIFEST).unlink(missing_ok=True)
         self._t0 = time.time()
         self.tracker = Tracker(
             self.dir,

@@ -3,8 +3,18 @@
     python -m train.pretrain                                   # CPU default: tiny MoE, ~10 minutes on 2 cores
     python -m train.pretrain model=small precision=fp8 train.steps=2000
     python -m train.pretrain precision=bf16 train.resume=none run.name=bf16_baseline
-    torchrun --nproc_per_node=4 -m train.pretrain parallel=hsdp_ep     # see train/parallel/
     make pretrain RUN=<run>
+    torchrun --standalone --nproc_per_node=4 -m train.pretrain parallel=hsdp_ep train.micro_batch_size=4
+    make pretrain-dist NPROC=4 PARALLEL=fsdp ARGS="train.micro_batch_size=4"      # presets: conf/parallel/*.yaml
+    # two nodes of 8 GPUs (run on each node; rendezvous at the first node):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=<node0>:29500 --rdzv_id=<job> \
+        -m train.pretrain parallel=hsdp_ep model=small precision=bf16
+
+Under torchrun (WORLD_SIZE > 1) the process group (gloo on CPU, nccl on CUDA) and the device mesh of `parallel`
+are set up by train/parallel/parallelize.py, which applies EP and FSDP2/HSDP to the model built here; the loader
+reads by data-parallel rank, expert loads and logged scalars are reduced over data-parallel ranks (every rank makes
+the same bias update), rank 0 logs, and DCP checkpoints reshard, so a run saved on N ranks resumes on M.
+`train.batch_size` is global: it must divide by micro_batch_size x data-parallel ranks.
 
 Reads `outputs/<run>/data/` (token shards, tokenizer) and writes `outputs/<run>/pretrain/`: checkpoints/
 (DCP, resumable, last N kept), hf/ (Hugging Face export of the final weights), metrics.jsonl, expert_load.npy,
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -31,6 +42,7 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data.loader import PackedDataset, ShardLoader
@@ -44,6 +56,8 @@ from train.checkpoint import CheckpointManager
 from train.ema import EMA
 from train.metrics import bits_per_byte, flops_per_token, max_violation, mfu, peak_memory_mb, unigram_loss
 from train.optim import build_optimizer, lr_at
+from train.parallel.mesh import ParallelMeshes
+from train.parallel.parallelize import clip_grad_norm_, init_parallel, parallelize
 from train.runtime import autocast, build_model, device_for, dist_info
 
 
@@ -103,7 +117,8 @@ def fixed_batches(ds: PackedDataset, batch_size: int, n_batches: int) -> list[tu
 
 def first_nonfinite(model) -> str | None:
     for name, p in model.named_parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
+        g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # this rank's shard: no collective
+        if g is not None and not torch.isfinite(g).all():
             return name
     return None
 
@@ -119,21 +134,24 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         f.truncate()
 
 
-def train(cfg: Config, stage: StageRun, data: dict[str, Path]) -> dict:
-    """The loop. Parallelism (when configured) is applied from outside by train.parallel."""
+def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelMeshes | None = None) -> dict:
+    """The loop. Parallelism (when configured: `meshes` from `init_parallel` under torchrun) is applied from
+    outside by train.parallel; every rank builds the same model from the same seed before it is sharded."""
     info = dist_info()
     device = device_for(info)
     t = cfg.train
     tok = load_tokenizer(data["tokenizer"])
     mcfg = replace(cfg.model, vocab_size=tok.get_vocab_size(with_added_tokens=True))
-    check_config(replace(cfg, model=mcfg), info.world_size)
+    dp_size = meshes.dp.size() if meshes is not None else 1
+    check_config(replace(cfg, model=mcfg), dp_size)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     model = build_model(mcfg, cfg.precision, cfg.kernels.backend, device)
+    dp = parallelize(model, meshes, cfg.parallel, mixed_precision=cfg.precision in ("bf16", "fp8"))
     opt = build_optimizer(model, t.optim)
     ema = EMA(model, t.ema_decay, t.ema_every) if t.ema_decay > 0 else None
     train_ds = PackedDataset(data["train"], t.seq_len)
     val_ds = PackedDataset(data["val"], t.seq_len)
-    loader = ShardLoader(train_ds, t.micro_batch_size, info.rank, info.world_size, seed=cfg.run.seed)
+    loader = ShardLoader(train_ds, t.micro_batch_size, dp.rank, dp.size, seed=cfg.run.seed)
     val_batches = fixed_batches(val_ds, t.micro_batch_size, t.eval_batches)
     byte_len = token_byte_lengths(tok)
     ckpts = CheckpointManager(stage.dir / "checkpoints", keep_last=t.keep_last)
@@ -149,13 +167,14 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path]) -> dict:
         path, state = resumed
         start_step, bad_total = state["step"], state.get("bad_steps", 0)
         loader.load_state_dict(state["loader"])
-        truncate_metrics(tracker.metrics_path, start_step)
+        if info.is_main:
+            truncate_metrics(tracker.metrics_path, start_step)
         print(f"resumed from {path} at step {start_step}")
 
     moe_layers = list(model.moe_layers())
     n_moe, n_exp = len(moe_layers), mcfg.n_routed_experts
     cum_load = torch.zeros(n_moe, n_exp)
-    accum = t.batch_size // (t.micro_batch_size * info.world_size)
+    accum = t.batch_size // (t.micro_batch_size * dp.size)
     fpt = flops_per_token(model, mcfg, t.seq_len)
     tokens_per_step = t.batch_size * t.seq_len
     model_cfg_json = asdict(mcfg)
@@ -189,7 +208,13 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path]) -> dict:
             sums["balance"] += float(out.balance_loss.detach()) / accum
             if n_moe:
                 load += out.expert_load_LE.detach().float().cpu()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.optim.grad_clip or float("inf"))
+        if dp.size > 1:  # every rank logs and decides on the data-parallel mean; one bias update for all
+            sums = dp.mean_scalars(sums)
+            load = dp.all_reduce_sum(load)
+        if meshes is None:
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.optim.grad_clip or float("inf"))
+        else:  # DTensor gradients on several meshes (dense, experts)
+            gnorm = clip_grad_norm_(model.parameters(), t.optim.grad_clip or float("inf"))
         culprit = "loss" if not math.isfinite(sums["loss"]) else first_nonfinite(model)
         if culprit is not None or not torch.isfinite(gnorm):
             opt.zero_grad(set_to_none=True)
@@ -258,22 +283,55 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path]) -> dict:
             save(step + 1)
 
     final = ckpts.checkpoints()[-1]
-    np.save(stage.dir / "expert_load.npy", cum_load.numpy())
+    if info.is_main:
+        np.save(stage.dir / "expert_load.npy", cum_load.numpy())
     # unigram baseline on the same tokenizer and data: what a model that ignores context achieves
     train_sample = train_ds.tokens(0, min(train_ds.n_tokens, 4_000_000))
     uni = unigram_loss(train_sample, np.concatenate([y.flatten().numpy() for _, y in val_batches]), mcfg.vocab_size)
     result = {k: metrics[k] for k in ("loss", "val_loss", "val_bpb", "val_loss_ema", "val_bpb_ema") if k in metrics}
     result |= {"unigram_val_loss": uni, "steps": t.steps, "bad_steps": bad_total, "checkpoint": str(final)}
-    if t.export_hf and info.is_main:
-        from model.hf import export_hf
-
-        export_hf(model, stage.dir / "hf", tokenizer_path=data["tokenizer"])
+    if t.export_hf:
+        export_final(model, mcfg, cfg, meshes is not None, stage.dir / "hf", data["tokenizer"])
     return result
 
 
+def export_final(model, mcfg, cfg: Config, sharded: bool, out_dir: Path, tokenizer_path: Path) -> None:
+    """HF export on rank 0; a sharded model is first gathered (every rank takes part) into a plain CPU copy."""
+    from model.hf import export_hf
+
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not dist_info().is_main:
+            return
+        model = build_model(mcfg, cfg.precision, cfg.kernels.backend, torch.device("cpu"))
+        model.load_state_dict(full)
+    if dist_info().is_main:
+        export_hf(model, out_dir, tokenizer_path=tokenizer_path)
+
+
 def run(cfg: Config) -> dict:
+    """One pretraining stage. Under torchrun (WORLD_SIZE > 1) the process group and the mesh of `cfg.parallel`
+    are set up here, and torn down at the end."""
     data_dir = Path(cfg.run.root) / cfg.run.name / "data"
     data = stage_outputs(data_dir)
+    if cfg.parallel.pp > 1:
+        raise ValueError(
+            "parallel.pp > 1: the pretraining loop runs data, FSDP/HSDP and expert parallelism; pipeline stages are"
+            " built and scheduled by train/parallel/pipeline_parallel.py (tested in tests/dist/test_pp.py)"
+        )
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    owns_group = not torch.distributed.is_initialized()  # a caller's process group is left to the caller
+    meshes = init_parallel(cfg.parallel, torch.device(device_type), cfg.model.n_routed_experts)
+    try:
+        return _run(cfg, data, meshes)
+    finally:
+        if meshes is not None and owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run(cfg: Config, data: dict[str, Path], meshes: ParallelMeshes | None) -> dict:
     info = dist_info()
     config = {"train": as_dict(cfg.train), "model": as_dict(cfg.model), "precision": cfg.precision,
               "kernels": as_dict(cfg.kernels), "parallel": as_dict(cfg.parallel), "seed": cfg.run.seed}  # fmt: skip
@@ -282,7 +340,7 @@ def run(cfg: Config) -> dict:
     if stage.up_to_date():
         return stage.previous_metrics()
     with stage:
-        result = train(cfg, stage, data)
+        result = train(cfg, stage, data, meshes)
         outputs = {"checkpoint": Path(result["checkpoint"])}
         if (stage.dir / "hf").is_dir():
             outputs["hf"] = stage.dir / "hf"
@@ -291,7 +349,9 @@ def run(cfg: Config) -> dict:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(dcfg: DictConfig) -> None:
-    print(json.dumps(run(to_config(dcfg)), indent=2, default=str))
+    result = run(to_config(dcfg))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        print(json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,166 @@
+"""Apply a parallel layout to a DeepseekV3 built for one device: the model code never changes (torchtitan's way).
+
+What `parallelize` does, in order (world = pp * dp_replicate * dp_shard ranks, see train/parallel/config.py):
+
+1. Expert parallelism (``ep > 1``): every ``DeepseekMoE`` becomes an ``ExpertParallelMoE`` over the mesh's EP group
+   (train/parallel/expert_parallel.py): each rank keeps E / ep routed experts, tokens travel by all-to-all.
+2. FSDP2 ``fully_shard`` (whenever there is more than one data-parallel rank):
+   - the routed experts of each EP layer over ``("dp_replicate", "dp_shard_mod_ep")``, the ranks holding the same
+     experts (``fully_shard_experts``, which also rescales their gradients by 1 / ep);
+   - each decoder layer (main and MTP), then the root (embedding, final norm, head) over
+     ``("dp_replicate", "dp_shard")``. One ``fully_shard`` per layer is the unit of communication: its parameters
+     are all-gathered just before the layer runs and freed after, its gradients reduce-scattered as soon as its
+     backward is done, so communication overlaps the neighbouring layers' compute.
+   With ``dp_shard > 1`` and ``dp_replicate > 1`` this is HSDP: ZeRO-3 inside a shard group (parameters, gradients
+   and AdamW state split ``dp_shard`` ways), plain replication across groups (gradients all-reduced between
+   replicas). ``dp_shard == 1`` degenerates to DDP (every rank a full replica, gradients all-reduced), so one code
+   path serves every data-parallel layout. FSDP averages gradients over the data-parallel ranks, which is exactly
+   the gradient of the mean loss a single process computes on the union of the ranks' micro-batches.
+3. Mixed precision (``mixed_precision=True``): ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: the
+   all-gathered compute copies are bf16 (half the traffic), gradients are reduced in fp32, the sharded master
+   weights and AdamW state stay fp32. Only parameters are cast: the router's ``e_score_correction_bias`` is a
+   buffer and stays fp32 (a bias update of 1e-3 would vanish in bf16 next to values of ~1).
+
+The return value, ``DataParallel``, is what the loop needs besides the model: the loader's rank and world size (the
+data-parallel coordinates; with pipelining, the ranks of one stage share data), and collectives over the
+data-parallel group for the expert loads (so every rank applies the same bias update) and the logged scalars.
+
+Gradient clipping: dense and expert gradients are DTensors on different meshes, which torch's
+``clip_grad_norm_`` cannot stack; ``clip_grad_norm_`` here takes one norm per mesh and combines them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from train.parallel.config import ParallelConfig
+from train.parallel.expert_parallel import apply_expert_parallel, fully_shard_experts
+from train.parallel.mesh import ParallelMeshes, build_mesh, validate_layout
+
+__all__ = ["DataParallel", "clip_grad_norm_", "init_parallel", "parallelize", "world_size_from_env"]
+
+
+def world_size_from_env() -> int:
+    """The number of processes torchrun started (1 for a plain ``python -m``).
+
+    Under a SLURM job of several tasks started by Hydra's submitit launcher (``hydra/launcher=slurm``, no torchrun),
+    the ``env://`` variables (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) are first exported from the
+    job's SLURM variables by submitit's ``TorchDistributedEnvironment``.
+    """
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if "WORLD_SIZE" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and slurm_tasks > 1:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class DataParallel:
+    """Data-parallel coordinates of this rank and the collectives the loop uses over them.
+
+    With one process (or no data parallelism) ``group`` is None and every collective is the identity, so the loop
+    reads the same with or without ``torchrun``.
+    """
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """In place: the sum over data-parallel ranks (a copy-free identity on one rank)."""
+        if self.group is not None and self.size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def mean_scalars(self, values: dict[str, float]) -> dict[str, float]:
+        """The mean of each scalar over data-parallel ranks, in one all-reduce (for logging and NaN agreement)."""
+        if self.group is None or self.size == 1:
+            return values
+        keys = list(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return {k: float(v) / self.size for k, v in zip(keys, t.tolist())}
+
+
+def init_parallel(cfg: ParallelConfig, device: torch.device, n_routed_experts: int) -> ParallelMeshes | None:
+    """Under ``torchrun`` (WORLD_SIZE > 1): validate the layout, initialize the process group (gloo on CPU, nccl on
+    CUDA) and build the meshes. With one process: validate that the layout is the single-process one, return None."""
+    world = world_size_from_env()
+    res = validate_layout(cfg, world, n_routed_experts)
+    if world == 1:
+        return None
+    mesh = build_mesh(res, world, device.type)
+    return ParallelMeshes.from_mesh(mesh, res.ep)
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The units of FSDP wrapping: each decoder layer, then each MTP module's decoder layer. (FSDP gathers a unit in
+    its module's forward hook; ``DeepseekV3.mtp_logits`` calls an MTP module's parts, not the module, so its small
+    norms and ``eh_proj`` stay with the root unit.)"""
+    return list(model.model.layers) + [m.layer for m in model.mtp]
+
+
+def parallelize(
+    model: nn.Module,
+    meshes: ParallelMeshes | None,
+    cfg: ParallelConfig,
+    mixed_precision: bool = False,
+    reshard_after_forward: bool = True,
+) -> DataParallel:
+    """Apply EP, then FSDP2/HSDP, to ``model`` in place (see the module docstring); return the data-parallel view.
+
+    ``model`` must be identically initialized on every rank (same seed), on its final device. ``meshes=None`` (one
+    process) leaves the model untouched. Pipeline stages (train/parallel/pipeline_parallel.py) are built from a
+    whole model and scheduled there; sharding a stage's module with FSDP as well (PP x DP) is not done here.
+    """
+    if meshes is None:
+        return DataParallel()
+    ep = meshes.ep.size()
+    if ep > 1:
+        apply_expert_parallel(model, meshes.ep, cfg.fp8_dispatch, cfg.bf16_combine)
+    dp_size = meshes.dp.size()
+    if dp_size > 1:
+        kw: dict = {"reshard_after_forward": reshard_after_forward}
+        if mixed_precision:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if ep > 1:
+            fully_shard_experts(model, meshes, **kw)
+        for block in _blocks(model):
+            fully_shard(block, mesh=meshes.dense_fsdp, **kw)
+        fully_shard(model, mesh=meshes.dense_fsdp, **kw)
+    return DataParallel(rank=meshes.dp.get_local_rank(), size=dp_size, group=meshes.dp.get_group())
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float) -> Tensor:
+    """Clip the global gradient norm of parameters whose gradients may be DTensors on several meshes (dense vs
+    experts); returns the total norm (a plain fp32 tensor, the same on every rank).
+
+    One ``get_total_norm`` per mesh (its ``full_tensor()`` reduces the shards' partial norms over that mesh), plain
+    gradients (identical on every rank) taken as they are; the total is the 2-norm of the group norms.
+    """
+    groups: dict[object, list[Tensor]] = defaultdict(list)
+    for p in parameters:
+        if p.grad is not None:
+            g = p.grad
+            groups[g.device_mesh if isinstance(g, DTensor) else None].append(g)
+    norms = []
+    for grads in groups.values():
+        n = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        norms.append((n.full_tensor() if isinstance(n, DTensor) else n).float())
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    coef = float(max_norm) / (float(total) + 1e-6)
+    if coef < 1.0:
+        for grads in groups.values():
+            for g in grads:
+                g.mul_(coef)
+    return total
