@@ -43,9 +43,8 @@ if TYPE_CHECKING:  # datasets is imported lazily: graders and rewards use the pu
 
 from data.tasks_arith import ARITH_LEVELS, generate_arith
 from data.tasks_countdown import COUNTDOWN_LEVELS, generate_countdown, verify_countdown
+from data.tokenizer import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN  # noqa: F401 (one definition)
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 KINDS: tuple[str, ...] = ("arith", "countdown")
 COLUMNS: tuple[str, ...] = ("id", "kind", "prompt", "answer", "cot", "completion", "difficulty", "meta")
 TRAIN_INDEX_OFFSET = 1_000_000_000  # train indices start here, test indices at 0: two disjoint streams per seed
