@@ -1,0 +1,118 @@
+"""Does GRPO improve on its SFT starting point? Held-out accuracy of a run's SFT and RL checkpoints, same grader.
+
+    python -m bench.rl_gain --run outputs/<run>                     # greedy, the whole held-out split
+    python -m bench.rl_gain --run outputs/<run> --temperature 1 --k 4   # pass@1 averaged over 4 samples at T=1
+    make sft rl RUN=<run> && python -m bench.rl_gain --run outputs/<run>
+
+Both checkpoints (the newest of `sft/checkpoints/` and of `rl/checkpoints/`) are scored on the `test` split of
+`data/reasoning` with `train.grpo.evaluate_accuracy`: the same chat template, the same generation engine, and the
+grader whose score GRPO optimized (`train.grpo.correctness_reward`: numeric match for arithmetic, the Countdown
+expression verified by rule). Prints both accuracies and the difference (points, absolute), and appends one row to
+bench/results/rl_gain.csv with machine, commit and date, plus the stages' wall times from their manifests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results" / "rl_gain.csv"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def stage_wall_time(stage_dir: Path) -> float | None:
+    m = stage_dir / "manifest.json"
+    return json.loads(m.read_text()).get("wall_time_s") if m.is_file() else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from datasets import load_from_disk
+
+    from data.prepare import stage_outputs
+    from data.tokenizer import load_tokenizer
+    from train.grpo import evaluate_accuracy, load_policy, newest_checkpoint
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", type=Path, required=True, help="a run directory: outputs/<run>")
+    ap.add_argument("--n", type=int, default=0, help="held-out prompts scored (0 = the whole test split)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--k", type=int, default=1, help="samples per prompt (pass@1 averaged over k; needs T > 0)")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.temperature == 0 and args.k != 1:
+        raise ValueError("--k > 1 needs --temperature > 0 (greedy decoding draws one answer per prompt)")
+
+    data = stage_outputs(args.run / "data")
+    tok = load_tokenizer(data["tokenizer"])
+    rows = load_from_disk(str(data["reasoning"]))["test"].to_list()[: args.n or None]
+    if not rows:
+        raise ValueError(f"the held-out split of {data['reasoning']} is empty")
+    device = torch.device("cpu")
+    results = {}
+    for stage in ("sft", "rl"):
+        ckpt = newest_checkpoint(args.run / stage / "checkpoints")
+        model, _ = load_policy(ckpt, "fp32", "auto", device)
+        t0 = time.perf_counter()
+        ev = evaluate_accuracy(model, tok, rows, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               k=args.k, batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+        results[stage] = ev | {"checkpoint": str(ckpt), "eval_s": time.perf_counter() - t0}
+        print(f"{stage:>3}: accuracy {ev['accuracy']:.3f}  format {ev['format_rate']:.3f}  "
+              f"length {ev['response_len']:.1f} tokens  ({ckpt})")  # fmt: skip
+    gain = results["rl"]["accuracy"] - results["sft"]["accuracy"]
+    by_kind = {}
+    for stage in ("sft", "rl"):
+        for kind in sorted({r["kind"] for r in rows}):
+            idx = [i for i, r in enumerate(rows) for _ in range(args.k) if r["kind"] == kind]
+            by_kind[f"{stage}_{kind}"] = round(sum(results[stage]["samples"][i][2] for i in idx) / max(1, len(idx)), 4)
+    row = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()}",
+        "commit": git_commit(),
+        "run": str(args.run),
+        "n_test": len(rows),
+        "decoding": "greedy" if args.temperature == 0 else f"pass@1 over k={args.k} at T={args.temperature}",
+        "sft_accuracy": round(results["sft"]["accuracy"], 4),
+        "rl_accuracy": round(results["rl"]["accuracy"], 4),
+        "gain_points": round(100 * gain, 2),
+        **by_kind,
+        "sft_format_rate": round(results["sft"]["format_rate"], 4),
+        "rl_format_rate": round(results["rl"]["format_rate"], 4),
+        "sft_response_len": round(results["sft"]["response_len"], 2),
+        "rl_response_len": round(results["rl"]["response_len"], 2),
+        "sft_wall_s": stage_wall_time(args.run / "sft"),
+        "rl_wall_s": stage_wall_time(args.run / "rl"),
+        "grader_errors": results["sft"]["grader_errors"] + results["rl"]["grader_errors"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    new = not args.out.exists()
+    with args.out.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    print(f"gain: {100 * gain:+.1f} points absolute (SFT {row['sft_accuracy']:.3f} -> RL {row['rl_accuracy']:.3f}); "
+          f"wrote {args.out}")  # fmt: skip
+    return row
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Cold-start SFT: batches mask prompts, the loss learns only responses, and the stage runs, skips and resumes.
+
+`make_micro_run` builds a whole run directory in tmp_path (tokenizer, reasoning splits, a freshly initialised
+micro model saved as the "pretrain" checkpoint); test_grpo.py reuses it.
+"""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.reasoning import build_splits
+from data.tokenizer import train_tokenizer
+from model.config import ModelConfig
+from model.transformer import IGNORE_INDEX, DeepseekV3
+from pipeline.config import compose
+from train.chat import encode_chat, eos_id
+from train.checkpoint import CheckpointManager
+from train.sft import batch_indices, make_batch
+from train.sft import run as run_sft
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Micro models run fastest single-threaded (and a loaded 2-core machine makes 2 threads spin)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def micro_config(vocab_size: int, **kw) -> ModelConfig:
+    base = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=2, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=256, rope_scaling=None, num_nextn_predict_layers=1,
+        bos_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    base.update(kw)
+    return ModelConfig(**base).validate()
+
+
+def make_micro_run(root: Path, name: str = "micro") -> Path:
+    """outputs-like tree: <root>/<name>/data/{tokenizer.json, reasoning/} and pretrain/checkpoints/step_000001."""
+    run = root / name
+    data = run / "data"
+    data.mkdir(parents=True)
+    ds = build_splits(n_train=24, n_test=8, seed=1)
+    texts = [r["prompt"] + " " + r["completion"] for r in ds["train"]] * 4
+    tok = train_tokenizer(texts, vocab_size=320)
+    tok.save(str(data / "tokenizer.json"))
+    ds.save_to_disk(str(data / "reasoning"))
+    torch.manual_seed(0)
+    cfg = micro_config(tok.get_vocab_size(with_added_tokens=True))
+    CheckpointManager(run / "pretrain" / "checkpoints").save(1, DeepseekV3(cfg), None, {}, asdict(cfg))
+    return run
+
+
+def micro_overrides(root: Path, name: str = "micro") -> list[str]:
+    return ["experiment=smoke", f"run.root={root}", f"run.name={name}", "wandb.mode=disabled",
+            "sft.export_hf=false", "rl.export_hf=false"]  # fmt: skip
+
+
+def _examples(tok, rows):
+    return [encode_chat(tok, r["prompt"], r["completion"]) for r in rows]
+
+
+def _micro_tok_rows():
+    ds = build_splits(n_train=8, n_test=0, seed=2)
+    rows = ds["train"].to_list()
+    tok = train_tokenizer([r["prompt"] + " " + r["completion"] for r in rows] * 4, vocab_size=300)
+    return tok, rows
+
+
+def test_make_batch_targets_only_the_response():
+    tok, rows = _micro_tok_rows()
+    ex = _examples(tok, rows[:3])
+    x, y = make_batch(ex, pad_id=eos_id(tok))
+    for b, (ids, mask) in enumerate(ex):
+        n = len(ids) - 1
+        assert x[b, :n].tolist() == ids[:-1]
+        want = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
+        assert y[b, :n].tolist() == want
+        assert (y[b, n:] == IGNORE_INDEX).all()  # padding carries no loss
+        assert sum(t != IGNORE_INDEX for t in want) == sum(mask)  # every response token (and EOS) is a target
+
+
+def test_sft_loss_ignores_prompt_positions():
+    """The CE equals a hand-computed mean over response positions, and its gradient at prompt positions is 0."""
+    tok, rows = _micro_tok_rows()
+    torch.manual_seed(0)
+    model = DeepseekV3(micro_config(tok.get_vocab_size(with_added_tokens=True), num_nextn_predict_layers=0))
+    ex = _examples(tok, rows[:4])
+    x, y = make_batch(ex, pad_id=eos_id(tok))
+    out = model(x, y)
+    out.logits_BTV.retain_grad()
+    resp = y != IGNORE_INDEX
+    ref = F.cross_entropy(out.logits_BTV[resp].float(), y[resp])
+    err = (out.ce_loss - ref).abs().item()
+    assert err < 1e-5, f"fp32 CE vs hand-computed: abs err {err}"
+    out.ce_loss.backward()
+    g = out.logits_BTV.grad
+    assert g[~resp].abs().max().item() == 0.0  # prompt and pad positions: exactly no gradient
+    assert g[resp].abs().amax(-1).min().item() > 0.0  # every response position gets one
+    # so changing what the prompt positions would predict cannot change the loss
+    y2 = y.clone()
+    y2[~resp] = IGNORE_INDEX
+    x2 = x.clone()
+    assert torch.equal(model(x2, y2).ce_loss, out.ce_loss)
+
+
+def test_sft_loss_decreases_on_a_repeated_batch():
+    tok, rows = _micro_tok_rows()
+    torch.manual_seed(0)
+    model = DeepseekV3(micro_config(tok.get_vocab_size(with_added_tokens=True)))
+    x, y = make_batch(_examples(tok, rows[:4]), pad_id=eos_id(tok))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = model(x, y).ce_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def test_batch_indices_cover_each_epoch_once():
+    n, b = 10, 4
+    idx = [i for s in range(5) for i in batch_indices(n, b, s, seed=0)]
+    assert sorted(idx[:10]) == list(range(10)) and sorted(idx[10:20]) == list(range(10))
+    assert batch_indices(n, b, 3, seed=0) == batch_indices(n, b, 3, seed=0)
+
+
+def test_sft_stage_runs_skips_and_resumes(tmp_path):
+    run = make_micro_run(tmp_path)
+    res = run_sft(compose(micro_overrides(tmp_path) + ["sft.steps=2"]))
+    assert Path(res["checkpoint"]).name == "step_000002"
+    assert 0.0 <= res["eval_accuracy"] <= 1.0
+    assert (run / "sft" / "manifest.json").is_file()
+    # same config and inputs: skipped
+    assert run_sft(compose(micro_overrides(tmp_path) + ["sft.steps=2"]))["skipped"] is True
+    # more steps: resumes from step 2 (not from the pretrained weights) and logs each step once
+    res = run_sft(compose(micro_overrides(tmp_path) + ["sft.steps=4"]))
+    assert Path(res["checkpoint"]).name == "step_000004"
+    rows = [json.loads(line) for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [1, 2, 3, 4], steps
+    assert (run / "sft" / "samples.jsonl").is_file()

@@ -1,0 +1,71 @@
+"""Typed configuration of reasoning post-training: cold-start SFT (`conf/sft/`) and GRPO (`conf/rl/`).
+
+OmegaConf structured configs (plain dataclasses, `Optional`, nested dataclasses), merged into `pipeline.config.Config`
+as `cfg.sft` and `cfg.rl`; a misspelt key fails when the config is composed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from train.config import OptimConfig
+
+
+def _sft_optim() -> OptimConfig:
+    return OptimConfig(lr=3e-3, min_lr_ratio=0.1, weight_decay=0.0, warmup_steps=10, schedule="cosine")
+
+
+def _rl_optim() -> OptimConfig:
+    return OptimConfig(lr=5e-5, min_lr_ratio=1.0, weight_decay=0.0, warmup_steps=0, schedule="cosine", grad_clip=1.0)
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 500
+    batch_size: int = 32  # (prompt, trace) pairs per optimizer step
+    micro_batch_size: int = 32
+    max_len: int = 256  # tokens of prompt + completion; longer examples are dropped (and counted)
+    n_train: int = 0  # use the first n_train rows of the train split (0 = all)
+    log_every: int = 1
+    ckpt_every: int = 100
+    keep_last: int = 2
+    resume: str = "auto"  # "auto" | "none" | a checkpoint path
+    init: str = "auto"  # "auto": newest checkpoint of outputs/<run>/pretrain | a checkpoint path | "scratch"
+    max_bad_steps: int = 5
+    export_hf: bool = True
+    eval_n: int = 200  # held-out prompts scored (greedy) at the end; 0 disables
+    eval_max_new_tokens: int = 96
+    table_every: int = 100  # greedy samples of a few prompts as a W&B table every N steps (0 disables)
+    table_rows: int = 4
+    optim: OptimConfig = field(default_factory=_sft_optim)
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = 60
+    prompts_per_step: int = 16  # B prompts per batch
+    group_size: int = 8  # G samples per prompt (one prefill each, see model.generate)
+    max_new_tokens: int = 96
+    temperature: float = 1.0  # rollout temperature; 1.0 keeps the sampler's log-probs equal to the policy's
+    top_p: float = 1.0
+    updates_per_batch: int = 1  # mu: optimizer steps on each batch of rollouts (GRPO's inner iterations)
+    micro_batch_size: int = 64  # sequences per forward/backward
+    clip_eps: float = 0.2  # lower clip range: ratio >= 1 - clip_eps
+    clip_eps_high: float = 0.28  # upper clip range: ratio <= 1 + clip_eps_high (DAPO's clip-higher; = clip_eps off)
+    kl_coef: float = 0.01  # beta of the k3 KL penalty to the frozen reference (0 disables and skips the reference)
+    loss_agg: str = "token_mean"  # "seq_mean" (GRPO) | "token_mean" (DAPO) | "seq_sum_norm" (Dr. GRPO)
+    adv_norm: str = "std"  # "std": (r - mean) / std (GRPO) | "none": r - mean (Dr. GRPO)
+    format_weight: float = 0.1  # reward = correct + format_weight * format
+    n_train: int = 0  # use the first n_train prompts of the train split (0 = all)
+    kinds: list[str] = field(default_factory=list)  # task kinds trained on (empty = all); evaluation keeps all
+    init: str = "auto"  # "auto": newest checkpoint of outputs/<run>/sft | a checkpoint path
+    log_every: int = 1
+    table_every: int = 10  # a W&B table of prompts, completions, rewards every N steps (0 disables)
+    table_rows: int = 8
+    ckpt_every: int = 20
+    keep_last: int = 2
+    resume: str = "auto"
+    max_bad_steps: int = 5
+    export_hf: bool = True
+    eval_n: int = 200  # held-out prompts scored (greedy) at the start and the end; 0 disables
+    optim: OptimConfig = field(default_factory=_rl_optim)
