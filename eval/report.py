@@ -302,8 +302,9 @@ def fp8_figure(csv_path: Path, out: Path) -> tuple[Path | None, list[str]]:
 
 
 def write_report(run_dir: Path, compare: Path | None = None, wandb_mode: str = "offline",
-                 fp8_csv: Path = FP8_CSV) -> Path:  # fmt: skip
-    """Write `<run>/report.md` and `<run>/report/*.png`; log the figures to W&B. Returns the report's path."""
+                 fp8_csv: Path = FP8_CSV, tracker=None) -> Path:  # fmt: skip
+    """Write `<run>/report.md` and `<run>/report/*.png`; log the figures to W&B (to `tracker` when the pipeline's
+    report stage gives one, else to a W&B run of its own). Returns the report's path."""
     from pipeline.tracking import Tracker
 
     run_dir = Path(run_dir)
@@ -342,19 +343,33 @@ def write_report(run_dir: Path, compare: Path | None = None, wandb_mode: str = "
     from pipeline.io import atomic_write_text
 
     atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
-    tracker = Tracker(fig_dir, run_group=run_dir.name, stage="report", mode=wandb_mode,
-                      config={"run": str(run_dir), "compare": str(compare) if compare else None})  # fmt: skip
+    own = tracker is None
+    if own:
+        tracker = Tracker(fig_dir, run_group=run_dir.name, stage="report", mode=wandb_mode,
+                          config={"run": str(run_dir), "compare": str(compare) if compare else None})  # fmt: skip
     for name, png in figures.items():
         tracker.log_figure(name, png)
     tracker.summary({"figures": len(figures), "report_seconds": round(time.time() - t0, 2)})
-    tracker.finish()
+    if own:
+        tracker.finish()
     return out
 
 
 def run(cfg) -> dict:
-    """The pipeline's report stage: the report of `outputs/<run>/`."""
-    out = write_report(Path(cfg.run.root) / cfg.run.name, wandb_mode=cfg.wandb.mode)
-    return {"report": str(out)}
+    """The pipeline's report stage: the report of `outputs/<run>/`, redone whenever an upstream stage changed."""
+    from pipeline.stage import StageRun
+
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    upstream = ("data", "pretrain", "sft", "rl", "distill", "eval")
+    inputs = {
+        f"{s}_manifest": run_dir / s / "manifest.json" for s in upstream if (run_dir / s / "manifest.json").is_file()
+    }
+    stage = StageRun(cfg, "report", config={"fp8_csv": str(FP8_CSV)}, inputs=inputs)
+    if stage.up_to_date():
+        return stage.previous_metrics()
+    with stage:
+        out = write_report(run_dir, wandb_mode=cfg.wandb.mode, tracker=stage.tracker)
+        return stage.finish(outputs={"report": out}, metrics={"report": str(out)})
 
 
 def main(argv: list[str] | None = None) -> None:

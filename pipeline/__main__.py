@@ -32,6 +32,11 @@ from pipeline.stage import MANIFEST
 STAGES: dict[str, str] = {
     "data": "data.prepare",
     "pretrain": "train.pretrain",
+    "sft": "train.sft",
+    "rl": "train.grpo",
+    "distill": "distill.run",
+    "eval": "eval.run",
+    "report": "eval.report",
 }
 
 

@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
+from distill.config import DistillConfig
+from eval.config import EvalConfig
 from model.config import ModelConfig
 from train.config import TrainConfig
 from train.parallel.config import ParallelConfig
@@ -34,6 +36,7 @@ class RunConfig:
     root: str = "outputs"
     seed: int = 0
     deterministic: bool = True
+    data_from: str | None = None  # reuse the data stage of another run (sweeps, benches); default: this run's
 
 
 @dataclass
@@ -41,6 +44,7 @@ class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "deepseek-repro"
     entity: str | None = None
+    group: str | None = None  # W&B group; default: the run name (a sweep sets one group for all its jobs)
 
 
 @dataclass
@@ -51,7 +55,7 @@ class KernelsConfig:
 
 @dataclass
 class PipelineConfig:
-    stages: list[str] = field(default_factory=lambda: ["data", "pretrain"])
+    stages: list[str] = field(default_factory=lambda: ["data", "pretrain", "sft", "rl", "distill", "eval", "report"])
 
 
 @dataclass
@@ -67,6 +71,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: GRPOConfig = field(default_factory=GRPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def register_schema() -> None:
@@ -120,6 +126,12 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         dcfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     return to_config(dcfg)
+
+
+def stage_dir(cfg: Config, stage: str) -> Path:
+    """Where a stage of this run lives; the data stage may come from another run (`run.data_from`)."""
+    run = cfg.run.data_from if stage == "data" and cfg.run.data_from else cfg.run.name
+    return Path(cfg.run.root) / run / stage
 
 
 def as_dict(section: Any) -> dict:

@@ -49,7 +49,7 @@ from data.loader import PackedDataset, ShardLoader
 from data.prepare import stage_outputs
 from data.tokenizer import load_tokenizer
 from model.moe import update_expert_bias
-from pipeline.config import Config, as_dict, to_config
+from pipeline.config import Config, as_dict, stage_dir, to_config
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
 from train.checkpoint import CheckpointManager
@@ -145,7 +145,7 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelM
     dp_size = meshes.dp.size() if meshes is not None else 1
     check_config(replace(cfg, model=mcfg), dp_size)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
-    model = build_model(mcfg, cfg.precision, cfg.kernels.backend, device)
+    model = build_model(mcfg, cfg.precision, cfg.kernels.backend, device, cfg.kernels.pow2_scale)
     dp = parallelize(model, meshes, cfg.parallel, mixed_precision=cfg.precision in ("bf16", "fp8"))
     opt = build_optimizer(model, t.optim)
     ema = EMA(model, t.ema_decay, t.ema_every) if t.ema_decay > 0 else None
@@ -314,8 +314,7 @@ def export_final(model, mcfg, cfg: Config, sharded: bool, out_dir: Path, tokeniz
 def run(cfg: Config) -> dict:
     """One pretraining stage. Under torchrun (WORLD_SIZE > 1) the process group and the mesh of `cfg.parallel`
     are set up here, and torn down at the end."""
-    data_dir = Path(cfg.run.root) / cfg.run.name / "data"
-    data = stage_outputs(data_dir)
+    data = stage_outputs(stage_dir(cfg, "data"))
     if cfg.parallel.pp > 1:
         raise ValueError(
             "parallel.pp > 1: the pretraining loop runs data, FSDP/HSDP and expert parallelism; pipeline stages are"

@@ -1,0 +1,83 @@
+"""Typed configuration of the distillation stage (`conf/distill/`), merged into `pipeline.config.Config` as
+`cfg.distill`. Plain dataclasses (OmegaConf structured configs): a misspelt key fails when the config is composed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from train.config import OptimConfig
+
+KD_MODES = ("none", "online", "topk")
+
+
+def _student_optim() -> OptimConfig:
+    return OptimConfig(lr=2e-3, min_lr_ratio=0.1, weight_decay=0.0, warmup_steps=10, schedule="cosine", grad_clip=1.0)
+
+
+@dataclass
+class TraceConfig:
+    """Teacher sampling and rejection sampling (distill/traces.py)."""
+
+    samples_per_prompt: int = 8  # K completions drawn per training prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 96
+    n_prompts: int = 0  # use the first n_prompts rows of the train split (0 = all)
+    prompt_batch_size: int = 32  # prompts per generate() call (each prefilled once for its K samples)
+    max_per_prompt: int = 4  # correct traces kept per prompt (0 = all); distinct completions only
+    dedup: bool = True  # keep each distinct correct completion of a prompt once
+    cache_topk: int = 0  # >0: store the teacher's top-k logits of every response token (for kd_mode=topk)
+    # when the teacher gets nothing right (an untrained smoke-test teacher), train on the data's reference traces
+    # instead of failing; recorded as provenance["fallback"] = "reference". Off for real runs.
+    fallback_to_reference: bool = False
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "auto"  # "auto": newest of outputs/<run>/rl/checkpoints (else sft/, logged) | a checkpoint path
+    student: str = "student"  # a model preset, conf/model/<name>.yaml (vocab_size is set from the tokenizer)
+    student_init: str = "scratch"  # "scratch" | a checkpoint path (a student-shaped checkpoint to continue from)
+    traces: TraceConfig = field(default_factory=TraceConfig)
+    # student training: SFT on the accepted traces, optionally plus logit distillation
+    steps: int = 300
+    batch_size: int = 32
+    micro_batch_size: int = 32
+    max_len: int = 256  # prompt + completion tokens; longer traces are dropped (and counted)
+    kd_mode: str = "none"  # "none" (SFT only) | "online" (teacher forward per batch) | "topk" (cached top-k logits)
+    kd_weight: float = 0.5  # loss = (1 - kd_weight) * CE + kd_weight * T^2 * KL(teacher_T || student_T)
+    kd_temperature: float = 2.0
+    log_every: int = 1
+    eval_every: int = 100  # student held-out accuracy (greedy) every N steps and at the end (0: end only)
+    eval_n: int = 200  # held-out prompts (greedy) scored for the student during training and for the teacher once
+    eval_max_new_tokens: int = 96
+    ckpt_every: int = 100
+    keep_last: int = 2
+    resume: str = "auto"  # "auto" | "none" | a checkpoint path
+    max_bad_steps: int = 5
+    optim: OptimConfig = field(default_factory=_student_optim)
+
+    def validate(self) -> DistillConfig:
+        if self.kd_mode not in KD_MODES:
+            raise ValueError(f"distill.kd_mode must be one of {KD_MODES}, got {self.kd_mode!r}")
+        if self.kd_mode == "topk" and self.traces.cache_topk <= 0:
+            raise ValueError("distill.kd_mode=topk needs distill.traces.cache_topk > 0 (the cached teacher logits)")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise ValueError(f"distill.kd_weight must be in [0, 1], got {self.kd_weight}")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"distill.kd_temperature must be positive, got {self.kd_temperature}")
+        for name in ("steps", "batch_size", "micro_batch_size", "max_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"distill.{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"distill.batch_size={self.batch_size} is not divisible by "
+                             f"distill.micro_batch_size={self.micro_batch_size}")  # fmt: skip
+        t = self.traces
+        for name in ("samples_per_prompt", "max_new_tokens", "prompt_batch_size"):
+            if getattr(t, name) <= 0:
+                raise ValueError(f"distill.traces.{name} must be positive, got {getattr(t, name)}")
+        if t.temperature < 0 or not 0 < t.top_p <= 1:
+            raise ValueError(f"distill.traces: temperature must be >= 0 and top_p in (0, 1], got "
+                             f"{t.temperature}, {t.top_p}")  # fmt: skip
+        return self

@@ -1,0 +1,194 @@
+"""Distillation: the RL model's correct reasoning traces teach a small dense student.
+
+    python -m distill.run                                   # CPU default: traces from the tiny RL model, dense student
+    python -m distill.run distill.kd_mode=online            # + forward-KL on the teacher's logits (teacher in memory)
+    python -m distill.run distill.kd_mode=topk distill.traces.cache_topk=32   # + KL on cached top-32 teacher logits
+    python -m distill.run experiment=smoke                  # micro scale, seconds
+    make distill RUN=<run>
+
+Reads `outputs/<run>/data/` (tokenizer, reasoning train/test) and the newest checkpoint of `outputs/<run>/rl/`
+(the teacher; when the run has no rl/ stage the newest of sft/ is used instead and the reason is printed); writes
+`outputs/<run>/distill/`: traces/ (`datasets` directory + provenance.json), checkpoints/ (the student, DCP, with
+model_config.json), metrics.jsonl, traces.jsonl (a sample table), manifest.json and the W&B run.
+
+DeepSeek-R1 (section 4.1) found that distilling R1's outputs into small dense models beats running large-scale RL
+on those small models directly: the small model inherits reasoning patterns its own exploration would not find.
+The stage reproduces that pipeline at our scale:
+
+1. Teacher traces (distill/traces.py): K samples per training prompt from the RL checkpoint; rejection sampling
+   keeps the correct, well-formatted, finished ones; the set is saved with its provenance (teacher checkpoint hash,
+   sampling settings, acceptance rate) and logged as a W&B artifact. An existing trace set with the same
+   provenance key (teacher hash, inputs, sampling settings, seed) is reused, so a re-run after a crash in student
+   training does not sample again. A teacher with no correct answer stops the stage with a clear error (the smoke
+   experiment, whose micro teacher is untrained, sets `traces.fallback_to_reference` instead).
+2. Student (distill/student.py): the dense `student` preset, vocabulary from the tokenizer, trained from scratch by
+   SFT on the traces; with `kd_mode=online|topk` also by forward KL to the teacher's softened logits.
+3. Metrics: as in SFT (loss, CE, grad norm, tokens/s), the acceptance rate, the student's held-out accuracy every
+   `eval_every` steps, and at the end the teacher's and the student's held-out accuracies (greedy, same prompts,
+   same grader), their ratio, and both models' activated parameters per token (model.info) and their ratio.
+
+Where this departs from R1: R1's students are pretrained LLMs fine-tuned on 800k samples; ours starts from random
+weights and sees a few thousand traces of procedurally generated arithmetic and Countdown tasks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from distill.config import DistillConfig
+from distill.student import train_student
+from distill.traces import build_traces, load_traces, read_provenance, sampling_settings, trace_key
+from model.config import ModelConfig, load_preset
+from model.info import model_info
+from pipeline.config import Config, as_dict, to_config
+from pipeline.io import hash_path
+from pipeline.seed import seed_everything
+from pipeline.stage import StageRun
+from train.checkpoint import CheckpointManager, read_model_config
+from train.grpo import evaluate_accuracy, load_policy
+from train.runtime import build_model, device_for, dist_info
+
+STAGE = "distill"
+
+
+def resolve_teacher(run_dir: Path, d: DistillConfig) -> tuple[Path, str]:
+    """(checkpoint, where it came from): the configured path, else the newest RL checkpoint, else the newest SFT one
+    (printed with the reason)."""
+    if d.teacher != "auto":
+        path = Path(d.teacher)
+        if not path.is_dir():
+            raise FileNotFoundError(f"distill.teacher={d.teacher!r}: no checkpoint directory there")
+        return path, "configured"
+    for stage in ("rl", "sft"):
+        found = CheckpointManager(run_dir / stage / "checkpoints", keep_last=0).checkpoints() if (
+            run_dir / stage / "checkpoints").is_dir() else []  # fmt: skip
+        if found:
+            if stage == "sft":
+                print(f"distill: no RL checkpoint under {run_dir / 'rl' / 'checkpoints'}; using the newest SFT "
+                      f"checkpoint {found[-1]} as the teacher")  # fmt: skip
+            return found[-1], stage
+    raise FileNotFoundError(f"no teacher: no checkpoint under {run_dir / 'rl'} or {run_dir / 'sft'} (run rl first)")
+
+
+def build_student(d: DistillConfig, vocab_size: int, precision: str, backend: str, device) -> tuple:
+    """The student model and its config: the preset with the tokenizer's vocabulary, or a student checkpoint."""
+    if d.student_init == "scratch":
+        mcfg = load_preset(d.student, vocab_size=vocab_size)
+        return build_model(mcfg, precision, backend, device), mcfg
+    init = Path(d.student_init)
+    mcfg = ModelConfig(**read_model_config(init))
+    model = build_model(mcfg, precision, backend, device)
+    CheckpointManager(init.parent, keep_last=0).load(init, model, restore_rng=False)
+    return model, mcfg
+
+
+def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source: str) -> dict:
+    from datasets import load_from_disk
+
+    from data.tokenizer import load_tokenizer
+
+    d = cfg.distill.validate()
+    info = dist_info()
+    device = device_for(info)
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    tok = load_tokenizer(paths["tokenizer"])
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    ds = load_from_disk(str(paths["reasoning"]))
+    train_rows = ds["train"].to_list()[: d.traces.n_prompts or None]
+    test_rows = ds["test"].to_list()[: d.eval_n]
+    if not train_rows:
+        raise ValueError(f"the reasoning train split at {paths['reasoning']} is empty")
+    teacher, tcfg = load_policy(paths["teacher"], cfg.precision, cfg.kernels.backend, device)
+    if d.kd_mode != "none" and tcfg.vocab_size != vocab:
+        raise ValueError(f"logit distillation needs the teacher's vocabulary ({tcfg.vocab_size}) to equal the "
+                         f"tokenizer's ({vocab}), which the student uses")  # fmt: skip
+    tracker = stage.tracker
+
+    # ---- 1. teacher traces (reused when an identical trace set exists)
+    traces_dir = stage.dir / "traces"
+    identity = {
+        "teacher_checkpoint": str(paths["teacher"]),
+        "teacher_source": teacher_source,
+        "teacher_hash": hash_path(paths["teacher"]),
+        "tokenizer_hash": hash_path(paths["tokenizer"]),
+        "reasoning_hash": hash_path(paths["reasoning"]),
+        "precision": cfg.precision,
+    }
+    existing = read_provenance(traces_dir)
+    if existing is not None and trace_key(existing) == trace_key(identity | sampling_settings(d.traces, cfg.run.seed)):
+        traces, provenance = load_traces(traces_dir)
+        print(f"distill: reusing {len(traces)} traces in {traces_dir} (same teacher, inputs and sampling)")
+    else:
+        traces, provenance = build_traces(teacher, tok, train_rows, d.traces, provenance=identity, out_dir=traces_dir,
+                                          seed=cfg.run.seed, precision=cfg.precision)  # fmt: skip
+    stats = provenance["stats"]
+    print(f"distill: {stats['accepted']} traces, acceptance rate {stats['acceptance_rate']:.3f} "
+          f"({stats['correct']}/{stats['samples']} samples correct)")  # fmt: skip
+    tracker.log_artifact(traces_dir, name=f"{cfg.run.name}-distill-traces", type="traces", metadata=provenance)
+    sample = traces[:: max(1, len(traces) // 8)][:8]
+    tracker.log_table("traces", ["source_id", "prompt", "completion"],
+                      [[r["source_id"], r["prompt"], r["completion"]] for r in sample], step=0)  # fmt: skip
+
+    # ---- teacher's held-out accuracy (the reference for the student's)
+    teacher_eval = {}
+    if test_rows:
+        ev = evaluate_accuracy(teacher, tok, test_rows, max_new_tokens=d.eval_max_new_tokens, precision=cfg.precision)
+        teacher_eval = {"teacher_eval_accuracy": ev["accuracy"], "teacher_eval_format_rate": ev["format_rate"]}
+    tracker.log({"acceptance_rate": stats["acceptance_rate"], "n_traces": stats["accepted"],
+                 "prompt_coverage": stats["prompt_coverage"], **teacher_eval}, step=0)  # fmt: skip
+    if d.kd_mode != "online":
+        del teacher  # not needed for SFT or cached top-k distillation: free it before the student trains
+        teacher = None
+
+    # ---- 2. the student
+    student, scfg = build_student(d, vocab, cfg.precision, cfg.kernels.backend, device)
+    t_act, s_act = model_info(tcfg).activated, model_info(scfg).activated
+    print(f"distill: teacher {t_act:,} activated parameters per token, student {s_act:,} ({s_act / t_act:.3f}x)")
+    result = train_student(student, tok, traces, test_rows, d, ckpt_dir=stage.dir / "checkpoints",
+                           model_config=asdict(scfg), tracker=tracker, teacher=teacher, precision=cfg.precision,
+                           seed=cfg.run.seed, progress=info.is_main)  # fmt: skip
+
+    # ---- 3. the comparison the issue asks for
+    out = {**result, **teacher_eval, "acceptance_rate": stats["acceptance_rate"], "n_traces": stats["accepted"],
+           "prompt_coverage": stats["prompt_coverage"], "teacher_source": teacher_source,
+           "teacher_activated_params": t_act, "student_activated_params": s_act,
+           "activated_params_ratio": s_act / t_act}  # fmt: skip
+    if teacher_eval and "eval_accuracy" in result:
+        t_acc = teacher_eval["teacher_eval_accuracy"]
+        out["accuracy_ratio"] = result["eval_accuracy"] / t_acc if t_acc > 0 else None  # undefined at 0
+        print(f"distill: held-out accuracy teacher {t_acc:.3f}, student {result['eval_accuracy']:.3f} "
+              f"(ratio {out['accuracy_ratio']}) with {s_act / t_act:.3f}x the activated parameters")  # fmt: skip
+    return out
+
+
+def run(cfg: Config) -> dict:
+    from data.prepare import stage_outputs
+
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    data = stage_outputs(run_dir / "data")
+    teacher, source = resolve_teacher(run_dir, cfg.distill)
+    paths = {"tokenizer": data["tokenizer"], "reasoning": data["reasoning"], "teacher": teacher}
+    config = {"distill": as_dict(cfg.distill), "precision": cfg.precision, "kernels": as_dict(cfg.kernels),
+              "seed": cfg.run.seed, "teacher_source": source}  # fmt: skip
+    info = dist_info()
+    stage = StageRun(cfg, STAGE, config=config, inputs=paths, rank=info.rank)
+    if stage.up_to_date():
+        return stage.previous_metrics()
+    with stage:
+        result = distill(cfg, stage, paths, source)
+        outputs = {"traces": stage.dir / "traces", "checkpoint": Path(result["checkpoint"])}
+        return stage.finish(outputs=outputs, metrics=result)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(dcfg: DictConfig) -> None:
+    print(json.dumps(run(to_config(dcfg)), indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
