@@ -10,10 +10,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def pytest_collection_modifyitems(config, items):
+def _cuda_available() -> bool:
     import torch
 
-    if torch.cuda.is_available():
+    return torch.cuda.is_available()
+
+
+# `@triton.jit` chooses between the CPU interpreter and the GPU compiler when a kernel module is first imported, and
+# any test folder may import kernels first (tests/dist does, through train/): decide before anything is collected.
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
     for item in items:
