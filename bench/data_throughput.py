@@ -20,16 +20,14 @@ no less than half the raw encode rate. Results append to bench/results/data_thro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from bench.common import commit, machine
 from data.config import FilterConfig, SourceConfig
 from data.filters import filter_batch
 from data.pack import ShardWriter, tokenize_batch
@@ -78,22 +76,6 @@ def pipeline(texts: list[str], langs: list[str], tok, fim_rate: float, out_dir: 
         for ids in out["ids"]:
             writer.add(ids)
     writer.close(seq_len=256)
-
-
-def machine() -> str:
-    cpu = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return f"{platform.node()} | {cpu or platform.processor()} | {os.cpu_count()} cpus"
-
-
-def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:

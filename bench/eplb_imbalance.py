@@ -20,12 +20,12 @@ import csv
 import datetime
 import json
 import platform
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.common import commit as git_commit
 from train.parallel.eplb import gpu_loads, imbalance, rebalance_experts
 
 RESULTS = Path(__file__).parent / "results" / "eplb.csv"
@@ -61,14 +61,6 @@ def synthetic_loads(layers: int, experts: int, tokens: int, top_k: int, s: float
         draws = torch.multinomial(p, tokens * top_k, replacement=True, generator=g)
         rows.append(torch.bincount(draws, minlength=experts).double())
     return torch.stack(rows)
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        return sha.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> dict:

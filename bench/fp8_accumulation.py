@@ -37,11 +37,11 @@ import argparse
 import csv
 import datetime as dt
 import platform
-import subprocess
 from pathlib import Path
 
 import torch
 
+from bench.common import commit as git_commit
 from kernels.reference import act_quant_ref, cast_to_e4m3, weight_quant_ref
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,14 +107,6 @@ def run_once(
     out["fp32"] = errors(fp32, exact)
     out["quant_vs_exact"] = errors(exact.float(), a.double() @ b.double().T)
     return out
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return sha.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:

@@ -36,7 +36,6 @@ import csv
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -45,6 +44,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench.common import commit as git_commit
+from bench.common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV_PATH = ROOT / "bench" / "results" / "model_vs_hf.csv"
@@ -90,27 +92,6 @@ def tiny_config(mtp: bool):
     if not mtp:
         fields["num_nextn_predict_layers"] = 0
     return ModelConfig(**fields).validate()
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()} | {cpu} | {os.cpu_count()} cpus"
 
 
 def maxrss_mib() -> float:

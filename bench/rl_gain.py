@@ -18,22 +18,14 @@ import csv
 import datetime
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from bench.common import commit as git_commit
+
 RESULTS = Path(__file__).parent / "results" / "rl_gain.csv"
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def stage_wall_time(stage_dir: Path) -> float | None:
