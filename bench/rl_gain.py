@@ -6,7 +6,7 @@
 
 Both checkpoints (the newest of `sft/checkpoints/` and of `rl/checkpoints/`) are scored on the `test` split of
 `data/reasoning` with `train.grpo.evaluate_accuracy`: the same chat template, the same generation engine, and the
-grader whose score GRPO optimized (`train.grpo.correctness_reward`: numeric match for arithmetic, the Countdown
+grader whose score GRPO optimized (`eval.graders.task_reward`: numeric match for arithmetic, the Countdown
 expression verified by rule). Prints both accuracies and the difference (points, absolute), and appends one row to
 bench/results/rl_gain.csv with machine, commit and date, plus the stages' wall times from their manifests.
 """

@@ -185,8 +185,30 @@ def code_reward(
 
 RewardFn = Callable[..., list[float]]
 
+def task_reward(
+    completions: Sequence[str], kinds: Sequence[str], answers: Sequence[str], metas: Sequence[str], **kw
+) -> list[float]:
+    """1.0 when the last `<answer>` is right for its task kind: Countdown expressions are checked by
+    `data.reasoning.verify` (the target reached with the given numbers, each used at most once), every other kind
+    by the numeric-aware `answer` reward. This is the correctness that GRPO optimizes and evaluation reports."""
+    from data.reasoning import verify
+
+    n = len(completions)
+    for name, seq in (("kinds", kinds), ("answers", answers), ("metas", metas)):
+        if len(seq) != n:
+            raise ValueError(f"{name} has {len(seq)} entries for {n} completions")
+    scores = []
+    for c, kind, ans, meta in zip(completions, kinds, answers, metas):
+        if kind == "countdown":
+            scores.append(float(verify(kind, extract_answer(c), ans, meta)))
+        else:
+            scores.append(answer_reward([c], answers=[ans])[0])
+    return scores
+
+
 REWARDS: dict[str, RewardFn] = {
     "answer": answer_reward,
+    "task": task_reward,
     "format": format_reward,
     "length": length_penalty,
     "code": code_reward,

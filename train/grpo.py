@@ -75,9 +75,8 @@ from omegaconf import DictConfig
 from torch import Tensor
 from tqdm import tqdm
 
-from data.reasoning import verify
 from data.tokenizer import load_tokenizer
-from eval.graders import extract_answer, get_reward, score_safely
+from eval.graders import get_reward, score_safely, task_reward
 from model.config import ModelConfig
 from model.generate import generate
 from pipeline.config import Config, as_dict, stage_dir, to_config
@@ -100,26 +99,6 @@ class TrainingError(RuntimeError):
 # ------------------------------------------------------------------------------------------------ rewards
 
 
-def correctness_reward(
-    completions: list[str], kinds: list[str], answers: list[str], metas: list[str], **kw
-) -> list[float]:
-    """1.0 when the last `<answer>` is right for its task kind: Countdown expressions are checked by
-    `data.reasoning.verify` (the target reached with the given numbers), every other kind by the graders'
-    numeric-aware `answer` reward. open-r1 shape, so `score_safely` can call it."""
-    n = len(completions)
-    for name, seq in (("kinds", kinds), ("answers", answers), ("metas", metas)):
-        if len(seq) != n:
-            raise ValueError(f"{name} has {len(seq)} entries for {n} completions")
-    answer_reward = get_reward("answer")
-    scores = []
-    for c, kind, ans, meta in zip(completions, kinds, answers, metas):
-        if kind == "countdown":
-            scores.append(float(verify(kind, extract_answer(c), ans, meta)))
-        else:
-            scores.append(answer_reward([c], answers=[ans])[0])
-    return scores
-
-
 @dataclass
 class Scores:
     reward: list[float]
@@ -131,7 +110,7 @@ class Scores:
 def score_completions(completions: list[str], rows: list[dict], format_weight: float) -> Scores:
     """reward = correct + format_weight * format for each completion of the matching task row."""
     correct, err_c = score_safely(
-        correctness_reward,
+        task_reward,
         completions,
         kinds=[r["kind"] for r in rows],
         answers=[r["answer"] for r in rows],

@@ -202,10 +202,10 @@ def test_code_reward_without_entry_point_runs_plain_asserts():
 
 
 def test_registry():
-    assert set(REWARDS) == {"answer", "format", "length", "code"}
+    assert set(REWARDS) == {"answer", "format", "length", "code", "task"}
     for name, fn in REWARDS.items():
         assert get_reward(name) is fn
-    with pytest.raises(ValueError, match="unknown reward 'acuracy'.*answer, code, format, length"):
+    with pytest.raises(ValueError, match="unknown reward 'acuracy'.*answer, code, format, length, task"):
         get_reward("acuracy")
 
 
@@ -240,3 +240,25 @@ def test_score_safely_passes_per_sample_lists_and_shared_values():
     assert scores == [0.5, 0.0, 0.5] and n_errors == 1
     assert seen == [("a", "A", 0.5), ("boom", "B", 0.5), ("c", "C", 0.5)]
     assert all(math.isfinite(s) for s in scores)
+
+
+def test_task_reward_dispatches_on_the_task_kind():
+    import json
+
+    from eval.graders import get_reward
+
+    task = get_reward("task")
+    meta = json.dumps({"numbers": [3, 5, 7], "target": 22, "solution": "3*5+7"})
+    completions = [
+        "<think>7 + 5 = 12</think><answer>12</answer>",  # arithmetic, right
+        "<think>7 + 5 = 13</think><answer>13</answer>",  # arithmetic, wrong
+        "<think>3*5=15, 15+7=22</think><answer>3*5+7</answer>",  # countdown, right expression
+        "<think>reuse</think><answer>3*5+7+7-7</answer>",  # countdown, a number used twice
+        "<think>no tags at the end",  # no answer at all
+    ]
+    kinds = ["arith", "arith", "countdown", "countdown", "arith"]
+    answers = ["12", "12", "22", "22", "12"]
+    metas = ["{}", "{}", meta, meta, "{}"]
+    assert task(completions, kinds=kinds, answers=answers, metas=metas) == [1.0, 0.0, 1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="kinds has 1 entries for 2 completions"):
+        task(["a", "b"], kinds=["arith"], answers=["1", "2"], metas=["{}", "{}"])
