@@ -185,6 +185,7 @@ def code_reward(
 
 RewardFn = Callable[..., list[float]]
 
+
 def task_reward(
     completions: Sequence[str], kinds: Sequence[str], answers: Sequence[str], metas: Sequence[str], **kw
 ) -> list[float]:
