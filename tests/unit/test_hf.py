@@ -116,8 +116,6 @@ def preset_config(path: Path) -> ModelConfig:
 @pytest.fixture(scope="module", params=[*CASES, "tiny_preset"])
 def exported(request, tmp_path_factory):
     if request.param == "tiny_preset":  # the exact shape of conf/model/tiny.yaml (16 experts, 4 groups, MTP)
-        if not TINY_PRESET.exists():
-            pytest.skip(f"{TINY_PRESET} not present")
         cfg = preset_config(TINY_PRESET)
     else:
         cfg = tiny_config(**CASES[request.param])
