@@ -204,8 +204,9 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelM
             (loss / accum).backward()
             sums["loss"] += float(loss.detach()) / accum
             sums["ce"] += float(out.ce_loss.detach()) / accum
-            sums["mtp"] += float(out.mtp_loss.detach()) / accum
-            sums["balance"] += float(out.balance_loss.detach()) / accum
+            for key, part in (("mtp", out.mtp_loss), ("balance", out.balance_loss)):
+                if part is not None:  # None: the model has no MTP module / no MoE layer
+                    sums[key] += float(part.detach()) / accum
             if n_moe:
                 load += out.expert_load_LE.detach().float().cpu()
         if dp.size > 1:  # every rank logs and decides on the data-parallel mean; one bias update for all
