@@ -16,8 +16,17 @@ How it works, step by step:
 
 Output order is prompt-major: prompt 0 samples 0..n-1, prompt 1 samples 0..n-1, ...
 
+**Expert replicas (EPLB).** With `placement=phy2log` (an EPLB placement from `train.parallel.eplb`: per MoE layer,
+the logical expert held by each physical slot; slot p lives on GPU p // (P / num_gpus)), every MoE layer's
+(token, expert) requests are sent to physical slots with `replica_router` (the j-th request for an expert goes to
+its replica j mod count, counted across the whole call), and the engine returns how many requests each slot served
+(`slot_load_XP`) beside the logical loads (`expert_load_XE`). This is the dispatch decision of an expert-parallel
+server, taken and counted on one device: a replica shares its logical expert's weights (nothing is copied), so the
+tokens and logits are exactly those of generation without a placement. Every row the MoE layers compute counts,
+the left padding of the prefill included; MTP modules do not run while decoding, so their rows stay zero.
+
 Legend: B prompts, R = B * n output rows, A rows still active, L longest prompt, S key positions (cached + new),
-V vocabulary, N max new tokens.
+V vocabulary, N max new tokens; X MoE layers (`model.moe_layers()` order), E logical experts, P physical slots.
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ class GenerationOutput:
     num_generated_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    expert_load_XE: Tensor | None = None  # with a placement: requests per logical expert, per MoE layer (int64)
+    slot_load_XP: Tensor | None = None  # with a placement: requests served by each physical slot (sums to the above)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -62,6 +73,51 @@ def left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Te
         mask_BL[b, L - len(p) :] = True
     pos_BL = (mask_BL.long().cumsum(-1) - 1).clamp(min=0)
     return ids_BL.to(device), mask_BL.to(device), pos_BL.to(device)
+
+
+class ReplicaDispatch:
+    """Sends each MoE layer's requests to the physical slots of an EPLB placement and counts them, while attached.
+
+    It observes the router's choice (a forward hook on every `moe.gate`, removed by `detach`), so the model code and the
+    training path are untouched and generation without a placement pays nothing.
+    """
+
+    def __init__(self, model: torch.nn.Module, phy2log_XP: Tensor) -> None:
+        from train.parallel.eplb import replica_router, slot_tables
+
+        self.moes = list(model.moe_layers())
+        E = model.config.n_routed_experts
+        phy2log_XP = torch.as_tensor(phy2log_XP, dtype=torch.long)
+        if phy2log_XP.dim() != 2 or phy2log_XP.shape[0] != len(self.moes):
+            raise ValueError(
+                f"placement must be phy2log [MoE layers={len(self.moes)}, slots], got shape {tuple(phy2log_XP.shape)}"
+            )
+        log2phy_XER, logcnt_XE = slot_tables(phy2log_XP, E)
+        device = next(model.parameters()).device
+        X, P = phy2log_XP.shape
+        self.routes = [replica_router(log2phy_XER[x].to(device), logcnt_XE[x].to(device)) for x in range(X)]
+        self.expert_load_XE = torch.zeros(X, E, dtype=torch.long, device=device)
+        self.slot_load_XP = torch.zeros(X, P, dtype=torch.long, device=device)
+        self.handles: list = []
+
+    def _hook(self, x: int) -> Callable:
+        E, P = self.expert_load_XE.shape[1], self.slot_load_XP.shape[1]
+
+        def count(_module: torch.nn.Module, _inputs: tuple, output: tuple[Tensor, Tensor, Tensor]) -> None:
+            topk_idx_NK = output[0]
+            slot_NK = self.routes[x](topk_idx_NK, self.expert_load_XE[x])
+            self.expert_load_XE[x] += torch.bincount(topk_idx_NK.reshape(-1), minlength=E)
+            self.slot_load_XP[x] += torch.bincount(slot_NK.reshape(-1), minlength=P)
+
+        return count
+
+    def attach(self) -> None:
+        self.handles = [moe.gate.register_forward_hook(self._hook(x)) for x, moe in enumerate(self.moes)]
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 def _sync(device: torch.device) -> None:
@@ -97,12 +153,15 @@ def generate(
     seed: int | None = None,
     return_logprobs: bool = False,
     stream: StreamFn | None = None,
+    placement: Tensor | None = None,
 ) -> GenerationOutput:
     """Sample `n_samples` continuations of each prompt with a latent KV cache (see the module docstring).
 
     `model` is a `model.transformer.DeepseekV3`; temperature 0 (or top_k 1) is greedy; `seed` seeds a
     `torch.Generator` so that the same call draws the same tokens; `stream(sample_index, token_id)` is called for
-    every token as soon as it is drawn (the chat CLI prints with it).
+    every token as soon as it is drawn (the chat CLI prints with it). `placement` (phy2log [MoE layers, slots], e.g.
+    from `train.parallel.eplb.rebalance_experts`) routes expert requests to replicas and fills the output's
+    `expert_load_XE` / `slot_load_XP` (see the module docstring); it never changes the tokens.
     """
     cfg = model.config
     _check_args(prompts, n_samples, max_new_tokens, cfg.vocab_size)
@@ -115,9 +174,12 @@ def generate(
         generator.manual_seed(seed)
     stop_S = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
 
+    dispatch = ReplicaDispatch(model, placement) if placement is not None else None
     was_training = model.training
     model.eval()
     try:
+        if dispatch is not None:
+            dispatch.attach()
         ids_BL, mask_BS, pos_BL = left_pad(prompts, device)
         B, L = ids_BL.shape
         R = B * n_samples
@@ -168,6 +230,8 @@ def generate(
         t2 = time.perf_counter()
     finally:
         model.train(was_training)
+        if dispatch is not None:
+            dispatch.detach()
 
     lengths = lengths_R.tolist()
     tokens = [row[:n] for row, n in zip(tokens_RN.tolist(), lengths)]
@@ -178,4 +242,6 @@ def generate(
         num_generated_tokens=sum(lengths),
         prefill_seconds=t1 - t0,
         decode_seconds=t2 - t1,
+        expert_load_XE=dispatch.expert_load_XE.cpu() if dispatch is not None else None,
+        slot_load_XP=dispatch.slot_load_XP.cpu() if dispatch is not None else None,
     )

@@ -11,6 +11,7 @@ from train.parallel.eplb import (
     rebalance_experts,
     replica_router,
     replicate_experts,
+    slot_tables,
 )
 
 # (experts, groups, nodes, gpus, physical slots); the first ones use the hierarchical policy, the last the global one
@@ -116,6 +117,40 @@ def test_replica_router_round_robin() -> None:
         replica_router(log2phy, logcnt)
 
 
+def test_replica_router_spreads_each_expert_evenly_across_calls() -> None:
+    """One token per call (decode with batch 1): round robin per expert, continued with the caller's counts."""
+    phy2log, log2phy, logcnt = rebalance_experts(torch.tensor([[10.0, 1.0, 1.0, 1.0]]), 6, 1, 1, 2)
+    route = replica_router(log2phy[0], logcnt[0])
+    seen_E = torch.zeros(4, dtype=torch.long)
+    served_P = torch.zeros(6, dtype=torch.long)
+    for _ in range(9):
+        topk_idx_NK = torch.tensor([[0, 1]])
+        served_P += torch.bincount(route(topk_idx_NK, seen_E).flatten(), minlength=6)
+        seen_E += torch.bincount(topk_idx_NK.flatten(), minlength=4)
+    assert served_P[phy2log[0] == 0].tolist() == [3, 3, 3], "9 requests for expert 0 over its 3 replicas"
+    assert served_P[phy2log[0] == 1].tolist() == [9]
+
+
+def test_slot_tables_and_forced_policies() -> None:
+    weight = zipf_loads(2, 16, seed=2)
+    for policy in ("hierarchical", "global"):
+        phy2log, _, logcnt = rebalance_experts(weight, 20, 4, 2, 4, policy=policy)
+        log2phy, cnt = slot_tables(phy2log, 16)
+        assert torch.equal(cnt, logcnt)
+        for x in range(2):
+            for e in range(16):
+                mine = log2phy[x, e][log2phy[x, e] >= 0]
+                assert len(mine) == cnt[x, e] and (phy2log[x, mine] == e).all()
+    log2phy, cnt = slot_tables(torch.arange(16).expand(2, 16), 16)  # identity: one slot each
+    assert (cnt == 1).all() and torch.equal(log2phy[..., 0], torch.arange(16).expand(2, 16))
+    with pytest.raises(ValueError, match="at least one physical slot"):
+        slot_tables(torch.zeros(1, 16, dtype=torch.long), 16)
+    with pytest.raises(ValueError, match="hierarchical policy needs"):
+        rebalance_experts(weight, 24, 4, 3, 6, policy="hierarchical")
+    with pytest.raises(ValueError, match="policy must be"):
+        rebalance_experts(weight, 20, 4, 2, 4, policy="greedy")
+
+
 def test_rejects_impossible_shapes() -> None:
     w = torch.ones(2, 16)
     with pytest.raises(ValueError, match="num_replicas"):
@@ -128,28 +163,44 @@ def test_rejects_impossible_shapes() -> None:
         rebalance_experts(-w, 16, 4, 2, 4)
 
 
-def test_bench_reads_trainer_metrics(tmp_path) -> None:
-    """bench/eplb_imbalance.py on a metrics.jsonl as the trainer writes it (expert_load: [layers][experts] per
-    logged step, summed over steps) and on an .npy array; one CSV row each."""
+def test_bench_picks_recorded_loads_and_plans_out_of_sample(tmp_path) -> None:
+    """bench/eplb_imbalance.py on a run directory as the trainer writes it: cumulative expert_load.npy when there is
+    one, else the last eval step of metrics.jsonl (one step's [layers][experts] per eval line); with two eval steps it
+    also plans on step s and measures on step s + 1. One CSV row per layout and mode."""
     import json
 
     import numpy as np
 
     from bench.eplb_imbalance import load_expert_loads, main
 
-    loads = zipf_loads(2, 16, seed=5).round()
-    lines = [{"step": 1, "loss": 3.0, "expert_load": (loads / 2).tolist()}, {"step": 2, "loss": 2.9}]
-    lines.append({"step": 3, "expert_load": (loads / 2).tolist()})
-    metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("\n".join(json.dumps(line) for line in lines))
-    assert torch.equal(load_expert_loads(metrics), loads)
-    np.save(tmp_path / "loads.npy", loads.numpy())
-    out = tmp_path / "eplb.csv"
-    row = main(
-        ["--loads", str(metrics), "--gpus", "4", "--nodes", "2", "--groups", "4", "--redundant", "4", "--out", str(out)]
-    )
-    main(["--loads", str(tmp_path / "loads.npy"), "--gpus", "4", "--nodes", "1", "--groups", "1", "--out", str(out)])
-    rows = out.read_text().strip().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("date,machine,commit,source")
-    assert row["policy"] == "hierarchical" and row["physical"] == 20
-    assert row["imbalance_after_max"] <= row["imbalance_before_max"]
+    early, late = zipf_loads(2, 16, seed=5).round(), zipf_loads(2, 16, seed=6).round()
+    lines = [{"step": 10, "loss": 3.0, "expert_load": early.tolist()}, {"step": 15, "loss": 2.9}]
+    lines.append({"step": 20, "expert_load": late.tolist()})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    loads, what = load_expert_loads(run)
+    assert torch.equal(loads, late) and "last eval step (20)" in what
+    np.save(run / "expert_load.npy", (early + late).numpy())
+    loads, what = load_expert_loads(run)
+    assert torch.equal(loads, early + late) and what.startswith("cumulative")
+
+    rows = main(["--loads", str(run), "--gpus", "4", "--nodes", "2", "--groups", "4", "--redundant", "4",
+                 "--result", "test_eplb_tmp"])  # fmt: skip
+    from bench.common import RESULTS_DIR
+
+    csv_path = RESULTS_DIR / "test_eplb_tmp.csv"
+    try:
+        lines = csv_path.read_text().strip().splitlines()
+    finally:
+        csv_path.unlink()
+    assert len(lines) == 3 and lines[0].startswith("date,machine,commit,source,mode")
+    assert [r["mode"] for r in rows] == ["in_sample", "next_eval_step"] and rows[0]["physical"] == 20
+    for r in rows:
+        assert len(r["before_layers"].split("/")) == 2
+        assert r["global_mean"] <= r["before_mean"] if r["mode"] == "in_sample" else r["global_mean"] > 0
+    assert rows[1]["plan_loads"] == "eval step s in (10)" and "(20)" in rows[1]["measure_loads"]
+    synth = main(["--gpus", "8", "--nodes", "2", "--redundant", "8", "--experts", "32", "--layers", "2",
+                  "--result", "test_eplb_tmp"])  # fmt: skip
+    csv_path.unlink()
+    assert synth[0]["source"] == "SYNTHETIC" and synth[0]["global_mean"] < synth[0]["before_mean"]

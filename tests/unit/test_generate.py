@@ -265,3 +265,68 @@ def test_chat_turn_streams_what_it_generates(model):
     eos = {tok.token_to_id(EOS), model.config.eos_token_id}
     assert buf.getvalue() == reply == tok.decode([t for t in res.tokens[0] if t not in eos])
     assert res.tokens[0] == generate(model, [prompt], max_new_tokens=10, temperature=0.0, stop_token_ids=eos).tokens[0]
+
+
+# ------------------------------------------------------------------------------------------------ EPLB replicas
+
+
+@pytest.fixture(scope="module")
+def skewed_model(model) -> DeepseekV3:
+    """The test model with a router bias that favours the low-numbered experts: a few experts run hot."""
+    m = DeepseekV3(model.config)
+    m.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for moe in m.moe_layers():
+            moe.gate.e_score_correction_bias.copy_(torch.linspace(0.6, 0.0, moe.n_routed_experts))
+    return m.eval()
+
+
+def test_placement_routes_to_replicas_without_changing_tokens(skewed_model):
+    from train.parallel.eplb import gpu_loads, imbalance, rebalance_experts
+
+    m, E, gpus = skewed_model, skewed_model.config.n_routed_experts, 4
+    X = len(list(m.moe_layers()))
+    identity_XP = torch.arange(E).expand(X, E)
+    plain = generate(m, PROMPTS, max_new_tokens=10, temperature=0.0)
+    seen = []  # the model's own per-forward expert counts, to check the engine's logical loads against
+    orig = m.forward
+
+    def recording_forward(*a, **kw):
+        out = orig(*a, **kw)
+        seen.append(out.expert_load_LE)
+        return out
+
+    m.forward = recording_forward
+    try:
+        ident = generate(m, PROMPTS, max_new_tokens=10, temperature=0.0, placement=identity_XP)
+    finally:
+        del m.forward
+    assert ident.tokens == plain.tokens and plain.slot_load_XP is None
+    n_main = seen[0].shape[0]  # MTP's MoE does not run while decoding: its row stays zero
+    assert torch.equal(ident.expert_load_XE[:n_main].float(), torch.stack(seen).sum(0))
+    assert (ident.expert_load_XE[n_main:] == 0).all() and torch.equal(ident.slot_load_XP, ident.expert_load_XE)
+
+    # plan on the loads of these prompts, serve OTHER prompts with the placement: 4 redundant slots on 4 GPUs
+    phy2log, _, logcnt = rebalance_experts(ident.expert_load_XE.double() + 1, E + 4, 2, 1, gpus)
+    others = [[3, 9, 27, 81, 50], [11, 12, 13], [90, 45, 22, 11, 5, 2]]
+    plain2 = generate(m, others, max_new_tokens=10, temperature=0.0)
+    out = generate(m, others, max_new_tokens=10, temperature=0.0, placement=phy2log)
+    assert out.tokens == plain2.tokens, "replicas share their expert's weights: the tokens cannot change"
+    by_expert = torch.zeros_like(out.expert_load_XE).scatter_add_(1, phy2log, out.slot_load_XP)
+    assert torch.equal(by_expert, out.expert_load_XE), "per-slot loads must sum to the logical loads"
+    # round robin per expert: every replica of an expert serves its share, within one request
+    share = out.expert_load_XE.double() / logcnt
+    assert ((out.slot_load_XP - share.gather(1, phy2log)).abs() < 1).all()
+    before = imbalance(out.expert_load_XE[:n_main].view(n_main, gpus, -1).sum(-1))
+    after = imbalance(out.slot_load_XP[:n_main].view(n_main, gpus, -1).sum(-1))
+    assert before.min() > 1.3, f"the skewed model should load its GPUs unevenly, got {before.tolist()}"
+    assert (after < before).all(), f"identity {before.tolist()} vs EPLB {after.tolist()}"
+    planned = imbalance(gpu_loads(out.expert_load_XE[:n_main], phy2log[:n_main], logcnt[:n_main], gpus))
+    assert torch.allclose(after, planned, atol=0.05), "served loads match EPLB's equal-share model"
+
+
+def test_placement_rejects_wrong_shape(model):
+    with pytest.raises(ValueError, match="placement must be phy2log"):
+        generate(model, PROMPTS, max_new_tokens=2, placement=torch.arange(8)[None])
+    with pytest.raises(ValueError, match="at least one physical slot"):
+        generate(model, PROMPTS, max_new_tokens=2, placement=torch.zeros(2, 8, dtype=torch.long))

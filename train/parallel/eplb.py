@@ -28,7 +28,10 @@ Outputs, per layer (the same kind of mapping as the reference implementation):
   logcnt  [X, E]: how many replicas each logical expert has (>= 1; sums to P).
 
 ``replica_router`` turns one layer's mapping into the function a generation engine uses to send each
-(token, expert) to one of the replicas, round-robin by token index.
+(token, expert) request to one of the expert's replicas: the j-th request an expert receives goes to replica
+j mod logcnt, so every replica serves an equal share (within one request) of its expert's tokens, which is what the
+placement assumed. ``model.generate.generate(..., placement=phy2log)`` routes with it and counts per-slot loads;
+``slot_tables`` rebuilds (log2phy, logcnt) from any phy2log (one from this module, or the identity placement).
 
 Legend: X layers, E logical experts, P physical slots, G groups, R max replicas, N tokens, K experts per token.
 """
@@ -47,7 +50,10 @@ __all__ = [
     "rebalance_experts",
     "replica_router",
     "replicate_experts",
+    "slot_tables",
 ]
+
+POLICIES = ("auto", "hierarchical", "global")
 
 
 def balanced_packing(weight_XI: Tensor, num_packs: int) -> tuple[Tensor, Tensor]:
@@ -137,13 +143,16 @@ def _hierarchical(
 
 
 def rebalance_experts(
-    weight: Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+    weight: Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, policy: str = "auto"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """EPLB entry point: loads ``weight`` [X, E] (or [E]) -> (phy2log [X, P], log2phy [X, E, R], logcnt [X, E]).
 
-    ``num_replicas`` = P physical slots (a multiple of ``num_gpus``, at least E). Uses the hierarchical policy when
-    ``num_nodes`` divides ``num_groups``, the global policy otherwise. Raises ValueError for impossible shapes.
+    ``num_replicas`` = P physical slots (a multiple of ``num_gpus``, at least E). ``policy`` "auto" uses the
+    hierarchical policy when ``num_nodes`` divides ``num_groups`` and the global one otherwise (as the reference
+    does); "hierarchical" or "global" forces one. Raises ValueError for impossible shapes.
     """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     weight_XE = torch.as_tensor(weight, dtype=torch.float64).cpu()
     if weight_XE.dim() == 1:
         weight_XE = weight_XE.unsqueeze(0)
@@ -158,7 +167,9 @@ def rebalance_experts(
         raise ValueError(f"num_nodes={num_nodes} must divide num_gpus={num_gpus}")
     if E % num_groups != 0:
         raise ValueError(f"num_groups={num_groups} must divide the {E} experts")
-    if num_groups % num_nodes == 0:
+    if policy == "hierarchical" and num_groups % num_nodes != 0:
+        raise ValueError(f"the hierarchical policy needs num_nodes={num_nodes} to divide num_groups={num_groups}")
+    if policy == "hierarchical" or (policy == "auto" and num_groups % num_nodes == 0):
         phy2log, replica, logcnt = _hierarchical(weight_XE, num_replicas, num_groups, num_nodes, num_gpus)
     else:
         phy2log, replica, logcnt = _hierarchical(weight_XE, num_replicas, 1, 1, num_gpus)
@@ -181,16 +192,48 @@ def imbalance(load_XM: Tensor) -> Tensor:
     return load_XM.max(dim=-1).values / load_XM.mean(dim=-1)
 
 
-def replica_router(log2phy_ER: Tensor, logcnt_E: Tensor) -> Callable[[Tensor], Tensor]:
-    """For ONE layer: a function mapping logical expert ids [N, K] to physical slots [N, K], sending token n's
-    request for expert e to replica n mod logcnt[e] (round-robin by token index)."""
+def slot_tables(phy2log_XP: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """(log2phy [X, E, R], logcnt [X, E]) of any placement phy2log [X, P], replicas numbered in slot order.
+
+    Raises ValueError when a logical expert has no slot (its tokens would have nowhere to go)."""
+    phy2log_XP = torch.as_tensor(phy2log_XP, dtype=torch.int64).cpu()
+    if phy2log_XP.dim() != 2 or phy2log_XP.min() < 0 or phy2log_XP.max() >= num_experts:
+        raise ValueError(f"phy2log must be [layers, slots] of expert ids in [0, {num_experts})")
+    X, P = phy2log_XP.shape
+    logcnt_XE = torch.zeros(X, num_experts, dtype=torch.int64).scatter_add_(1, phy2log_XP, torch.ones_like(phy2log_XP))
+    if (logcnt_XE == 0).any():
+        raise ValueError("every logical expert needs at least one physical slot")
+    R = int(logcnt_XE.max())
+    log2phy_XER = torch.full((X, num_experts, R), -1, dtype=torch.int64)
+    for x in range(X):
+        seen = [0] * num_experts
+        for p, e in enumerate(phy2log_XP[x].tolist()):
+            log2phy_XER[x, e, seen[e]] = p
+            seen[e] += 1
+    return log2phy_XER, logcnt_XE
+
+
+def replica_router(log2phy_ER: Tensor, logcnt_E: Tensor) -> Callable[..., Tensor]:
+    """For ONE layer: ``route(topk_idx_NK, seen_E=None) -> slots [N, K]``, the physical slot serving each request.
+
+    Requests for expert e, taken in (token, k) order, are numbered from ``seen_E[e]`` (how many requests e received
+    before, so a caller that keeps the count spreads consecutive decode steps too; 0 without it), and request j
+    goes to replica j mod logcnt[e]: round-robin per expert.
+    """
     if log2phy_ER.dim() != 2 or logcnt_E.dim() != 1:
         raise ValueError("replica_router takes one layer: log2phy [E, R] and logcnt [E]; index the layer first")
 
-    def route(topk_idx_NK: Tensor) -> Tensor:
-        table_ER, cnt_E = log2phy_ER.to(topk_idx_NK.device), logcnt_E.to(topk_idx_NK.device)
-        token_N1 = torch.arange(topk_idx_NK.shape[0], device=topk_idx_NK.device).unsqueeze(-1)
-        replica_NK = token_N1 % cnt_E[topk_idx_NK]
-        return table_ER[topk_idx_NK, replica_NK]
+    def route(topk_idx_NK: Tensor, seen_E: Tensor | None = None) -> Tensor:
+        device = topk_idx_NK.device
+        table_ER, cnt_E = log2phy_ER.to(device), logcnt_E.to(device)
+        expert_A = topk_idx_NK.reshape(-1)
+        counts_E = torch.bincount(expert_A, minlength=cnt_E.shape[0])
+        order_A = torch.argsort(expert_A, stable=True)
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        rank_A = torch.empty_like(expert_A)
+        rank_A[order_A] = torch.arange(expert_A.numel(), device=device) - starts_E[expert_A[order_A]]
+        if seen_E is not None:
+            rank_A = rank_A + seen_E.to(device)[expert_A]
+        return table_ER[expert_A, rank_A % cnt_E[expert_A]].view_as(topk_idx_NK)
 
     return route
