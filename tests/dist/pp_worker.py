@@ -1,5 +1,6 @@
 """Worker for tests/dist/test_pp.py: 2 gloo ranks run one batch through the micro DeepseekV3 cut into pipeline
-stages, under Schedule1F1B (2 stages) and ScheduleDualPipeV (4 stages, the V), and compare with the same model
+stages, under Schedule1F1B (2 stages), ScheduleDualPipeV (4 stages, the V) and ScheduleDualPipeV with one MTP
+module (computed in the last stage's loss on pp rank 0, beside the embedding), and compare with the same model
 without pipelining. Rank 0 writes a JSON report (schedule -> {"ok", "detail"}) to argv[1].
 
     torchrun --standalone --nproc_per_node=2 tests/dist/pp_worker.py /tmp/pp.json
@@ -24,19 +25,19 @@ from train.parallel.pipeline_parallel import build_pipeline
 B, T, MICRO = 8, 16, 4
 
 
-def micro_cfg() -> ModelConfig:
+def micro_cfg(mtp: int = 0) -> ModelConfig:
     return ModelConfig(
         vocab_size=96, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
         num_attention_heads=2, num_key_value_heads=2, n_shared_experts=1, n_routed_experts=8, n_group=2,
         topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
-        qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, num_nextn_predict_layers=0, rope_scaling=None,
+        qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, num_nextn_predict_layers=mtp, rope_scaling=None,
         seq_aux_alpha=0.01,
     )  # fmt: skip
 
 
-def check(schedule: str) -> str:
+def check(schedule: str, mtp: int = 0) -> str:
     rank = dist.get_rank()
-    cfg = micro_cfg()
+    cfg = micro_cfg(mtp)
     torch.manual_seed(0)
     model = DeepseekV3(cfg)
     ref = copy.deepcopy(model)
@@ -44,9 +45,15 @@ def check(schedule: str) -> str:
     tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
     x, y = tokens[:, :-1], tokens[:, 1:]
 
-    sched, stages = build_pipeline(model, schedule, dist.group.WORLD, MICRO, (B // MICRO, T), torch.device("cpu"))
+    pipe = build_pipeline(model, schedule, dist.group.WORLD, MICRO, (B // MICRO, T), torch.device("cpu"),
+                          scale_grads=not mtp)  # fmt: skip
+    stages = pipe.stages
     losses: list = []
-    sched.step(x, target=y, losses=losses)
+    pipe.schedule.step(x, target=y, losses=losses)
+    if mtp:  # the embedding is in two stages: the schedule leaves the sum over micro-batches, divided here once
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(MICRO)
     mine = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     loads = {i: load_E for m in stages for i, load_E in m.expert_loads.items()}
     loss = torch.stack(losses).mean().item() if losses else None
@@ -86,11 +93,11 @@ def check(schedule: str) -> str:
 def main() -> None:
     dist.init_process_group("gloo")
     report = {}
-    for schedule in ("1f1b", "dualpipev"):
+    for name, schedule, mtp in (("1f1b", "1f1b", 0), ("dualpipev", "dualpipev", 0), ("dualpipev_mtp", "dualpipev", 1)):
         try:
-            report[schedule] = {"ok": True, "detail": check(schedule)}
+            report[name] = {"ok": True, "detail": check(schedule, mtp)}
         except Exception:
-            report[schedule] = {"ok": False, "detail": traceback.format_exc()}
+            report[name] = {"ok": False, "detail": traceback.format_exc()}
         dist.barrier()
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:

@@ -10,6 +10,9 @@ the output head:
 
 Each stage module refers to the full model's own submodules (no copy), so parameter names, initialization and
 checkpoints stay those of ``DeepseekV3``; a rank simply never touches the layers of stages it does not hold.
+``rank_view`` collects the parts a rank holds under their full-model names: the trainer's optimizer, EMA,
+gradient clipping and DCP checkpoints run on it (each rank saves its own parameters; a PP checkpoint loads into
+any other layout, and the reverse).
 
 Schedules (each rank holds a fixed set of stages; ``pp`` ranks in the pipeline group)
 ------------------------------------------------------------------------------------
@@ -21,43 +24,59 @@ Schedules (each rank holds a fixed set of stages; ``pp`` ranks in the pipeline g
   with the backward of another so that, on GPUs, the all-to-all of one hides behind the compute of the other.
   It needs ``n_microbatches >= 2 * pp``.
 
-Both come from ``torch.distributed.pipelining.schedules``; nothing is scheduled by hand here.
+Both come from ``torch.distributed.pipelining.schedules``; nothing is scheduled by hand here. Evaluation runs the
+same schedule forward-only (``schedule.eval``).
 
 What travels between stages
 ---------------------------
 A stage returns ``(h_BTD, balance_1)``: the hidden state and the running sum of the MoE layers' (unweighted)
-balance losses so far. The last stage returns ``(logits_BTV, balance_1)`` and ``pipeline_loss`` adds
+balance losses so far. The last stage returns ``(logits_BTV, balance_1)`` and ``PipelineLoss`` adds
 ``alpha * balance`` to the cross-entropy, so the balance loss of every stage's MoE layers reaches its router
 through ordinary autograd across the pipeline. Each stage also sums the expert loads of its MoE layers over the
 micro-batches (``PipelineStageModule.expert_loads``, for the trainer to clear after each step) for the
 auxiliary-loss-free bias update.
 
-Multi-token prediction under PP: not supported, and refused with a ValueError. The MTP module needs the main
-model's last hidden state, the embedding of the shifted tokens (stage 0's table) and the output head (last stage);
-under 1F1B those live on different ranks and the table would have to be replicated and its gradient summed
-across ranks. Train with ``model.num_nextn_predict_layers=0`` under PP.
+Multi-token prediction under PP (DeepSeek-V3 keeps MTP with DualPipe for exactly this reason): under
+``dualpipev`` the last stage lives on pp rank 0 beside stage 0, so it can use the embedding table and the head
+directly. The last stage also returns the normed hidden state; the loss runs the MTP modules on it with the
+embedding of the shifted tokens (rebuilt from the targets: ``input_ids[:, k:] == targets[:, k-1:T-1]``), and the
+shared embedding receives its gradient from both uses (stage 0's lookup and the MTP's), accumulated on one rank.
+Because the embedding then belongs to two stage modules, the schedule's per-stage gradient scaling is turned off
+(``scale_grads=False``) and the trainer divides by the number of micro-batches once. Refused with a ValueError
+naming the field: MTP under ``1f1b`` (embedding and head on different ranks), MTP with data parallelism next to
+PP (the table would belong to two FSDP units), and ``tie_word_embeddings``.
 
 Gradient scale: the schedules sum the per-micro-batch losses' gradients and, with ``scale_grads=True`` (default),
 divide by the number of micro-batches: with equal-sized micro-batches the gradient of the mean loss, as one
 process computes it on the whole batch.
 
-Legend: B batch (one micro-batch), T positions, D hidden, V vocabulary.
+Legend: B batch (one micro-batch), T positions, D hidden, V vocabulary, E experts.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
 
 from model.attention import build_attention_mask
+from model.moe import DeepseekMoE
 from model.transformer import DeepseekV3, cross_entropy
 
 __all__ = [
     "SCHEDULES",
+    "Pipeline",
+    "PipelineLoss",
     "PipelineStageModule",
     "build_pipeline",
+    "check_pipeline_model",
+    "gather_full_state_dict",
+    "moe_layer_ids",
     "pipeline_loss",
+    "rank_view",
     "stage_layer_ranges",
     "stages_of_rank",
 ]
@@ -87,24 +106,60 @@ def stages_of_rank(schedule: str, pp_rank: int, pp_size: int) -> list[int]:
     raise ValueError(f"pipeline schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
+def moe_layer_ids(model: DeepseekV3) -> list[int]:
+    """The layer index of each row of ``expert_load_LE`` (``model.moe_layers()`` order): main decoder layers, then
+    MTP module k as index ``num_hidden_layers + k`` (the keys of ``PipelineStageModule.expert_loads``)."""
+    layers = list(model.model.layers) + [m.layer for m in model.mtp]
+    return [i for i, layer in enumerate(layers) if isinstance(layer.mlp, DeepseekMoE)]
+
+
+def check_pipeline_model(model: DeepseekV3, schedule: str, data_parallel: bool) -> None:
+    """Refuse what the pipeline cannot train correctly, naming the config field (ValueError)."""
+    cfg = model.config
+    if cfg.tie_word_embeddings:
+        raise ValueError("model.tie_word_embeddings=true is not supported under pipeline parallelism (parallel.pp > 1)")
+    if len(model.mtp) > 0 and schedule != "dualpipev":
+        raise ValueError(
+            f"model.num_nextn_predict_layers={len(model.mtp)}: multi-token prediction under pipeline parallelism needs"
+            f" parallel.pp_schedule=dualpipev (the embedding and the head share pp rank 0); with"
+            f" parallel.pp_schedule={schedule} set model.num_nextn_predict_layers=0"
+        )
+    if len(model.mtp) > 0 and data_parallel:
+        raise ValueError(
+            f"model.num_nextn_predict_layers={len(model.mtp)} with parallel.pp > 1 and data parallelism: the embedding"
+            " table would belong to two FSDP units (stage 0 and the last stage); use dp_replicate=dp_shard=1 or"
+            " model.num_nextn_predict_layers=0"
+        )
+
+
 class PipelineStageModule(nn.Module):
     """One stage of a DeepseekV3: an optional embedding, a slice of decoder layers, an optional norm + head.
 
     ``forward(tokens_BT)`` on stage 0, ``forward(h_BTD, balance_1)`` on the others; returns ``(h_BTD or
-    logits_BTV, balance_1)``. Layers are kept in a ModuleDict keyed by their index in the full model.
+    logits_BTV, balance_1)``, and on the last stage with MTP ``(logits_BTV, balance_1, h_BTD)`` (the normed hidden
+    state the MTP modules continue from, in the loss). Layers are kept in a ModuleDict keyed by their index in the
+    full model. With MTP the last stage also registers the MTP modules and the embedding (so the schedule's weight
+    gradient pass reaches them; under DualPipeV the embedding's owner, stage 0, is on the same rank).
     """
 
-    def __init__(self, model: DeepseekV3, layers: range, first: bool, last: bool) -> None:
+    def __init__(self, model: DeepseekV3, layers: range, first: bool, last: bool, mtp: bool = False) -> None:
         super().__init__()
-        self.embed_tokens = model.model.embed_tokens if first else None
+        self.embed_tokens = model.model.embed_tokens if first or (last and mtp) else None
+        self.first = first
         self.layers = nn.ModuleDict({str(i): model.model.layers[i] for i in layers})
         self.norm = model.model.norm if last else None
         self.lm_head = model.lm_head if last else None
+        self.mtp = model.mtp if last and mtp else None
         self.rotary_emb = model.rotary_emb
+        self.n_layers = model.config.num_hidden_layers
         self.expert_loads: dict[int, Tensor] = {}  # layer index -> load_E summed over the training micro-batches
 
-    def forward(self, x: Tensor, balance_1: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if self.embed_tokens is not None:
+    def _count(self, i: int, stats) -> None:
+        if torch.is_grad_enabled():  # training micro-batches only, not evaluation
+            self.expert_loads[i] = self.expert_loads.get(i, 0) + stats.load_E.detach().float()
+
+    def forward(self, x: Tensor, balance_1: Tensor | None = None) -> tuple[Tensor, ...]:
+        if self.first:
             h_BTD = self.embed_tokens(x)
             balance_1 = h_BTD.new_zeros(1, dtype=torch.float32)
         else:
@@ -117,74 +172,180 @@ class PipelineStageModule(nn.Module):
             h_BTD, stats = layer(h_BTD, rope, mask)
             if stats is not None:
                 balance_1 = balance_1 + stats.balance_loss.float()
-                if torch.is_grad_enabled():  # training micro-batches only, not evaluation
-                    i = int(name)
-                    self.expert_loads[i] = self.expert_loads.get(i, 0) + stats.load_E.detach().float()
-        if self.lm_head is not None:
-            return self.lm_head(self.norm(h_BTD)), balance_1
-        return h_BTD, balance_1
+                self._count(int(name), stats)
+        if self.lm_head is None:
+            return h_BTD, balance_1
+        h_BTD = self.norm(h_BTD)
+        if self.mtp is not None:
+            return self.lm_head(h_BTD), balance_1, h_BTD
+        return self.lm_head(h_BTD), balance_1
+
+    def mtp_losses(self, h_BTD: Tensor, targets_BT: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean MTP cross-entropy over depths, summed balance loss of the MTP MoE layers), as
+        ``DeepseekV3.mtp_logits`` computes them. The input tokens are not sent down the pipeline: in pretraining
+        ``input_ids[:, k:] == targets[:, k-1:T-1]`` (targets are the inputs shifted by one, never ignored)."""
+        assert self.mtp is not None and self.embed_tokens is not None
+        assert bool((targets_BT >= 0).all()), "MTP under PP rebuilds the input tokens from the targets"
+        B, T, _ = h_BTD.shape
+        rope = self.rotary_emb(torch.arange(T, device=h_BTD.device)[None].expand(B, T))
+        mask = build_attention_mask(None, T, 0, h_BTD.device)
+        losses, balance = [], h_BTD.new_zeros((), dtype=torch.float32)
+        h_prev = h_BTD
+        for k, mtp in enumerate(self.mtp, start=1):
+            n = T - k
+            if n <= 0:
+                break
+            emb_BnD = self.embed_tokens(targets_BT[:, k - 1 : T - 1])
+            x_BnD = mtp.eh_proj(torch.cat([mtp.enorm(emb_BnD), mtp.hnorm(h_prev[:, :n])], dim=-1))
+            y_BnD, stats = mtp.layer(
+                x_BnD, (rope[0][:, :n], rope[1][:, :n]), None if mask is None else mask[:, :, :n, :n]
+            )
+            if stats is not None:
+                balance = balance + stats.balance_loss.float()
+                self._count(self.n_layers + k - 1, stats)
+            h_prev = mtp.shared_head.norm(y_BnD)
+            losses.append(cross_entropy(self.lm_head(h_prev), targets_BT[:, k:]))
+        return torch.stack(losses).mean(), balance
 
 
-def pipeline_loss(alpha: float):
-    """The last stage's loss per micro-batch: mean token CE + alpha * (balance losses summed over MoE layers), as
-    ``DeepseekV3.forward`` computes it without MTP."""
+class PipelineLoss:
+    """The last stage's loss per micro-batch: CE + mtp_weight * MTP + alpha * (balance losses summed over every
+    MoE layer), as ``DeepseekV3.forward`` computes it. Records the detached parts of each micro-batch (``records``:
+    dicts of loss, ce, mtp, balance, tokens) for the trainer's logging; ``poison=True`` multiplies the loss by NaN
+    (the loop's ``train.inject_nan_at_step``)."""
 
-    def loss_fn(output: tuple[Tensor, Tensor], targets_BT: Tensor) -> Tensor:
-        logits_BTV, balance_1 = output
-        loss = cross_entropy(logits_BTV, targets_BT)
-        return loss + alpha * balance_1.sum() if alpha > 0 else loss
+    def __init__(self, alpha: float, mtp_weight: float = 0.0, mtp_stage: PipelineStageModule | None = None) -> None:
+        self.alpha, self.mtp_weight, self.mtp_stage = alpha, mtp_weight, mtp_stage
+        self.records: list[dict[str, Tensor]] = []
+        self.poison = False
 
-    return loss_fn
+    def __call__(self, output: tuple[Tensor, ...], targets_BT: Tensor) -> Tensor:
+        logits_BTV, balance_1 = output[0], output[1]
+        ce = cross_entropy(logits_BTV, targets_BT)
+        balance = balance_1.sum()
+        loss, mtp = ce, torch.zeros(())
+        if self.mtp_stage is not None and torch.is_grad_enabled():  # MTP is a training target, not an eval one
+            mtp, mtp_balance = self.mtp_stage.mtp_losses(output[2], targets_BT)
+            balance = balance + mtp_balance
+            loss = loss + self.mtp_weight * mtp
+        if self.alpha > 0:
+            loss = loss + self.alpha * balance
+        if self.poison:
+            loss = loss * float("nan")
+        parts = {"loss": loss, "ce": ce, "mtp": mtp, "balance": balance}
+        rec = {k: v.detach().float() for k, v in parts.items()}
+        self.records.append(rec | {"tokens": (targets_BT >= 0).sum()})
+        return loss
+
+
+def pipeline_loss(alpha: float) -> PipelineLoss:
+    """The loss without MTP: mean token CE + alpha * (balance losses summed over MoE layers)."""
+    return PipelineLoss(alpha)
+
+
+class Pipeline(NamedTuple):
+    schedule: object  # Schedule1F1B or ScheduleDualPipeV: .step(x, target=y, losses=[]), .eval(...)
+    stages: list[PipelineStageModule]  # the stages this rank holds, in stage order
+    loss: PipelineLoss  # the last stage's loss function (its records are filled on the rank holding it)
+    n_microbatches: int
 
 
 def build_pipeline(
     model: DeepseekV3,
     schedule: str,
-    pp_group: torch.distributed.ProcessGroup,
+    pp_group: dist.ProcessGroup | None,
     n_microbatches: int,
     microbatch_shape: tuple[int, int],
     device: torch.device,
-) -> tuple[object, list[PipelineStageModule]]:
-    """Cut ``model`` into the stages this rank holds and return ``(schedule, stage_modules)``.
+    scale_grads: bool = True,
+    data_parallel: bool = False,
+    shard_fn=None,
+) -> Pipeline:
+    """Cut ``model`` into the stages this rank holds and build the schedule over them.
 
     ``microbatch_shape`` = (sequences, positions) of one micro-batch: the stages are built with static shapes (no
     metadata-inference forward, which would also run the MoE layers once more and count their expert loads).
+    ``shard_fn(stage_module)``, if given, is applied to each stage module before its ``PipelineStage`` is built
+    (FSDP2 for PP x DP: train.parallel.parallelize.fully_shard_stage). ``scale_grads=False`` leaves the gradients
+    summed over micro-batches (the trainer divides once; needed with MTP, whose embedding is in two stages).
 
     ``schedule.step(tokens_BT, target=targets_BT, losses=[])`` on every rank of the pipeline runs one batch
     (forward and backward of all micro-batches; stage 0 feeds the tokens, the last stage takes the targets); then
-    the optimizer steps on the parameters of ``stage_modules``. Every rank must hold the same initial ``model``.
+    the optimizer steps on the parameters of the stages. Every rank must hold the same initial ``model``.
     """
     cfg = model.config
-    if len(model.mtp) > 0:
-        raise ValueError(
-            "multi-token prediction is not supported under pipeline parallelism: set model.num_nextn_predict_layers=0"
-            " (see train/parallel/pipeline_parallel.py)"
-        )
-    if cfg.tie_word_embeddings:
-        raise ValueError("tie_word_embeddings=true is not supported under pipeline parallelism (embedding and head "
-                         "live on different stages)")  # fmt: skip
-    pp_rank, pp_size = torch.distributed.get_rank(pp_group), torch.distributed.get_world_size(pp_group)
+    check_pipeline_model(model, schedule, data_parallel)
+    pp_rank = dist.get_rank(pp_group) if pp_group is not None else 0
+    pp_size = dist.get_world_size(pp_group) if pp_group is not None else 1
     local = stages_of_rank(schedule, pp_rank, pp_size)
     n_stages = pp_size * len(local)
     ranges = stage_layer_ranges(cfg.num_hidden_layers, n_stages)
+    if schedule == "dualpipev" and n_microbatches < n_stages:
+        raise ValueError(f"dualpipev needs n_microbatches >= 2 * pp = {n_stages}, got {n_microbatches}")
+    mtp = len(model.mtp) > 0
+    if mtp and scale_grads:
+        raise ValueError("MTP under PP needs scale_grads=False (the embedding's gradient would be scaled twice)")
     Bm, T = microbatch_shape
     hidden = (torch.empty(Bm, T, cfg.hidden_size, device=device, requires_grad=True),
               torch.empty(1, device=device, requires_grad=True))  # fmt: skip
     logits = (torch.empty(Bm, T, cfg.vocab_size, device=device, requires_grad=True), hidden[1])
+    if mtp:
+        logits = (*logits, hidden[0])
     tokens = torch.empty(Bm, T, dtype=torch.long, device=device)
     modules, stages = [], []
     for s in local:
-        mod = PipelineStageModule(model, ranges[s], first=s == 0, last=s == n_stages - 1)
+        mod = PipelineStageModule(model, ranges[s], first=s == 0, last=s == n_stages - 1, mtp=mtp)
+        if shard_fn is not None:
+            shard_fn(mod)
         modules.append(mod)
         inputs = tokens if s == 0 else hidden
         outputs = logits if s == n_stages - 1 else hidden
         stages.append(PipelineStage(mod, s, n_stages, device, input_args=inputs, output_args=outputs, group=pp_group))
     alpha = {"aux_free": cfg.seq_aux_alpha, "aux_loss": cfg.aux_loss_alpha}.get(cfg.moe_balance, 0.0)
-    loss_fn = pipeline_loss(alpha)
+    last = next((m for m in modules if m.lm_head is not None), None)
+    loss_fn = PipelineLoss(alpha, cfg.mtp_loss_weight, last if mtp else None)
     if schedule == "1f1b":
-        sched = Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn)
+        sched = Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     else:
-        if n_microbatches < n_stages:
-            raise ValueError(f"dualpipev needs n_microbatches >= 2 * pp = {n_stages}, got {n_microbatches}")
-        sched = ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn)
-    return sched, modules
+        sched = ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
+    return Pipeline(sched, modules, loss_fn, n_microbatches)
+
+
+def rank_view(model: DeepseekV3, stages: list[PipelineStageModule]) -> nn.Module:
+    """A module holding exactly the parts of ``model`` this pipeline rank trains, under the full model's names
+    (``model.embed_tokens``, ``model.layers.<i>``, ``model.norm``, ``lm_head``, ``mtp.<k>``): the optimizer, EMA,
+    gradient clipping and DCP checkpoints work on it, so each rank saves its own parameters and a checkpoint
+    written under PP loads into the whole model (and the reverse)."""
+    trunk, view = nn.Module(), nn.Module()
+    trunk.layers = nn.ModuleDict()
+    for st in stages:
+        if st.first:
+            trunk.embed_tokens = st.embed_tokens
+        trunk.layers.update(st.layers)
+        if st.norm is not None:
+            trunk.norm = st.norm
+            view.lm_head = st.lm_head
+        if st.mtp is not None:
+            view.mtp = st.mtp
+    view.model = trunk
+    return view
+
+
+def gather_full_state_dict(view: nn.Module, sharded: bool) -> dict[str, Tensor] | None:
+    """The whole model's state dict on global rank 0 (None elsewhere): each rank's parts (FSDP shards gathered to
+    full tensors first), collected with ``gather_object``. Every rank must call it."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(view, options=StateDictOptions(full_state_dict=True))
+    else:
+        sd = view.state_dict()
+    sd = {k: v.detach().cpu() for k, v in sd.items()}
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(sd, parts, dst=0)
+    if parts is None:
+        return None
+    full: dict[str, Tensor] = {}
+    for part in parts:
+        full.update(part)
+    return full
