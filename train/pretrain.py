@@ -42,6 +42,7 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
@@ -57,7 +58,14 @@ from train.ema import EMA
 from train.metrics import bits_per_byte, flops_per_token, max_violation, mfu, peak_memory_mb, unigram_loss
 from train.optim import build_optimizer, lr_at
 from train.parallel.mesh import ParallelMeshes
-from train.parallel.parallelize import clip_grad_norm_, init_parallel, parallelize
+from train.parallel.parallelize import clip_grad_norm_, init_parallel, parallelize, parallelize_pipeline
+from train.parallel.pipeline_parallel import (
+    Pipeline,
+    forward_only,
+    gather_full_state_dict,
+    moe_layer_ids,
+    rank_view,
+)
 from train.runtime import autocast, build_model, device_for, dist_info
 
 
@@ -76,8 +84,8 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     return lengths
 
 
-def check_config(cfg: Config, world_size: int) -> None:
-    t, m = cfg.train, cfg.model
+def check_config(cfg: Config, world_size: int, pp: int = 1) -> None:
+    t, m, par = cfg.train, cfg.model, cfg.parallel
     if t.seq_len > m.max_position_embeddings:
         raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
     if t.batch_size % (t.micro_batch_size * world_size):
@@ -87,6 +95,25 @@ def check_config(cfg: Config, world_size: int) -> None:
         )
     if t.steps <= 0:
         raise ValueError(f"train.steps must be positive, got {t.steps}")
+    if pp > 1:
+        accum = t.batch_size // (t.micro_batch_size * world_size)
+        if par.pp_microbatches != -1 and accum % par.pp_microbatches:
+            raise ValueError(
+                f"parallel.pp_microbatches={par.pp_microbatches} must divide the {accum} micro-batches of a step"
+                f" (train.batch_size / (train.micro_batch_size x {world_size} data-parallel ranks))"
+            )
+        n_micro = accum if par.pp_microbatches == -1 else par.pp_microbatches
+        if par.pp_schedule == "dualpipev" and n_micro < 2 * pp:
+            raise ValueError(
+                f"parallel.pp_schedule=dualpipev needs at least 2 x parallel.pp = {2 * pp} micro-batches per round, got"
+                f" {n_micro} (raise train.batch_size or parallel.pp_microbatches, or lower train.micro_batch_size)"
+            )
+        stages = pp * (2 if par.pp_schedule == "dualpipev" else 1)
+        if m.num_hidden_layers < stages:
+            raise ValueError(
+                f"model.num_hidden_layers={m.num_hidden_layers} cannot be cut into {stages} pipeline stages"
+                f" (parallel.pp={pp}, parallel.pp_schedule={par.pp_schedule})"
+            )
 
 
 @torch.no_grad()
@@ -103,6 +130,41 @@ def evaluate(model, batches, precision, device, byte_len: np.ndarray) -> dict:
         n_bytes += int(byte_len[y[y >= 0].numpy()].sum())
     model.train()
     loss = total / max(1, n_tok)
+    return {"loss": loss, "bpb": bits_per_byte(loss, n_tok, n_bytes)}
+
+
+@torch.no_grad()
+def evaluate_pipeline(pipe: Pipeline, view, batches, precision, device, byte_len: np.ndarray, pp_group) -> dict:
+    """`evaluate` under PP, forward only. 1F1B: the schedule's `eval`, M micro-batches per round, the last round
+    padded with all-ignored targets (CE 0 over 0 tokens). DualPipeV (whose `eval` fails in torch 2.13):
+    `forward_only`, one micro-batch after another through the stages. The last stage's token-weighted CE sum is
+    summed over the pipeline group, so every rank returns the same numbers."""
+    view.eval()
+    pipe.loss.records.clear()
+    if pipe.kind == "1f1b":
+        M = pipe.n_microbatches
+        pad = (-len(batches)) % M
+        padded = list(batches) + [(torch.zeros_like(batches[0][0]), torch.full_like(batches[0][1], -100))] * pad
+        for i in range(0, len(padded), M):
+            x = torch.cat([b[0] for b in padded[i : i + M]]).to(device)
+            y = torch.cat([b[1] for b in padded[i : i + M]]).to(device)
+            with autocast(precision, device):
+                pipe.schedule.eval(x, target=y, losses=[])
+    else:
+        for x, y in batches:
+            with autocast(precision, device):
+                forward_only(pipe, x.to(device), y.to(device))
+        for st in pipe.stages:  # an FSDP root keeps its parameters gathered after a forward with no backward
+            if isinstance(st, FSDPModule):
+                st.reshard()
+    total = torch.tensor([sum(float(r["ce"] * r["tokens"]) for r in pipe.loss.records)], dtype=torch.float64)
+    pipe.loss.records.clear()
+    torch.distributed.all_reduce(total, group=pp_group)
+    view.train()
+    ys = torch.cat([y for _, y in batches])
+    n_tok = int((ys >= 0).sum())
+    n_bytes = int(byte_len[ys[ys >= 0].numpy()].sum())
+    loss = float(total) / max(1, n_tok)
     return {"loss": loss, "bpb": bits_per_byte(loss, n_tok, n_bytes)}
 
 
@@ -134,6 +196,44 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         f.truncate()
 
 
+def pipeline_step(
+    pipe: Pipeline, it, accum: int, poison: bool, precision: str, device, moe_row: dict[int, int], n_exp: int
+) -> tuple[dict, torch.Tensor]:
+    """Forward and backward of one optimizer step under PP: `accum` micro-batches in rounds of the schedule's M;
+    gradients (left summed over micro-batches by the schedule) are divided by `accum` once. Returns this rank's
+    loss parts (mean over the step's micro-batches; zeros off the last stage) and expert loads (rows of the
+    layers it holds; zeros elsewhere)."""
+    M = pipe.n_microbatches
+    pipe.loss.poison = poison
+    for _ in range(accum // M):
+        xs, ys = zip(*(next(it) for _ in range(M)))
+        with autocast(precision, device):
+            pipe.schedule.step(torch.cat(xs).to(device), target=torch.cat(ys).to(device), losses=[])
+    pipe.loss.poison = False
+    for p in {id(p): p for st in pipe.stages for p in st.parameters()}.values():  # the embedding may be in two
+        if p.grad is not None:
+            p.grad.div_(accum)
+    sums = {k: sum(float(r[k]) for r in pipe.loss.records) / accum for k in ("loss", "ce", "mtp", "balance")}
+    pipe.loss.records.clear()
+    load = torch.zeros(len(moe_row), n_exp)
+    for st in pipe.stages:
+        for i, load_E in st.expert_loads.items():
+            load[moe_row[i]] += load_E.cpu()
+        st.expert_loads.clear()
+    return sums, load
+
+
+def pipeline_reduce(sums: dict, load: torch.Tensor, dp_size: int) -> tuple[dict, torch.Tensor]:
+    """One all-reduce over every rank: the loss parts (held by the last stage's ranks only, so the world sum over
+    dp_size is their data-parallel mean) and the expert loads (each layer's rows come from the ranks holding it).
+    Every rank then logs and decides (NaN skip) on the same numbers."""
+    keys = list(sums)
+    flat = torch.cat([torch.tensor([sums[k] for k in keys], dtype=torch.float64), load.double().flatten()])
+    torch.distributed.all_reduce(flat)
+    out = {k: float(v) / dp_size for k, v in zip(keys, flat[: len(keys)].tolist())}
+    return out, flat[len(keys) :].float().view_as(load)
+
+
 def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelMeshes | None = None) -> dict:
     """The loop. Parallelism (when configured: `meshes` from `init_parallel` under torchrun) is applied from
     outside by train.parallel; every rank builds the same model from the same seed before it is sharded."""
@@ -143,12 +243,23 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelM
     tok = load_tokenizer(data["tokenizer"])
     mcfg = replace(cfg.model, vocab_size=tok.get_vocab_size(with_added_tokens=True))
     dp_size = meshes.dp.size() if meshes is not None else 1
-    check_config(replace(cfg, model=mcfg), dp_size)
+    pp = meshes.pp.size() if meshes is not None else 1
+    check_config(replace(cfg, model=mcfg), dp_size, pp)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     model = build_model(mcfg, cfg.precision, cfg.kernels.backend, device, cfg.kernels.pow2_scale)
-    dp = parallelize(model, meshes, cfg.parallel, mixed_precision=cfg.precision in ("bf16", "fp8"))
-    opt = build_optimizer(model, t.optim)
-    ema = EMA(model, t.ema_decay, t.ema_every) if t.ema_decay > 0 else None
+    accum = t.batch_size // (t.micro_batch_size * dp_size)
+    mixed = cfg.precision in ("bf16", "fp8")
+    pipe, pp_group = None, None
+    if pp > 1:  # this rank's stages; `trained` holds exactly the parameters this rank updates and checkpoints
+        n_micro = accum if cfg.parallel.pp_microbatches == -1 else cfg.parallel.pp_microbatches
+        shape = (t.micro_batch_size, t.seq_len)
+        pipe, dp = parallelize_pipeline(model, meshes, cfg.parallel, n_micro, shape, device, mixed_precision=mixed)
+        trained, pp_group = rank_view(model, pipe.stages), meshes.pp.get_group()
+    else:
+        dp = parallelize(model, meshes, cfg.parallel, mixed_precision=mixed)
+        trained = model
+    opt = build_optimizer(trained, t.optim)
+    ema = EMA(trained, t.ema_decay, t.ema_every) if t.ema_decay > 0 else None
     train_ds = PackedDataset(data["train"], t.seq_len)
     val_ds = PackedDataset(data["val"], t.seq_len)
     loader = ShardLoader(train_ds, t.micro_batch_size, dp.rank, dp.size, seed=cfg.run.seed)
@@ -160,9 +271,9 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelM
     start_step, bad_total = 0, 0
     resumed = None
     if t.resume == "auto":
-        resumed = ckpts.load_latest_valid(model, opt, ema.shadow if ema else None)
+        resumed = ckpts.load_latest_valid(trained, opt, ema.shadow if ema else None)
     elif t.resume != "none":
-        resumed = (Path(t.resume), ckpts.load(Path(t.resume), model, opt, ema.shadow if ema else None))
+        resumed = (Path(t.resume), ckpts.load(Path(t.resume), trained, opt, ema.shadow if ema else None))
     if resumed is not None:
         path, state = resumed
         start_step, bad_total = state["step"], state.get("bad_steps", 0)
@@ -173,8 +284,9 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelM
 
     moe_layers = list(model.moe_layers())
     n_moe, n_exp = len(moe_layers), mcfg.n_routed_experts
+    moe_row = {layer_id: row for row, layer_id in enumerate(moe_layer_ids(model))}  # layer index -> load row
+    held = set(moe_row) if pipe is None else {i for st in pipe.stages for i in moe_row if st.holds(i)}
     cum_load = torch.zeros(n_moe, n_exp)
-    accum = t.batch_size // (t.micro_batch_size * dp.size)
     fpt = flops_per_token(model, mcfg, t.seq_len)
     tokens_per_step = t.batch_size * t.seq_len
     model_cfg_json = asdict(mcfg)
@@ -182,9 +294,14 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelM
     bad_run = 0
     it = iter(loader)
 
+    def validate() -> dict:
+        if pipe is None:
+            return evaluate(model, val_batches, cfg.precision, device, byte_len)
+        return evaluate_pipeline(pipe, trained, val_batches, cfg.precision, device, byte_len, pp_group)
+
     def save(step: int) -> Path:
         state = {"loader": loader.state_dict(), "bad_steps": bad_total}
-        return ckpts.save(step, model, opt, state, model_cfg_json, ema.shadow if ema else None)
+        return ckpts.save(step, trained, opt, state, model_cfg_json, ema.shadow if ema else None)
 
     bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc="pretrain", disable=not info.is_main)
     t_last = time.perf_counter()
@@ -194,29 +311,34 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelM
             g["lr"] = lr
         sums = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0}
         load = torch.zeros(n_moe, n_exp)
-        for _ in range(accum):
-            x, y = next(it)
-            with autocast(cfg.precision, device):
-                out = model(x.to(device), y.to(device))
-            loss = out.loss
-            if step == t.inject_nan_at_step:
-                loss = loss * float("nan")
-            (loss / accum).backward()
-            sums["loss"] += float(loss.detach()) / accum
-            sums["ce"] += float(out.ce_loss.detach()) / accum
-            for key, part in (("mtp", out.mtp_loss), ("balance", out.balance_loss)):
-                if part is not None:  # None: the model has no MTP module / no MoE layer
-                    sums[key] += float(part.detach()) / accum
-            if n_moe:
-                load += out.expert_load_LE.detach().float().cpu()
-        if dp.size > 1:  # every rank logs and decides on the data-parallel mean; one bias update for all
-            sums = dp.mean_scalars(sums)
-            load = dp.all_reduce_sum(load)
+        if pipe is not None:
+            poison = step == t.inject_nan_at_step
+            sums, load = pipeline_step(pipe, it, accum, poison, cfg.precision, device, moe_row, n_exp)
+            sums, load = pipeline_reduce(sums, load, dp.size)
+        else:
+            for _ in range(accum):
+                x, y = next(it)
+                with autocast(cfg.precision, device):
+                    out = model(x.to(device), y.to(device))
+                loss = out.loss
+                if step == t.inject_nan_at_step:
+                    loss = loss * float("nan")
+                (loss / accum).backward()
+                sums["loss"] += float(loss.detach()) / accum
+                sums["ce"] += float(out.ce_loss.detach()) / accum
+                for key, part in (("mtp", out.mtp_loss), ("balance", out.balance_loss)):
+                    if part is not None:  # None: the model has no MTP module / no MoE layer
+                        sums[key] += float(part.detach()) / accum
+                if n_moe:
+                    load += out.expert_load_LE.detach().float().cpu()
+            if dp.size > 1:  # every rank logs and decides on the data-parallel mean; one bias update for all
+                sums = dp.mean_scalars(sums)
+                load = dp.all_reduce_sum(load)
         if meshes is None:
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.optim.grad_clip or float("inf"))
-        else:  # DTensor gradients on several meshes (dense, experts)
-            gnorm = clip_grad_norm_(model.parameters(), t.optim.grad_clip or float("inf"))
-        culprit = "loss" if not math.isfinite(sums["loss"]) else first_nonfinite(model)
+        else:  # DTensor gradients on several meshes (dense, experts); under PP summed over the stages' ranks
+            gnorm = clip_grad_norm_(trained.parameters(), t.optim.grad_clip or float("inf"), pp_group)
+        culprit = "loss" if not math.isfinite(sums["loss"]) else first_nonfinite(trained)
         if culprit is not None or not torch.isfinite(gnorm):
             opt.zero_grad(set_to_none=True)
             bad_run += 1
@@ -233,11 +355,12 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelM
         bad_run = 0
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if n_moe and mcfg.moe_balance == "aux_free":
-            for layer, l_E in zip(moe_layers, load):
-                update_expert_bias(layer, l_E.to(device), mcfg.bias_update_speed)
+        if n_moe and mcfg.moe_balance == "aux_free":  # under PP each rank updates the layers it holds
+            for layer, layer_id, l_E in zip(moe_layers, moe_row, load):
+                if layer_id in held:
+                    update_expert_bias(layer, l_E.to(device), mcfg.bias_update_speed)
         if ema is not None:
-            ema.update(model, step + 1)
+            ema.update(trained, step + 1)
         cum_load += load
 
         now = time.perf_counter()
@@ -267,15 +390,19 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelM
             metrics |= {f"fp8/{k}": v for k, v in fp8_stats(model).items()}
         last = step + 1 == t.steps
         if (step + 1) % t.eval_every == 0 or last:
-            val = evaluate(model, val_batches, cfg.precision, device, byte_len)
+            val = validate()
             metrics |= {"val_loss": val["loss"], "val_bpb": val["bpb"]}
             if ema is not None:
-                with ema.swapped_in(model):
-                    ev = evaluate(model, val_batches, cfg.precision, device, byte_len)
+                with ema.swapped_in(trained):
+                    ev = validate()
                 metrics |= {"val_loss_ema": ev["loss"], "val_bpb_ema": ev["bpb"]}
             if n_moe:
+                bias = torch.stack([m.gate.e_score_correction_bias.detach().float().cpu() for m in moe_layers])
+                if pp_group is not None:  # each pp rank's copy is current for the layers it holds
+                    bias *= torch.tensor([float(i in held) for i in moe_row])[:, None]
+                    torch.distributed.all_reduce(bias, group=pp_group)
                 metrics["expert_load"] = load.tolist()
-                metrics["expert_bias"] = [m.gate.e_score_correction_bias.tolist() for m in moe_layers]
+                metrics["expert_bias"] = bias.tolist()
         if (step + 1) % t.log_every == 0 or "val_loss" in metrics:
             tracker.log(metrics, step=step + 1)
         eta = (t.steps - step - 1) * dt
@@ -292,15 +419,28 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelM
     result = {k: metrics[k] for k in ("loss", "val_loss", "val_bpb", "val_loss_ema", "val_bpb_ema") if k in metrics}
     result |= {"unigram_val_loss": uni, "steps": t.steps, "bad_steps": bad_total, "checkpoint": str(final)}
     if t.export_hf:
-        export_final(model, mcfg, cfg, meshes is not None, stage.dir / "hf", data["tokenizer"])
+        if pipe is not None:
+            export_final(trained, mcfg, cfg, True, stage.dir / "hf", data["tokenizer"], pipeline=dp.size > 1)
+        else:
+            export_final(model, mcfg, cfg, meshes is not None, stage.dir / "hf", data["tokenizer"])
     return result
 
 
-def export_final(model, mcfg, cfg: Config, sharded: bool, out_dir: Path, tokenizer_path: Path) -> None:
-    """HF export on rank 0; a sharded model is first gathered (every rank takes part) into a plain CPU copy."""
+def export_final(
+    model, mcfg, cfg: Config, sharded: bool, out_dir: Path, tokenizer_path: Path, pipeline: bool | None = None
+) -> None:
+    """HF export on rank 0; a sharded model is first gathered (every rank takes part) into a plain CPU copy.
+    Under PP (`pipeline` not None: whether the stages are FSDP-sharded too) `model` is this rank's `rank_view`;
+    the ranks' parts are gathered on rank 0."""
     from model.hf import export_hf
 
-    if sharded:
+    if pipeline is not None:
+        full = gather_full_state_dict(model, sharded=pipeline)
+        if full is None:
+            return
+        model = build_model(mcfg, cfg.precision, cfg.kernels.backend, torch.device("cpu"))
+        model.load_state_dict(full)
+    elif sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -316,11 +456,6 @@ def run(cfg: Config) -> dict:
     """One pretraining stage. Under torchrun (WORLD_SIZE > 1) the process group and the mesh of `cfg.parallel`
     are set up here, and torn down at the end."""
     data = stage_outputs(stage_dir(cfg, "data"))
-    if cfg.parallel.pp > 1:
-        raise ValueError(
-            "parallel.pp > 1: the pretraining loop runs data, FSDP/HSDP and expert parallelism; pipeline stages are"
-            " built and scheduled by train/parallel/pipeline_parallel.py (tested in tests/dist/test_pp.py)"
-        )
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     owns_group = not torch.distributed.is_initialized()  # a caller's process group is left to the caller
     meshes = init_parallel(cfg.parallel, torch.device(device_type), cfg.model.n_routed_experts)

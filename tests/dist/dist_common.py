@@ -71,8 +71,49 @@ LAYOUTS_4 = {
 }
 
 
+# The pipeline layouts (tests/dist/test_pp_loop.py) train the micro model with 4 decoder layers (DualPipeV on 2
+# ranks cuts 4 stages); MTP stays on (dualpipev keeps it) except where the layout turns it off (1F1B, PP x FSDP).
+PP_MODEL = ["model.num_hidden_layers=4"]
+NO_MTP = {"model.num_nextn_predict_layers": 0}
+LAYOUTS_PP_2 = {
+    "pp2_1f1b": {"pp": 2, "dp_replicate": 1, "dp_shard": 1, "pp_schedule": "1f1b", **NO_MTP},
+    "pp2_dualpipev_mtp": {"pp": 2, "dp_replicate": 1, "dp_shard": 1, "pp_schedule": "dualpipev"},
+    # resume: steps 1-2 under 1F1B (rank 0 holds layers 0-1), steps 3-4 under DualPipeV (rank 0 holds 0 and 3)
+    "pp2_resume_a": {
+        "pp": 2,
+        "dp_replicate": 1,
+        "dp_shard": 1,
+        "pp_schedule": "1f1b",
+        **NO_MTP,
+        "train.steps": 2,
+        "run.name": "pp2_resume",
+    },  # fmt: skip
+    "pp2_resume_b": {
+        "pp": 2,
+        "dp_replicate": 1,
+        "dp_shard": 1,
+        "pp_schedule": "dualpipev",
+        **NO_MTP,
+        "run.name": "pp2_resume",
+    },  # fmt: skip
+}
+LAYOUTS_PP_4 = {
+    "pp2_fsdp2": {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "pp_schedule": "1f1b", **NO_MTP},
+    "pp2_fsdp2_dualpipev": {
+        "pp": 2,
+        "dp_replicate": 1,
+        "dp_shard": 2,
+        "pp_schedule": "dualpipev",
+        **NO_MTP,
+        "train.micro_batch_size": 1,
+    },  # fmt: skip
+}
+LAYOUTS = {**LAYOUTS_4, **LAYOUTS_PP_2, **LAYOUTS_PP_4}
+
+
 def layout_overrides(layout: dict) -> list[str]:
-    return [f"{k}={v}" if k == "precision" else f"parallel.{k}={v}" for k, v in layout.items()]
+    """Hydra overrides: `precision` and dotted keys as they are, the rest under `parallel.`."""
+    return [f"{k}={v}" if k == "precision" or "." in k else f"parallel.{k}={v}" for k, v in layout.items()]
 
 
 def env() -> dict:

@@ -1,6 +1,7 @@
-"""Worker for tests/dist/test_hsdp.py: ONE torchrun launch trains the micro model with the real pretraining loop
-(`train.pretrain.run`) under every layout named on the command line, one after the other, each into its own run
-directory (root/<layout>/pretrain). The pytest side compares them with a single-process run.
+"""Worker for tests/dist/test_hsdp.py and test_pp_loop.py: ONE torchrun launch trains the micro model with the
+real pretraining loop (`train.pretrain.run`) under every layout named on the command line (dist_common.LAYOUTS),
+one after the other, each into its own run directory (root/<layout>/pretrain). The pytest side compares them with
+a single-process run.
 
     torchrun --standalone --nproc_per_node=4 tests/dist/layouts_worker.py '<json overrides>' ddp4 fsdp4 ...
 
@@ -14,7 +15,7 @@ import sys
 import torch.distributed as dist
 
 from pipeline.config import compose
-from tests.dist.dist_common import LAYOUTS_4, layout_overrides
+from tests.dist.dist_common import LAYOUTS, layout_overrides
 from train.pretrain import run
 
 
@@ -22,7 +23,7 @@ def main() -> None:
     overrides, names = json.loads(sys.argv[1]), sys.argv[2:]
     dist.init_process_group("gloo")
     for name in names:
-        cfg = compose([*overrides, f"run.name={name}", *layout_overrides(LAYOUTS_4[name])])
+        cfg = compose([*overrides, f"run.name={name}", *layout_overrides(LAYOUTS[name])])
         result = run(cfg)
         if dist.get_rank() == 0:
             print(f"{name}: {result}", flush=True)

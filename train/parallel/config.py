@@ -14,6 +14,14 @@ Four sizes describe every layout this project runs (torchtitan's vocabulary):
   see different tokens (they are data-parallel for the dense part) and each holds ``n_routed_experts / ep`` experts;
   the ``dp_shard / ep`` EP groups inside one shard group hold copies of the same experts, which FSDP shards again.
 
+Pipeline parallelism (``pp > 1``, train/parallel/pipeline_parallel.py) has two more fields:
+
+- ``pp_schedule``: ``1f1b`` (one stage per rank) or ``dualpipev`` (DeepSeek's DualPipe "V": two stages per rank,
+  the first and the last on pp rank 0; needs ``n_microbatches >= 2 * pp``; the only schedule that keeps MTP).
+- ``pp_microbatches``: pipeline micro-batches (of ``train.micro_batch_size`` sequences) per schedule round;
+  ``-1`` (default) puts all of a step's micro-batches, ``batch_size / (micro_batch_size * dp ranks)``, into one
+  round; a positive value must divide that count (the step then runs several rounds and accumulates).
+
 The presets in ``conf/parallel/*.yaml`` are flat mappings of these fields.
 """
 
@@ -28,6 +36,8 @@ class ParallelConfig:
     dp_shard: int = -1
     ep: int = 1
     pp: int = 1
+    pp_schedule: str = "1f1b"  # "1f1b" | "dualpipev" (only read when pp > 1)
+    pp_microbatches: int = -1  # micro-batches per schedule round; -1: every micro-batch of the step
     fp8_dispatch: bool = False  # EP dispatch sends activations as e4m3 + a per-token scale (DeepSeek-V3 sec. 3.3)
     bf16_combine: bool = False  # EP combine sends expert outputs in bfloat16 (DeepSeek-V3); else in their dtype
 

@@ -38,6 +38,7 @@ from train.parallel.config import ParallelConfig
 __all__ = ["ParallelMeshes", "build_mesh", "validate_layout"]
 
 _BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+PP_SCHEDULES = ("1f1b", "dualpipev")  # = train.parallel.pipeline_parallel.SCHEDULES (kept import-free here)
 
 
 def validate_layout(cfg: ParallelConfig, world_size: int, n_routed_experts: int | None = None) -> ParallelConfig:
@@ -66,6 +67,10 @@ def validate_layout(cfg: ParallelConfig, world_size: int, n_routed_experts: int 
         )
     if n_routed_experts is not None and res.ep > 1 and n_routed_experts % res.ep != 0:
         raise ValueError(f"parallel.ep={res.ep} must divide n_routed_experts={n_routed_experts}")
+    if res.pp_schedule not in PP_SCHEDULES:
+        raise ValueError(f"parallel.pp_schedule must be one of {PP_SCHEDULES}, got {res.pp_schedule!r}")
+    if res.pp_microbatches < 1 and res.pp_microbatches != -1:
+        raise ValueError(f"parallel.pp_microbatches must be >= 1 (or -1: every micro-batch), got {res.pp_microbatches}")
     for flag in ("fp8_dispatch", "bf16_combine"):
         if getattr(res, flag) and res.ep == 1:
             raise ValueError(f"parallel.{flag}=true needs parallel.ep > 1 (without EP there is no all-to-all)")

@@ -25,8 +25,18 @@ The return value, ``DataParallel``, is what the loop needs besides the model: th
 data-parallel coordinates; with pipelining, the ranks of one stage share data), and collectives over the
 data-parallel group for the expert loads (so every rank applies the same bias update) and the logged scalars.
 
+Pipeline parallelism (``pp > 1``): ``parallelize_pipeline`` cuts the model into the stages this rank holds
+(train/parallel/pipeline_parallel.py) and, with more than one data-parallel rank per stage (PP x FSDP/HSDP),
+applies ``fully_shard`` to each held decoder layer and then to each stage module (its embedding / norm / head)
+over ``("dp_replicate", "dp_shard")`` of this pp coordinate. The stage module is the FSDP root the schedule calls;
+``PipelineStage`` defers the gradient reduce-scatter to the last micro-batch's backward. Under ``dualpipev`` each
+stage module is ONE unit (no per-layer units): with per-layer units inside the two stage roots of one rank, torch
+2.13 gave the last stage's decoder layers wrong gradients (about 1% off a single process; measured, cause not
+isolated), whole-stage units match. PP x EP is refused.
+
 Gradient clipping: dense and expert gradients are DTensors on different meshes, which torch's
-``clip_grad_norm_`` cannot stack; ``clip_grad_norm_`` here takes one norm per mesh and combines them.
+``clip_grad_norm_`` cannot stack; ``clip_grad_norm_`` here takes one norm per mesh and combines them. Under PP
+each rank holds other parameters: the squared norms are summed over the pipeline group as well.
 """
 
 from __future__ import annotations
@@ -44,8 +54,16 @@ from torch.distributed.tensor import DTensor
 from train.parallel.config import ParallelConfig
 from train.parallel.expert_parallel import apply_expert_parallel, fully_shard_experts
 from train.parallel.mesh import ParallelMeshes, build_mesh, validate_layout
+from train.parallel.pipeline_parallel import Pipeline, build_pipeline
 
-__all__ = ["DataParallel", "clip_grad_norm_", "init_parallel", "parallelize", "world_size_from_env"]
+__all__ = [
+    "DataParallel",
+    "clip_grad_norm_",
+    "init_parallel",
+    "parallelize",
+    "parallelize_pipeline",
+    "world_size_from_env",
+]
 
 
 def world_size_from_env() -> int:
@@ -119,8 +137,7 @@ def parallelize(
     """Apply EP, then FSDP2/HSDP, to ``model`` in place (see the module docstring); return the data-parallel view.
 
     ``model`` must be identically initialized on every rank (same seed), on its final device. ``meshes=None`` (one
-    process) leaves the model untouched. Pipeline stages (train/parallel/pipeline_parallel.py) are built from a
-    whole model and scheduled there; sharding a stage's module with FSDP as well (PP x DP) is not done here.
+    process) leaves the model untouched. With ``pp > 1`` use ``parallelize_pipeline``.
     """
     if meshes is None:
         return DataParallel()
@@ -140,13 +157,49 @@ def parallelize(
     return DataParallel(rank=meshes.dp.get_local_rank(), size=dp_size, group=meshes.dp.get_group())
 
 
+def parallelize_pipeline(
+    model: nn.Module,
+    meshes: ParallelMeshes,
+    cfg: ParallelConfig,
+    n_microbatches: int,
+    microbatch_shape: tuple[int, int],
+    device: torch.device,
+    mixed_precision: bool = False,
+) -> tuple[Pipeline, DataParallel]:
+    """PP (x FSDP/HSDP): build this rank's stages and schedule (``cfg.pp_schedule``) over ``meshes.pp``, sharding
+    each stage over the data-parallel ranks of its pp coordinate when there are several. The schedule leaves
+    gradients summed over micro-batches (``scale_grads=False``): the trainer divides by its micro-batch count."""
+    if meshes.ep.size() > 1:
+        raise ValueError(
+            f"parallel.pp={meshes.pp.size()} with parallel.ep={meshes.ep.size()}: pipeline x expert parallelism is not"
+            " supported by the trainer (each stage would need its own expert FSDP units); use ep=1 with pp > 1"
+        )
+    dp_size = meshes.dp.size()
+    shard_fn = None
+    if dp_size > 1:
+        kw: dict = {"mesh": meshes.dense_fsdp}
+        if mixed_precision:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+        def shard_fn(stage: nn.Module) -> None:
+            if cfg.pp_schedule == "1f1b":  # see the module docstring for DualPipeV
+                for layer in stage.layers.values():
+                    fully_shard(layer, **kw)
+            fully_shard(stage, **kw)
+
+    pipe = build_pipeline(model, cfg.pp_schedule, meshes.pp.get_group(), n_microbatches, microbatch_shape, device,
+                          scale_grads=False, data_parallel=dp_size > 1, shard_fn=shard_fn)  # fmt: skip
+    return pipe, DataParallel(rank=meshes.dp.get_local_rank(), size=dp_size, group=meshes.dp.get_group())
+
+
 @torch.no_grad()
-def clip_grad_norm_(parameters, max_norm: float) -> Tensor:
+def clip_grad_norm_(parameters, max_norm: float, pp_group: dist.ProcessGroup | None = None) -> Tensor:
     """Clip the global gradient norm of parameters whose gradients may be DTensors on several meshes (dense vs
     experts); returns the total norm (a plain fp32 tensor, the same on every rank).
 
     One ``get_total_norm`` per mesh (its ``full_tensor()`` reduces the shards' partial norms over that mesh), plain
     gradients (identical on every rank) taken as they are; the total is the 2-norm of the group norms.
+    ``pp_group``: the pipeline group, whose ranks hold disjoint parameters; their squared norms are summed over it.
     """
     groups: dict[object, list[Tensor]] = defaultdict(list)
     for p in parameters:
@@ -158,6 +211,10 @@ def clip_grad_norm_(parameters, max_norm: float) -> Tensor:
         n = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         norms.append((n.full_tensor() if isinstance(n, DTensor) else n).float())
     total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if pp_group is not None:
+        sq = total.double().square()
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=pp_group)
+        total = sq.sqrt().float()
     coef = float(max_norm) / (float(total) + 1e-6)
     if coef < 1.0:
         for grads in groups.values():

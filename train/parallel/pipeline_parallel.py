@@ -25,7 +25,8 @@ Schedules (each rank holds a fixed set of stages; ``pp`` ranks in the pipeline g
   It needs ``n_microbatches >= 2 * pp``.
 
 Both come from ``torch.distributed.pipelining.schedules``; nothing is scheduled by hand here. Evaluation runs the
-same schedule forward-only (``schedule.eval``).
+same schedule forward-only (``schedule.eval``) under 1F1B; under DualPipeV, whose ``eval`` fails in torch 2.13,
+``forward_only`` sends each micro-batch through the stages one after another.
 
 What travels between stages
 ---------------------------
@@ -72,6 +73,7 @@ __all__ = [
     "PipelineLoss",
     "PipelineStageModule",
     "build_pipeline",
+    "forward_only",
     "check_pipeline_model",
     "gather_full_state_dict",
     "moe_layer_ids",
@@ -152,7 +154,12 @@ class PipelineStageModule(nn.Module):
         self.mtp = model.mtp if last and mtp else None
         self.rotary_emb = model.rotary_emb
         self.n_layers = model.config.num_hidden_layers
+        self.hidden_size = model.config.hidden_size
         self.expert_loads: dict[int, Tensor] = {}  # layer index -> load_E summed over the training micro-batches
+
+    def holds(self, layer_id: int) -> bool:
+        """Whether this stage runs layer `layer_id` (a main decoder layer, or an MTP module's as L + k)."""
+        return str(layer_id) in self.layers or (self.mtp is not None and layer_id >= self.n_layers)
 
     def _count(self, i: int, stats) -> None:
         if torch.is_grad_enabled():  # training micro-batches only, not evaluation
@@ -248,6 +255,44 @@ class Pipeline(NamedTuple):
     stages: list[PipelineStageModule]  # the stages this rank holds, in stage order
     loss: PipelineLoss  # the last stage's loss function (its records are filled on the rank holding it)
     n_microbatches: int
+    kind: str  # "1f1b" | "dualpipev"
+    stage_ids: list[int]  # the stage index of each module in `stages`
+    n_stages: int
+    group: dist.ProcessGroup | None  # the pipeline group
+
+
+@torch.no_grad()
+def forward_only(pipe: Pipeline, tokens_BT: Tensor, targets_BT: Tensor) -> None:
+    """One micro-batch through every stage, forward only, for evaluation: the loss (CE, balance) is recorded in
+    ``pipe.loss.records`` on the rank holding the last stage. Every rank of the pipeline group calls it with the
+    same micro-batch; activations go to the next stage's rank with blocking send/recv.
+
+    Why not ``schedule.eval``: in torch 2.13 ``ScheduleDualPipeV.eval`` still runs the schedule's backward
+    actions and fails ("can't steal_bwd_input if this stage doesn't have backward"); ``Schedule1F1B.eval`` works and
+    the trainer uses it. Here micro-batches go one after another (no overlap): evaluation is a small share of a run.
+    """
+    mine = dict(zip(pipe.stage_ids, pipe.stages))
+    pp_size = dist.get_world_size(pipe.group)
+
+    def owner(s: int) -> int:
+        return s if pipe.kind == "1f1b" or s < pp_size else 2 * pp_size - 1 - s
+
+    out: tuple[Tensor, ...] = (tokens_BT,)
+    for s in range(pipe.n_stages):
+        if s not in mine:
+            continue
+        if s > 0 and s - 1 not in mine:  # receive (h_BTD, balance_1) from the previous stage's rank
+            h = torch.empty(*tokens_BT.shape, pipe.stages[0].hidden_size, device=tokens_BT.device)
+            bal = torch.empty(1, device=tokens_BT.device)
+            dist.recv(h, group_src=owner(s - 1), group=pipe.group)
+            dist.recv(bal, group_src=owner(s - 1), group=pipe.group)
+            out = (h, bal)
+        out = mine[s](*out)
+        if s + 1 < pipe.n_stages and s + 1 not in mine:
+            dist.send(out[0].float().contiguous(), group_dst=owner(s + 1), group=pipe.group)
+            dist.send(out[1].float().contiguous(), group_dst=owner(s + 1), group=pipe.group)
+    if pipe.n_stages - 1 in mine:
+        pipe.loss(out, targets_BT)
 
 
 def build_pipeline(
@@ -308,7 +353,7 @@ def build_pipeline(
         sched = Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     else:
         sched = ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
-    return Pipeline(sched, modules, loss_fn, n_microbatches)
+    return Pipeline(sched, modules, loss_fn, n_microbatches, schedule, local, n_stages, pp_group)
 
 
 def rank_view(model: DeepseekV3, stages: list[PipelineStageModule]) -> nn.Module:
