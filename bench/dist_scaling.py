@@ -19,6 +19,10 @@ ranks), R ranks per EP group, D hidden, K experts per token, fp32 payloads:
           + 2 * S * (4 * D + 4 * 2K)               dispatch rows + their metadata, forward and backward (gradients)
           + 2 * S * 4 * D                          combine, forward and backward
 
+Pipeline layouts (``pp_*``): the same global batch, split per data-parallel rank into 4 pipeline micro-batches
+through ``parallelize_pipeline`` (the loop's path), with MTP OFF (``num_nextn_predict_layers=0``: 1F1B and PP x
+FSDP refuse it), so they do a little less work per token than the other rows (the ``mtp_layers`` column says which).
+
 Honesty notes: 2 cores run 4 processes at once, so CPU "scaling" here shows overheads (communication, sharding,
 Python), not speed-ups; the rows record the load average at the start of the run because the machine may be shared.
 """
@@ -32,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,7 +50,8 @@ from train.config import OptimConfig
 from train.optim import build_optimizer
 from train.parallel.config import ParallelConfig
 from train.parallel.expert_parallel import ExpertParallelMoE
-from train.parallel.parallelize import clip_grad_norm_, init_parallel, parallelize
+from train.parallel.parallelize import clip_grad_norm_, init_parallel, parallelize, parallelize_pipeline
+from train.parallel.pipeline_parallel import rank_view
 
 REPO = Path(__file__).resolve().parents[1]
 # name -> ParallelConfig fields; dp_shard/dp_replicate -1 fill the world size
@@ -55,8 +61,13 @@ LAYOUTS = {
     "hsdp": {"dp_replicate": 2, "dp_shard": -1},
     "fsdp_ep": {"dp_replicate": 1, "dp_shard": -1, "ep": -1},  # ep = every shard rank
     "hsdp_ep": {"dp_replicate": 2, "dp_shard": -1, "ep": 2},
+    "pp_1f1b": {"pp": 2, "dp_replicate": 1, "dp_shard": -1, "pp_schedule": "1f1b"},
+    "pp_dualpipev": {"pp": 2, "dp_replicate": 1, "dp_shard": -1, "pp_schedule": "dualpipev"},
+    "pp_fsdp": {"pp": 2, "dp_replicate": 1, "dp_shard": -1, "pp_schedule": "1f1b"},  # pp2 x dp_shard2 on 4
 }
-NPROCS = {"ddp": (1, 2, 4), "fsdp": (2, 4), "hsdp": (4,), "fsdp_ep": (2, 4), "hsdp_ep": (4,)}
+NPROCS = {"ddp": (1, 2, 4), "fsdp": (2, 4), "hsdp": (4,), "fsdp_ep": (2, 4), "hsdp_ep": (4,), "pp_1f1b": (2,),
+          "pp_dualpipev": (2,), "pp_fsdp": (4,)}  # fmt: skip
+PP_MICROBATCHES = 4  # pipeline micro-batches per step and data-parallel rank (DualPipeV on 2 ranks needs >= 4)
 
 
 def tiny_config() -> ModelConfig:
@@ -102,9 +113,21 @@ def worker(name: str, out: Path, steps: int, seq: int, batch: int) -> None:
     pcfg = layout_config(name, world) if world > 1 else ParallelConfig(dp_shard=1)
     meshes = init_parallel(pcfg, torch.device("cpu"), mcfg.n_routed_experts)
     torch.manual_seed(0)
-    model = DeepseekV3(mcfg)
-    dp = parallelize(model, meshes, pcfg)
-    opt = build_optimizer(model, OptimConfig())
+    pipe, pp_group = None, None
+    if pcfg.pp > 1:
+        mcfg = replace(mcfg, num_nextn_predict_layers=0)
+        model = DeepseekV3(mcfg)
+        local = batch // (world // pcfg.pp)
+        if local % PP_MICROBATCHES:
+            raise ValueError(f"--batch {batch}: {local} sequences per pipeline do not split into {PP_MICROBATCHES}")
+        shape = (local // PP_MICROBATCHES, seq)
+        pipe, dp = parallelize_pipeline(model, meshes, pcfg, PP_MICROBATCHES, shape, torch.device("cpu"))
+        trained, pp_group = rank_view(model, pipe.stages), meshes.pp.get_group()
+    else:
+        model = DeepseekV3(mcfg)
+        dp = parallelize(model, meshes, pcfg)
+        trained = model
+    opt = build_optimizer(trained, OptimConfig())
     if batch % dp.size:
         raise ValueError(f"--batch {batch} is not divisible by {dp.size} data-parallel ranks")
     micro = batch // dp.size
@@ -133,9 +156,16 @@ def worker(name: str, out: Path, steps: int, seq: int, batch: int) -> None:
             if world > 1:
                 dist.barrier()
             t0 = time.perf_counter()
-            out_ = model(tokens[:, :-1], tokens[:, 1:])
-            out_.loss.backward()
-            (clip_grad_norm_ if meshes is not None else torch.nn.utils.clip_grad_norm_)(model.parameters(), 1.0)
+            if pipe is not None:  # gradients left summed over the micro-batches: divide once, as the loop does
+                pipe.schedule.step(tokens[:, :-1], target=tokens[:, 1:], losses=[])
+                for p in trained.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(PP_MICROBATCHES)
+                clip_grad_norm_(trained.parameters(), 1.0, pp_group)
+            else:
+                out_ = model(tokens[:, :-1], tokens[:, 1:])
+                out_.loss.backward()
+                (clip_grad_norm_ if meshes is not None else torch.nn.utils.clip_grad_norm_)(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if world > 1:
@@ -157,6 +187,9 @@ def worker(name: str, out: Path, steps: int, seq: int, batch: int) -> None:
         "dp_replicate": pcfg.dp_replicate,
         "dp_shard": pcfg.dp_shard,
         "ep": ep,
+        "pp": pcfg.pp,
+        "pp_schedule": pcfg.pp_schedule if pcfg.pp > 1 else "",
+        "mtp_layers": mcfg.num_nextn_predict_layers,
         "global_batch": batch,
         "seq_len": seq,
         "step_s": sum(times) / len(times),
@@ -204,7 +237,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     cells = [("ddp", 1)] + [(n, p) for n in args.layouts for p in NPROCS[n] if p > 1]
     base = None
-    head = f"{'layout':>8} {'nproc':>5} {'tok/s':>8} {'vs 1':>5} {'a2a MB/step':>11} {'predicted':>9}"
+    head = f"{'layout':>12} {'nproc':>5} {'tok/s':>8} {'vs 1':>5} {'a2a MB/step':>11} {'predicted':>9}"
     print(f"{head}  (load average {load:.1f})")
     for name, nproc in cells:
         r = launch(name, nproc, args)
@@ -213,7 +246,7 @@ def main() -> None:
         r["load_avg_1min"] = load
         r["note"] = f"CPU gloo, {os.cpu_count()} cores shared by {nproc} procs; machine load avg {load:.1f} at start"
         append_result("dist_scaling", r)
-        print(f"{r['layout']:>8} {nproc:>5} {r['tokens_per_s']:>8.0f} {r['speedup_vs_1proc']:>5.2f} "
+        print(f"{r['layout']:>12} {nproc:>5} {r['tokens_per_s']:>8.0f} {r['speedup_vs_1proc']:>5.2f} "
               f"{r['a2a_bytes_per_step'] / 1e6:>11.3f} {r['a2a_bytes_predicted'] / 1e6:>9.3f}", flush=True)  # fmt: skip
 
 

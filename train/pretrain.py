@@ -6,6 +6,8 @@
     make pretrain RUN=<run>
     torchrun --standalone --nproc_per_node=4 -m train.pretrain parallel=hsdp_ep train.micro_batch_size=4
     make pretrain-dist NPROC=4 PARALLEL=fsdp ARGS="train.micro_batch_size=4"      # presets: conf/parallel/*.yaml
+    make pretrain-dist NPROC=2 PARALLEL=pp                                         # DualPipeV, 2 pp ranks, MTP on
+    make pretrain-dist NPROC=4 PARALLEL=pp_fsdp ARGS="model.num_nextn_predict_layers=0"   # 1F1B x FSDP2
     # two nodes of 8 GPUs (run on each node; rendezvous at the first node):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=<node0>:29500 --rdzv_id=<job> \
         -m train.pretrain parallel=hsdp_ep model=small precision=bf16
@@ -15,6 +17,19 @@ are set up by train/parallel/parallelize.py, which applies EP and FSDP2/HSDP to 
 reads by data-parallel rank, expert loads and logged scalars are reduced over data-parallel ranks (every rank makes
 the same bias update), rank 0 logs, and DCP checkpoints reshard, so a run saved on N ranks resumes on M.
 `train.batch_size` is global: it must divide by micro_batch_size x data-parallel ranks.
+
+Pipeline parallelism (`parallel.pp > 1`, train/parallel/pipeline_parallel.py): each rank builds the whole model
+from the seed, keeps the stages it holds (`parallel.pp_schedule`: 1f1b, one stage per rank; dualpipev, two per
+rank in a V) and, with data parallelism beside it, FSDP2-shards them over its pp coordinate's dp ranks. One
+optimizer step = `batch_size / (micro_batch_size x dp)` micro-batches through the schedule (in rounds of
+`parallel.pp_microbatches`); the schedule leaves the gradients summed and the loop divides once. The optimizer,
+EMA, gradient clipping and checkpoints run on the rank's `rank_view` (its parameters under their full-model
+names: every rank saves its own, and a PP checkpoint resumes under any layout). The loss parts, held by the last
+stage (pp rank 0 under dualpipev), and the per-stage expert loads are summed over all ranks in one all-reduce, so
+every rank logs and decides a NaN skip on the same numbers; the gradient norm is reduced over the pp group and
+(by FSDP) the dp shards; each pp rank updates the router biases of its own layers. Validation runs forward only
+(1F1B: `schedule.eval`; DualPipeV: `forward_only`, since its `eval` fails in torch 2.13); the HF export gathers
+every rank's parts on rank 0. MTP under PP needs dualpipev and no data parallelism; PP x EP is refused.
 
 Reads `outputs/<run>/data/` (token shards, tokenizer) and writes `outputs/<run>/pretrain/`: checkpoints/
 (DCP, resumable, last N kept), hf/ (Hugging Face export of the final weights), metrics.jsonl, expert_load.npy,
