@@ -7,10 +7,11 @@ DeepSeek-R1 (section 4.1, table 6) reports that Qwen-32B distilled from R1 beats
 large-scale RL. This bench asks the same question at our scale, on one run directory whose distill stage has run
 (its trace set `outputs/<run>/distill/traces/` and the teacher checkpoint named in the set's provenance):
 
-    student_sft_ref        the `student` preset from scratch, SFT on the data's reference chains of thought
+    student_sft_ref        the `student` preset from the run's student base (pretrained, distill/student_base.py;
+                           random weights when the run has none), SFT on the data's reference chains of thought
                            (`--sft-steps`): the student's own cold start
     student_sft_ref+grpo   that checkpoint, then GRPO (`--rl-steps`, train.grpo's loop and objective)
-    student_distill        the same student from scratch, SFT on the teacher's rejection-sampled traces, for as many
+    student_distill        the same student from the same start, SFT on the teacher's rejection-sampled traces, as many
                            steps as give the same student training FLOPs as student_sft_ref+grpo
     student_distill+kd     as student_distill plus forward KL to the teacher's logits (`--kd-mode`, online by
                            default): same student FLOPs, plus the teacher's forward passes (reported separately)
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from pipeline.stage import StageRun
     from train import grpo
     from train.chat import render_prompt
+    from train.checkpoint import CheckpointManager
     from train.grpo import evaluate_accuracy, load_policy
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -94,13 +96,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError("--kd-mode topk needs a trace set cached with distill.traces.cache_topk > 0")
     work = run_dir / "bench_distill_vs_rl"
     shutil.rmtree(work, ignore_errors=True)  # every arm starts fresh (the loops would otherwise resume)
-    d = replace(cfg.distill, student_init="scratch", resume="none", eval_every=0)
+    # every student arm starts from the same weights: the run's pretrained student base when it has one (the
+    # distill stage's default, distill/student_base.py), else random ones
+    base_dir = run_dir / "student_base" / "checkpoints"
+    base = CheckpointManager(base_dir, keep_last=0).checkpoints()[-1] if base_dir.is_dir() else None
+    if base is not None and not base.is_dir():
+        base = None
+    d = replace(cfg.distill, student_init="pretrain" if base else "scratch", resume="none", eval_every=0)
+    print(f"students start from {base or 'random weights'}")
 
     def score(model) -> dict:
         ev = evaluate_accuracy(model, tok, test_rows, max_new_tokens=d.eval_max_new_tokens, precision=cfg.precision)
         return {"eval_accuracy": ev["accuracy"], "eval_format_rate": ev["format_rate"], "eval_n": len(test_rows)}
 
-    student, scfg = build_student(d, vocab, cfg.precision, cfg.kernels.backend, device)
+    student, scfg = build_student(d, vocab, cfg.precision, cfg.kernels.backend, device, base)
     n_s = model_info(scfg).activated
     n_t = model_info(tcfg).activated
     common = {"run": str(run_dir), "student_activated_params": n_s, "teacher_activated_params": n_t,
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for arm, kd in (("student_distill", "none"), ("student_distill+kd", args.kd_mode)):
         t0 = time.perf_counter()
         torch.manual_seed(cfg.run.seed)
-        student, _ = build_student(d, vocab, cfg.precision, cfg.kernels.backend, device)
+        student, _ = build_student(d, vocab, cfg.precision, cfg.kernels.backend, device, base)
         dk = replace(d, steps=steps, kd_mode=kd, traces=replace(d.traces, cache_topk=prov["sampling"]["cache_topk"]))
         res = train_student(student, tok, traces, [], dk, ckpt_dir=work / arm.replace("+", "_"),
                             model_config=asdict(scfg), teacher=teacher if kd == "online" else None,

@@ -28,6 +28,9 @@ class TraceConfig:
     prompt_batch_size: int = 32  # prompts per generate() call (each prefilled once for its K samples)
     max_per_prompt: int = 4  # correct traces kept per prompt (0 = all); distinct completions only
     dedup: bool = True  # keep each distinct correct completion of a prompt once
+    # also require every `a op b = c` step of the <think> to be true (eval.graders.arithmetic_steps_valid): a right
+    # answer reached through wrong arithmetic would teach the student wrong arithmetic
+    verify_steps: bool = True
     cache_topk: int = 0  # >0: store the teacher's top-k logits of every response token (for kd_mode=topk)
     # when the teacher gets nothing right (an untrained smoke-test teacher), train on the data's reference traces
     # instead of failing; recorded as provenance["fallback"] = "reference". Off for real runs.
@@ -38,7 +41,10 @@ class TraceConfig:
 class DistillConfig:
     teacher: str = "auto"  # "auto": newest of outputs/<run>/rl/checkpoints (else sft/, logged) | a checkpoint path
     student: str = "student"  # a model preset, conf/model/<name>.yaml (vocab_size is set from the tokenizer)
-    student_init: str = "scratch"  # "scratch" | a checkpoint path (a student-shaped checkpoint to continue from)
+    # "pretrain": the student preset pretrained first on the run's data (distill/student_base.py, its own stage
+    # outputs/<run>/student_base/) | "scratch": random weights | a student checkpoint path to continue from
+    student_init: str = "pretrain"
+    student_base_steps: int = 400  # pretraining steps of the student base (batch, length, optimizer: cfg.train)
     traces: TraceConfig = field(default_factory=TraceConfig)
     # student training: SFT on the accepted traces, optionally plus logit distillation
     steps: int = 300

@@ -21,14 +21,17 @@ The stage reproduces that pipeline at our scale:
    provenance key (teacher hash, inputs, sampling settings, seed) is reused, so a re-run after a crash in student
    training does not sample again. A teacher with no correct answer stops the stage with a clear error (the smoke
    experiment, whose micro teacher is untrained, sets `traces.fallback_to_reference` instead).
-2. Student (distill/student.py): the dense `student` preset, vocabulary from the tokenizer, trained from scratch by
-   SFT on the traces; with `kd_mode=online|topk` also by forward KL to the teacher's softened logits.
+2. Student (distill/student.py): the dense `student` preset, vocabulary from the tokenizer, first pretrained on
+   the run's pretraining data (distill/student_base.py: its own stage `student_base/`, as R1's students are
+   pretrained models; `student_init=scratch` skips it), then trained by SFT on the traces; with
+   `kd_mode=online|topk` also by forward KL to the teacher's softened logits.
 3. Metrics: as in SFT (loss, CE, grad norm, tokens/s), the acceptance rate, the student's held-out accuracy every
    `eval_every` steps, and at the end the teacher's and the student's held-out accuracies (greedy, same prompts,
    same grader), their ratio, and both models' activated parameters per token (model.info) and their ratio.
 
-Where this departs from R1: R1's students are pretrained LLMs fine-tuned on 800k samples; ours starts from random
-weights and sees a few thousand traces of procedurally generated arithmetic and Countdown tasks.
+Where this departs from R1: R1's students are pretrained LLMs fine-tuned on 800k samples; ours is pretrained for
+a few minutes on the same small corpus as the teacher and sees a few thousand traces of procedurally generated
+arithmetic and Countdown tasks.
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ from omegaconf import DictConfig
 
 from distill.config import DistillConfig
 from distill.student import train_student
+from distill.student_base import pretrain_student_base
 from distill.traces import build_traces, load_traces, read_provenance, sampling_settings, trace_key
 from model.config import ModelConfig, load_preset
 from model.info import model_info
-from pipeline.config import Config, as_dict, to_config
+from pipeline.config import Config, as_dict, stage_dir, to_config
 from pipeline.io import hash_path
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
@@ -75,12 +79,16 @@ def resolve_teacher(run_dir: Path, d: DistillConfig) -> tuple[Path, str]:
     raise FileNotFoundError(f"no teacher: no checkpoint under {run_dir / 'rl'} or {run_dir / 'sft'} (run rl first)")
 
 
-def build_student(d: DistillConfig, vocab_size: int, precision: str, backend: str, device) -> tuple:
-    """The student model and its config: the preset with the tokenizer's vocabulary, or a student checkpoint."""
+def build_student(d: DistillConfig, vocab_size: int, precision: str, backend: str, device,
+                  base: Path | None = None) -> tuple:  # fmt: skip
+    """The student model and its config: the preset with the tokenizer's vocabulary (scratch), the pretrained
+    student base (`base`, for student_init=pretrain), or a student checkpoint."""
     if d.student_init == "scratch":
         mcfg = load_preset(d.student, vocab_size=vocab_size)
         return build_model(mcfg, precision, backend, device), mcfg
-    init = Path(d.student_init)
+    init = base if d.student_init == "pretrain" else Path(d.student_init)
+    if init is None:
+        raise ValueError("distill.student_init=pretrain: the student base checkpoint was not built")
     mcfg = ModelConfig(**read_model_config(init))
     model = build_model(mcfg, precision, backend, device)
     CheckpointManager(init.parent, keep_last=0).load(init, model, restore_rng=False)
@@ -146,7 +154,10 @@ def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source
         teacher = None
 
     # ---- 2. the student
-    student, scfg = build_student(d, vocab, cfg.precision, cfg.kernels.backend, device)
+    student, scfg = build_student(d, vocab, cfg.precision, cfg.kernels.backend, device, paths.get("student_base"))
+    if scfg.vocab_size != vocab:
+        raise ValueError(f"the student's vocabulary ({scfg.vocab_size}) differs from the tokenizer's ({vocab}): "
+                         f"distill.student_init={d.student_init!r} was trained with another tokenizer")  # fmt: skip
     t_act, s_act = model_info(tcfg).activated, model_info(scfg).activated
     print(f"distill: teacher {t_act:,} activated parameters per token, student {s_act:,} ({s_act / t_act:.3f}x)")
     result = train_student(student, tok, traces, test_rows, d, ckpt_dir=stage.dir / "checkpoints",
@@ -170,9 +181,11 @@ def run(cfg: Config) -> dict:
     from data.prepare import stage_outputs
 
     run_dir = Path(cfg.run.root) / cfg.run.name
-    data = stage_outputs(run_dir / "data")
+    data = stage_outputs(stage_dir(cfg, "data"))
     teacher, source = resolve_teacher(run_dir, cfg.distill)
     paths = {"tokenizer": data["tokenizer"], "reasoning": data["reasoning"], "teacher": teacher}
+    if cfg.distill.student_init == "pretrain":  # its own stage (skipped when unchanged), before this one opens
+        paths["student_base"] = pretrain_student_base(cfg)
     config = {"distill": as_dict(cfg.distill), "precision": cfg.precision, "kernels": as_dict(cfg.kernels),
               "seed": cfg.run.seed, "teacher_source": source}  # fmt: skip
     info = dist_info()

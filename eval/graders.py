@@ -20,6 +20,10 @@ sample 0 and the error is counted, instead of killing a training step.
     length  [-1, 0]  DAPO's soft overlong penalty (Yu et al. 2025): 0 up to max_length - cache_length, then
                      linear down to -1 at max_length
     code    {0, 1}   prefix + code + tests + `check(entry_point)` exits 0 in the sandbox (eval/sandbox.py)
+
+`arithmetic_steps_valid(completion)` is not a reward but a data filter: every `a op b = c` written in the
+`<think>` part is true. Distillation (distill/traces.py) uses it to keep only teacher traces whose reasoning, not
+just their final answer, is right.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ _FENCE_RE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DO
 _BOXED_RE = re.compile(r"\\boxed\s*\{(.*)\}", re.DOTALL)
 _FRAC_RE = re.compile(r"^\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
 _THOUSANDS_RE = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d*)?$")
+_STEP_RE = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?(?:/\d+)?)")
 
 
 # ---------------------------------------------------------------- answers
@@ -182,6 +187,23 @@ def code_reward(
 
 
 # ---------------------------------------------------------------- registry
+
+
+def arithmetic_steps_valid(completion: str) -> bool:
+    """True when every binary step `a op b = c` (op in + - * /) inside `<think>...</think>` holds exactly.
+
+    A chain like "13 + 1 = 15. 15 - 1 = 14." is rejected for its first step even though its answer follows from the
+    second. Text with no such step is valid (nothing to contradict). Division by zero is invalid."""
+    think = completion.split("</think>", 1)[0]
+    for a, op, b, c in _STEP_RE.findall(think):
+        x, y = Fraction(a), Fraction(b)
+        if op == "/" and y == 0:
+            return False
+        value = {"+": x + y, "-": x - y, "*": x * y, "/": x / y if y else None}[op]
+        if Fraction(c) != value:
+            return False
+    return True
+
 
 RewardFn = Callable[..., list[float]]
 

@@ -33,6 +33,15 @@ def test_smoke_pipeline_runs_every_stage_then_resumes_as_a_no_op(tmp_path):
     pre = json.loads((run_dir / "pretrain" / "manifest.json").read_text())
     data = json.loads((run_dir / "data" / "manifest.json").read_text())
     assert pre["inputs"]["train_shards"]["sha256"] == data["outputs"]["train"]["sha256"]
+    # the distilled student starts from its own pretrained base, a stage of its own with a manifest and a W&B run
+    base = json.loads((run_dir / "student_base" / "manifest.json").read_text())
+    dist = json.loads((run_dir / "distill" / "manifest.json").read_text())
+    assert (
+        base["config"]["model"]["n_routed_experts"] == 0
+        and base["inputs"]["train_shards"] == pre["inputs"]["train_shards"]
+    )
+    assert dist["inputs"]["student_base"]["sha256"] == base["outputs"]["checkpoint"]["sha256"]
+    assert list((run_dir / "student_base" / "wandb").glob("offline-run-*"))
 
     mtimes = {s: (run_dir / s / "manifest.json").stat().st_mtime for s in STAGES}
     again = _pipeline(tmp_path)

@@ -19,6 +19,10 @@ from distill.run import run as run_distill
 from pipeline.config import compose
 from train.checkpoint import read_model_config
 
+# the micro run has no pretraining shards, so no student base: these tests start the student from random weights
+# (the student base, student_init=pretrain, runs in the smoke pipeline: tests/e2e)
+SCRATCH = ["distill.student_init=scratch"]
+
 
 def _setup(tmp_path, monkeypatch, teacher_stage="rl"):
     from datasets import load_from_disk
@@ -39,7 +43,7 @@ def _setup(tmp_path, monkeypatch, teacher_stage="rl"):
 
 def test_stage_writes_traces_student_and_manifest_then_skips(tmp_path, monkeypatch):
     run, calls = _setup(tmp_path, monkeypatch)
-    cfg = compose(micro_overrides(tmp_path))
+    cfg = compose(micro_overrides(tmp_path) + SCRATCH)
     res = run_distill(cfg)
     d = run / "distill"
     prov = json.loads((d / "traces" / "provenance.json").read_text())
@@ -67,7 +71,7 @@ def test_stage_writes_traces_student_and_manifest_then_skips(tmp_path, monkeypat
 
 def test_falls_back_to_sft_teacher(tmp_path, monkeypatch, capsys):
     run, _ = _setup(tmp_path, monkeypatch, teacher_stage="sft")
-    cfg = compose(micro_overrides(tmp_path))
+    cfg = compose(micro_overrides(tmp_path) + SCRATCH)
     path, source = resolve_teacher(run, cfg.distill)
     assert source == "sft" and path.parent == run / "sft" / "checkpoints"
     assert "no RL checkpoint" in capsys.readouterr().out
@@ -78,7 +82,7 @@ def test_falls_back_to_sft_teacher(tmp_path, monkeypatch, capsys):
 
 def test_traces_reused_and_student_resumed_with_online_kd(tmp_path, monkeypatch, capsys):
     run, calls = _setup(tmp_path, monkeypatch)
-    base = micro_overrides(tmp_path) + ["distill.kd_mode=online"]
+    base = micro_overrides(tmp_path) + SCRATCH + ["distill.kd_mode=online"]
     run_distill(compose(base + ["distill.steps=2"]))
     assert len(calls) == 1
     res = run_distill(compose(base + ["distill.steps=3"]))
@@ -110,7 +114,7 @@ def test_untrained_teacher_with_the_real_sampler(tmp_path):
     the smoke config's fallback trains the student on reference traces; without the fallback the stage refuses."""
     run = make_micro_run(tmp_path)
     shutil.copytree(run / "pretrain", run / "rl")
-    res = run_distill(compose(micro_overrides(tmp_path)))
+    res = run_distill(compose(micro_overrides(tmp_path) + SCRATCH))
     prov = json.loads((run / "distill" / "traces" / "provenance.json").read_text())
     assert prov["stats"]["samples"] == 16 * 4
     if prov["stats"]["accepted"] == 0:
@@ -120,4 +124,4 @@ def test_untrained_teacher_with_the_real_sampler(tmp_path):
     shutil.rmtree(run / "distill")
     if prov["stats"]["accepted"] == 0:
         with pytest.raises(ValueError, match="accepted no trace"):
-            run_distill(compose(micro_overrides(tmp_path) + ["distill.traces.fallback_to_reference=false"]))
+            run_distill(compose(micro_overrides(tmp_path) + SCRATCH + ["distill.traces.fallback_to_reference=false"]))

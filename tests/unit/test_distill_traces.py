@@ -161,3 +161,27 @@ def test_fallback_to_reference_when_nothing_is_accepted(tok_rows, tmp_path):
     assert prov["fallback"] == "reference" and prov["stats"]["acceptance_rate"] == 0.0
     assert [tr["completion"] for tr in traces] == [r["completion"] for r in rows]
     assert load_traces(tmp_path / "tr")[1]["fallback"] == "reference"
+
+
+def test_a_right_answer_reached_through_a_false_step_is_rejected(tok_rows):
+    """verify_steps drops a trace whose final answer is right but one of its `a op b = c` steps is false; off, the
+    same trace is kept."""
+    tok, rows = tok_rows
+    rows = [r for r in rows if r["kind"] == "arith"][:3]
+    eos = eos_id(tok)
+    by_prompt = {tuple(render_prompt(tok, r["prompt"])): r for r in rows}
+
+    def bad_step_teacher(prompts, n, seed):
+        out = []
+        for p in prompts:
+            r = by_prompt[tuple(p)]
+            text = f"<think>1 + 1 = 3. {r['answer']} + 0 = {r['answer']}.</think><answer>{r['answer']}</answer>"
+            out += [tok.encode(text, add_special_tokens=False).ids + [eos]] * n
+        return out
+
+    on = TraceConfig(samples_per_prompt=1)
+    traces, stats = rejection_sample(rows, bad_step_teacher, tok, on)
+    assert (stats.correct, stats.wrong_steps, stats.accepted) == (3, 3, 0)
+    off = TraceConfig(samples_per_prompt=1, verify_steps=False)
+    traces, stats = rejection_sample(rows, bad_step_teacher, tok, off)
+    assert (stats.wrong_steps, stats.accepted) == (0, 3)

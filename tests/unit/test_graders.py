@@ -11,6 +11,7 @@ from eval.graders import (
     REWARDS,
     answer_reward,
     answers_match,
+    arithmetic_steps_valid,
     code_program,
     code_reward,
     extract_answer,
@@ -262,3 +263,20 @@ def test_task_reward_dispatches_on_the_task_kind():
     assert task(completions, kinds=kinds, answers=answers, metas=metas) == [1.0, 0.0, 1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="kinds has 1 entries for 2 completions"):
         task(["a", "b"], kinds=["arith"], answers=["1", "2"], metas=["{}", "{}"])
+
+
+@pytest.mark.parametrize(
+    "completion, valid",
+    [
+        ("<think>Ben has 13 + 1 = 14. Mia has 14 - 1 = 13.</think><answer>13</answer>", True),
+        ("<think>Ben has 13 + 1 = 15. Mia has 15 - 1 = 14.</think><answer>14</answer>", False),
+        ("<think>6 * 7 = 42. 42 / 6 = 7.</think><answer>7</answer>", True),
+        ("<think>9 / 2 = 9/2.</think><answer>4.5</answer>", True),
+        ("<think>3 - 5 = -2.</think><answer>-2</answer>", True),
+        ("<think>4 / 0 = 0.</think><answer>0</answer>", False),
+        ("<think>no arithmetic here</think><answer>5</answer>", True),
+        ("<think>1 + 1 = 2.</think><answer>1 + 1 = 3</answer>", True),  # only the <think> is checked
+    ],
+)
+def test_arithmetic_steps_valid(completion, valid):
+    assert arithmetic_steps_valid(completion) is valid
