@@ -119,6 +119,7 @@ class StageRun:
             project=self.cfg.wandb.project,
             entity=self.cfg.wandb.entity,
             enabled=self.rank == 0,
+            name=f"{self.run_name}/{self.stage}",
         )
         for name, path in self.inputs.items():
             self.tracker.use_artifact(path, name=f"{self.run_name}-{name}", type=name)

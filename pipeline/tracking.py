@@ -7,6 +7,8 @@ every W&B file (run files, cache, artifacts staging, settings) lives inside the 
 
 A W&B failure — import, init, a log call — logs one warning and turns W&B off for the stage; the stage goes on and
 `metrics.jsonl` still gets every metric. Only rank 0 tracks; other ranks get a tracker that writes nothing.
+Each stage's W&B run is also described in `<stage_dir>/wandb_run.json` (id, name, group, job type, local dir), so
+offline runs and their grouping can be listed without W&B: `python -m pipeline.tracking outputs/`.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Tracker:
         project: str = "deepseek-repro",
         entity: str | None = None,
         enabled: bool = True,
+        name: str | None = None,
     ) -> None:
         if mode not in ("offline", "online", "disabled"):
             raise ValueError(f"wandb.mode must be offline, online or disabled, got {mode!r}")
@@ -88,13 +91,17 @@ class Tracker:
                 entity=entity,
                 group=run_group,
                 job_type=stage,
-                name=f"{run_group}/{stage}",
+                name=name or f"{run_group}/{stage}",
                 config=config or {},
                 dir=str(self.stage_dir.resolve()),
                 mode=mode,
                 reinit="create_new",
                 settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
             )
+            # what `make wandb-sync` will upload, readable without W&B: which run, in which group (sweeps share one)
+            record = {"id": self._run.id, "name": self._run.name, "group": run_group, "job_type": stage,
+                      "project": project, "mode": mode, "dir": str(Path(self._run.dir).parent)}  # fmt: skip
+            (self.stage_dir / "wandb_run.json").write_text(json.dumps(record, indent=2) + "\n")
         except Exception as e:  # W&B must never stop a stage
             self._warn("init", e)
 
@@ -179,3 +186,28 @@ class Tracker:
             except Exception as e:
                 self._warn("finish", e)
         self._run = None
+
+
+def list_runs(root: Path) -> list[dict]:
+    """Every `wandb_run.json` under `root`, sorted by group then name."""
+    runs = [json.loads(p.read_text()) | {"stage_dir": str(p.parent)} for p in Path(root).rglob("wandb_run.json")]
+    return sorted(runs, key=lambda r: (r["group"], r["name"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pipeline.tracking [ROOT]`: the offline W&B runs under ROOT (default outputs/), by group."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("root", nargs="?", default="outputs", type=Path)
+    args = ap.parse_args(argv)
+    group = None
+    for r in list_runs(args.root):
+        if r["group"] != group:
+            group = r["group"]
+            print(f"group {group}")
+        print(f"  {r['name']:<40} {r['job_type']:<13} {r['mode']:<8} {r['id']}  {r['dir']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -41,7 +41,8 @@ def test_offline_run_lives_in_stage_dir_and_not_in_home(tmp_path):
         import os
         os.environ.pop("WANDB_MODE", None)
         from pipeline.tracking import Tracker
-        t = Tracker({str(stage_dir)!r}, run_group="run", stage="data", config={{"x": 1}}, mode="offline")
+        t = Tracker({str(stage_dir)!r}, run_group="run", stage="data", config={{"x": 1}}, mode="offline",
+                    name="run/data")
         assert t.wandb_run is not None, "offline W&B did not start"
         t.log({{"loss": 1.0}}, step=1)
         t.summary({{"final": 0.5}})
@@ -56,6 +57,12 @@ def test_offline_run_lives_in_stage_dir_and_not_in_home(tmp_path):
     runs = list((stage_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
     assert list(home.rglob("*")) == [], f"W&B wrote under $HOME: {list(home.rglob('*'))}"
+    # the run is described next to the stage, and listed by group
+    from pipeline.tracking import list_runs
+
+    rec = json.loads((stage_dir / "wandb_run.json").read_text())
+    assert (rec["name"], rec["group"], rec["job_type"], rec["mode"]) == ("run/data", "run", "data", "offline")
+    assert runs[0].name.endswith(rec["id"]) and list_runs(tmp_path) == [rec | {"stage_dir": str(stage_dir)}]
 
 
 def test_wandb_failure_warns_and_the_stage_goes_on(tmp_path, monkeypatch, caplog):
