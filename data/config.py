@@ -97,7 +97,7 @@ class ReasoningConfig:
     enabled: bool = True  # write the reasoning train/test sets (data.reasoning.write_reasoning_sets)
     kinds: list[str] = field(default_factory=lambda: ["arith", "countdown"])
     n_train: int = 2000
-    n_test: int = 200
+    n_test: int = 500
     difficulty: list[int] = field(default_factory=lambda: [1])  # levels cycled over the problems
 
 

@@ -44,10 +44,10 @@ class DistillConfig:
     # "pretrain": the student preset pretrained first on the run's data (distill/student_base.py, its own stage
     # outputs/<run>/student_base/) | "scratch": random weights | a student checkpoint path to continue from
     student_init: str = "pretrain"
-    student_base_steps: int = 400  # pretraining steps of the student base (batch, length, optimizer: cfg.train)
+    student_base_steps: int = 300  # pretraining steps of the student base (batch, length, optimizer: cfg.train)
     traces: TraceConfig = field(default_factory=TraceConfig)
     # student training: SFT on the accepted traces, optionally plus logit distillation
-    steps: int = 300
+    steps: int = 1000
     batch_size: int = 32
     micro_batch_size: int = 32
     max_len: int = 256  # prompt + completion tokens; longer traces are dropped (and counted)
@@ -55,8 +55,8 @@ class DistillConfig:
     kd_weight: float = 0.5  # loss = (1 - kd_weight) * CE + kd_weight * T^2 * KL(teacher_T || student_T)
     kd_temperature: float = 2.0
     log_every: int = 1
-    eval_every: int = 100  # student held-out accuracy (greedy) every N steps and at the end (0: end only)
-    eval_n: int = 200  # held-out prompts (greedy) scored for the student during training and for the teacher once
+    eval_every: int = 250  # student held-out accuracy (greedy) every N steps and at the end (0: end only)
+    eval_n: int = 500  # held-out prompts (greedy) scored for the student during training and for the teacher once
     eval_max_new_tokens: int = 96
     ckpt_every: int = 100
     keep_last: int = 2

@@ -48,7 +48,7 @@ class HumanEvalConfig:
 @dataclass
 class ReasoningEvalConfig:
     enabled: bool = True
-    n: int = 24  # held-out prompts from the data stage's reasoning test split; 0 = all
+    n: int = 100  # held-out prompts from the data stage's reasoning test split; 0 = all
     k: int = 4  # samples per prompt: pass@1 is averaged over them
     temperature: float = 0.6  # DeepSeek-R1's evaluation setting (temperature 0.6, top-p 0.95)
     top_p: float = 0.95

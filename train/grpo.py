@@ -1,6 +1,6 @@
 """GRPO: reinforcement learning of reasoning from rule-based rewards, starting from the cold-start SFT checkpoint.
 
-    python -m train.grpo                                  # CPU default: tiny model, 60 steps of 16 prompts x 8
+    python -m train.grpo                                  # CPU default: tiny model, 150 steps of 16 prompts x 8
     python -m train.grpo rl.kl_coef=0 rl.loss_agg=seq_sum_norm rl.adv_norm=none    # Dr. GRPO
     python -m train.grpo rl.loss_agg=seq_mean rl.clip_eps_high=0.2                 # the GRPO paper's objective
     python -m train.grpo experiment=smoke                 # micro scale, seconds
@@ -40,6 +40,11 @@ Where this departs from DeepSeek-R1's recipe, and why:
   reasoning.
 - Tasks: procedurally generated arithmetic and Countdown (data/reasoning.py) instead of competition math and code;
   the code reward exists in eval/graders.py but is not in the default mix.
+- Rollout temperature 0.7 (R1: 1.0), and the policy that is optimized is the one sampled, pi_tau = softmax(logits /
+  tau): the log-probabilities of the surrogate, the old policy and the KL reference all divide the logits by tau
+  (as TRL and verl do), so the ratio is exact and mu = 1 stays on-policy. Measured on the default run: at tau = 1 a
+  tiny policy samples so many wrong arithmetic tokens that the learning signal is mostly about tokens greedy
+  decoding never picks; tau = 0.7 gave the larger held-out gain (greedy), see the issue notes and bench/rl_gain.py.
 - Clip-higher (eps_high > eps_low) and token-level aggregation are DAPO's changes, default here because they keep
   the entropy of a small policy from collapsing; `rl.clip_eps_high=0.2 rl.loss_agg=seq_mean` is R1's objective.
 - The reference model is the SFT checkpoint, frozen for the whole run (R1 periodically resets it); beta = 0.01.
@@ -172,11 +177,14 @@ def aggregate(loss_NT: Tensor, mask_NT: Tensor, mode: str, n_seqs: int, n_tokens
     raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {mode!r}")
 
 
-def token_logprobs(model, ids_NT: Tensor, precision: str, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """log pi(ids[t+1] | ids[:t+1]) for t < T-1, fp32 [N, T-1]; and the per-position entropy when asked."""
+def token_logprobs(
+    model, ids_NT: Tensor, precision: str, with_entropy: bool = False, temperature: float = 1.0
+) -> tuple[Tensor, Tensor | None]:
+    """log pi_tau(ids[t+1] | ids[:t+1]) for t < T-1, fp32 [N, T-1], pi_tau = softmax(logits / temperature): the
+    distribution the rollouts were sampled from; and the per-position entropy when asked."""
     with autocast(precision, ids_NT.device):
         logits_NTV = model(ids_NT[:, :-1]).logits_BTV
-    logp_NTV = torch.log_softmax(logits_NTV.float(), dim=-1)
+    logp_NTV = torch.log_softmax(logits_NTV.float() / temperature, dim=-1)
     logp_NT = logp_NTV.gather(-1, ids_NT[:, 1:, None]).squeeze(-1)
     entropy = None
     if with_entropy:
@@ -215,15 +223,18 @@ def grpo_update(
     from train.pretrain import first_nonfinite
 
     n_seqs, n_tokens = ids_NT.shape[0], int(mask_NT.sum())
+    tau = r.temperature if r.temperature > 0 else 1.0  # the policy optimized is the one sampled: pi_tau
     chunks = [slice(i, i + r.micro_batch_size) for i in range(0, n_seqs, r.micro_batch_size)]
     with torch.no_grad():  # one update: the old policy IS the current one, its log-probs come with the first pass
-        old_logp = [token_logprobs(model, ids_NT[c], precision)[0] for c in chunks] if r.updates_per_batch > 1 else None
-        ref_logp = [token_logprobs(ref, ids_NT[c], precision)[0] for c in chunks] if ref is not None else None
+        old_logp = [token_logprobs(model, ids_NT[c], precision, temperature=tau)[0] for c in chunks] if (
+            r.updates_per_batch > 1) else None  # fmt: skip
+        ref_logp = [token_logprobs(ref, ids_NT[c], precision, temperature=tau)[0] for c in chunks] if (
+            ref is not None) else None  # fmt: skip
     out = dict.fromkeys(UPDATE_METRICS, 0.0)
     for u in range(r.updates_per_batch):
         sums = dict.fromkeys(UPDATE_METRICS, 0.0)
         for j, c in enumerate(chunks):
-            logp, ent = token_logprobs(model, ids_NT[c], precision, with_entropy=(u == 0))
+            logp, ent = token_logprobs(model, ids_NT[c], precision, with_entropy=(u == 0), temperature=tau)
             m = mask_NT[c]
             old = old_logp[j] if old_logp is not None else logp.detach()
             loss_NT, clipped = clipped_surrogate(logp, old, adv_N[c], r.clip_eps, r.clip_eps_high)

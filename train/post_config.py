@@ -33,7 +33,7 @@ class SFTConfig:
     init: str = "auto"  # "auto": newest checkpoint of outputs/<run>/pretrain | a checkpoint path | "scratch"
     max_bad_steps: int = 5
     export_hf: bool = True
-    eval_n: int = 200  # held-out prompts scored (greedy) at the end; 0 disables
+    eval_n: int = 500  # held-out prompts scored (greedy) at the end; 0 disables
     eval_max_new_tokens: int = 96
     table_every: int = 100  # greedy samples of a few prompts as a W&B table every N steps (0 disables)
     table_rows: int = 4
@@ -42,11 +42,11 @@ class SFTConfig:
 
 @dataclass
 class GRPOConfig:
-    steps: int = 60
+    steps: int = 150
     prompts_per_step: int = 16  # B prompts per batch
     group_size: int = 8  # G samples per prompt (one prefill each, see model.generate)
     max_new_tokens: int = 96
-    temperature: float = 1.0  # rollout temperature; 1.0 keeps the sampler's log-probs equal to the policy's
+    temperature: float = 0.7  # rollout temperature tau; the loss optimizes the sampled policy softmax(logits / tau)
     top_p: float = 1.0
     updates_per_batch: int = 1  # mu: optimizer steps on each batch of rollouts (GRPO's inner iterations)
     micro_batch_size: int = 64  # sequences per forward/backward
@@ -67,5 +67,5 @@ class GRPOConfig:
     resume: str = "auto"
     max_bad_steps: int = 5
     export_hf: bool = True
-    eval_n: int = 200  # held-out prompts scored (greedy) at the start and the end; 0 disables
+    eval_n: int = 500  # held-out prompts scored (greedy) at the start and the end; 0 disables
     optim: OptimConfig = field(default_factory=_rl_optim)

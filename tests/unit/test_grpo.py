@@ -21,6 +21,7 @@ from train.grpo import (
     pack_sequences,
     prompt_indices,
     score_completions,
+    token_logprobs,
 )
 from train.grpo import run as run_grpo
 from train.optim import build_optimizer
@@ -126,6 +127,25 @@ def test_prompt_indices_are_resumable_epoch_permutations():
     idx = [i for s in range(6) for i in prompt_indices(9, 3, s, seed=4)]
     assert sorted(idx[:9]) == list(range(9)) and sorted(idx[9:]) == list(range(9))
     assert prompt_indices(9, 3, 4, seed=4) == idx[12:15]
+
+
+def test_token_logprobs_are_those_of_the_tempered_policy_that_sampled():
+    """With temperature tau the log-probabilities are log softmax(logits / tau) of the next token, and generation at
+    tau samples from exactly that distribution (its first token's empirical frequencies match)."""
+    torch.manual_seed(0)
+    model = DeepseekV3(micro_config(16, max_position_embeddings=32)).eval()
+    ids = torch.tensor([[0, 3, 5, 7, 2]])
+    logits = model(ids[:, :-1]).logits_BTV.float()
+    for tau in (1.0, 0.5):
+        logp, ent = token_logprobs(model, ids, "fp32", with_entropy=True, temperature=tau)
+        want = torch.log_softmax(logits / tau, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        torch.testing.assert_close(logp, want)
+        assert ent.shape == logp.shape
+    n = 4000
+    gen = generate(model, [[0, 3, 5, 7]], n_samples=n, max_new_tokens=1, temperature=0.5, seed=1)
+    freq = torch.bincount(torch.tensor([t[0] for t in gen.tokens]), minlength=16).float() / n
+    p = torch.softmax(logits[0, -1] / 0.5, -1)
+    assert (freq - p).abs().max() < 0.03
 
 
 def test_grpo_update_moves_a_toy_policy_toward_higher_reward():
