@@ -36,7 +36,11 @@ def commit() -> str:
 
 
 def append_result(name: str, row: dict) -> Path:
-    """Append `row` (plus machine, commit, date) to bench/results/<name>.csv, writing a header for a new file."""
+    """Append `row` (plus machine, commit, date) to bench/results/<name>.csv, writing a header for a new file.
+
+    When the row has columns the file's header lacks (a bench that gained a column), the file is rewritten once with
+    the union of the columns, older rows left empty in the new ones, so no row is ever written under the wrong
+    header."""
     path = RESULTS_DIR / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     full = {
@@ -45,9 +49,20 @@ def append_result(name: str, row: dict) -> Path:
         "commit": commit(),
         **row,
     }
+    fields = list(full)
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields, old_rows = list(reader.fieldnames or []), list(reader)
+        fields = old_fields + [k for k in full if k not in old_fields]
+        if fields != old_fields:
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(old_rows)
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(full))
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         if new:
             w.writeheader()
         w.writerow(full)

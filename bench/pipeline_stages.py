@@ -2,8 +2,11 @@
 
     python -m bench.pipeline_stages --run outputs/default        # after `make pipeline`
 
-Wall time is the stage's own (manifest.json `wall_time_s`); peak resident memory comes from `pipeline.json`, which
-`python -m pipeline` writes when it runs the stage in a child process (empty for a stage it found up to date).
+Two wall times: `wall_s`, the stage's child process as `python -m pipeline` ran it (`pipeline.json`: start-up,
+imports and sub-stages included, e.g. the distillation stage's student base pretraining), which is what adds up to
+the pipeline's duration; and `stage_wall_s`, the stage's own (manifest.json `wall_time_s`). Peak resident memory
+comes from `pipeline.json` too. Both `pipeline.json` columns are empty for a stage the pipeline found up to date or
+that was run on its own; the last row of a run is the total.
 """
 
 from __future__ import annotations
@@ -33,12 +36,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = {
             "run": args.run.name,
             "stage": stage,
-            "wall_s": m["wall_time_s"],
+            "wall_s": child.get("wall_s", ""),
             "peak_rss_mb": round(child["peak_rss_mb"]) if "peak_rss_mb" in child else "",
             "finished_at": m.get("finished_at", ""),
+            "stage_wall_s": m["wall_time_s"],
         }
-        append_result("pipeline_stages", row)
         rows.append(row)
+    if rows:
+        ran = [r["wall_s"] for r in rows if r["wall_s"] != ""]
+        rows.append({"run": args.run.name, "stage": "total", "wall_s": round(sum(ran), 2) if ran else "",
+                     "peak_rss_mb": max((r["peak_rss_mb"] for r in rows if r["peak_rss_mb"] != ""), default=""),
+                     "finished_at": rows[-1]["finished_at"],
+                     "stage_wall_s": round(sum(r["stage_wall_s"] for r in rows), 2)})  # fmt: skip
+    for row in rows:
+        append_result("pipeline_stages", row)
         print(row)
     return rows
 
