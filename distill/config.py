@@ -47,7 +47,7 @@ class DistillConfig:
     student_base_steps: int = 300  # pretraining steps of the student base (batch, length, optimizer: cfg.train)
     traces: TraceConfig = field(default_factory=TraceConfig)
     # student training: SFT on the accepted traces, optionally plus logit distillation
-    steps: int = 1000
+    steps: int = 2000
     batch_size: int = 32
     micro_batch_size: int = 32
     max_len: int = 256  # prompt + completion tokens; longer traces are dropped (and counted)
