@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     by_kind = {}
     for stage in ("sft", "rl"):
         for kind in sorted({r["kind"] for r in rows}):
-            idx = [i for i, r in enumerate(rows) for _ in range(args.k) if r["kind"] == kind]
+            # samples are prompt-major: prompt i's k samples sit at i * k .. i * k + k - 1
+            idx = [i * args.k + j for i, r in enumerate(rows) if r["kind"] == kind for j in range(args.k)]
             by_kind[f"{stage}_{kind}"] = round(sum(results[stage]["samples"][i][2] for i in idx) / max(1, len(idx)), 4)
     row = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
