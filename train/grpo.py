@@ -44,7 +44,9 @@ Where this departs from DeepSeek-R1's recipe, and why:
   tau): the log-probabilities of the surrogate, the old policy and the KL reference all divide the logits by tau
   (as TRL and verl do), so the ratio is exact and mu = 1 stays on-policy. Measured on the default run: at tau = 1 a
   tiny policy samples so many wrong arithmetic tokens that the learning signal is mostly about tokens greedy
-  decoding never picks; tau = 0.7 gave the larger held-out gain (greedy), see the issue notes and bench/rl_gain.py.
+  decoding never picks; from one SFT checkpoint tau = 0.7 gave a larger greedy held-out gain than tau = 1 (+8.5..+13
+  against +6.5..+10.5 points), but from the default pipeline's SFT checkpoint no setting tried gained at all (see
+  bench/rl_gain.py and the README): the gain is not robust at this scale.
 - Clip-higher (eps_high > eps_low) and token-level aggregation are DAPO's changes, default here because they keep
   the entropy of a small policy from collapsing; `rl.clip_eps_high=0.2 rl.loss_agg=seq_mean` is R1's objective.
 - The reference model is the SFT checkpoint, frozen for the whole run (R1 periodically resets it); beta = 0.01.
