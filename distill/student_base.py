@@ -21,7 +21,7 @@ from pathlib import Path
 
 from model.config import load_preset
 from pipeline.config import Config, as_dict, stage_dir
-from pipeline.stage import StageRun, read_manifest
+from pipeline.stage import StageRun
 
 STAGE = "student_base"
 
@@ -51,10 +51,7 @@ def pretrain_student_base(cfg: Config) -> Path:
               "kernels": as_dict(scfg.kernels), "seed": scfg.run.seed}  # fmt: skip
     inputs = {"train_shards": data["train"], "val_shards": data["val"], "tokenizer": data["tokenizer"]}
     stage = StageRun(scfg, STAGE, config=config, inputs=inputs)
-    if stage.up_to_date():
+    result = stage.run_checkpointed(lambda st: pretrain_loop(scfg, st, data))
+    if result.get("skipped"):
         print(f"distill: student base up to date in {stage.dir}")
-    else:
-        with stage:
-            result = pretrain_loop(scfg, stage, data)
-            stage.finish(outputs={"checkpoint": Path(result["checkpoint"])}, metrics=result)
-    return Path(read_manifest(stage.dir)["outputs"]["checkpoint"]["path"])
+    return Path(result["checkpoint"])

@@ -22,6 +22,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,18 @@ class StageRun:
     def __exit__(self, *exc) -> None:
         if self.tracker is not None:
             self.tracker.finish()
+
+    def run_checkpointed(self, train: Callable[[StageRun], dict]) -> dict:
+        """The training stages' shape (pretrain, sft, rl, the student base): the previous metrics when up to date;
+        else `train(self)` inside the stage, publishing its `result["checkpoint"]` (and `hf/` when it was exported)."""
+        if self.up_to_date():
+            return self.previous_metrics()
+        with self:
+            result = train(self)
+            outputs = {"checkpoint": Path(result["checkpoint"])}
+            if (self.dir / "hf").is_dir():
+                outputs["hf"] = self.dir / "hf"
+            return self.finish(outputs=outputs, metrics=result)
 
     def finish(self, outputs: dict[str, Path], metrics: dict[str, Any]) -> dict:
         """Hash outputs, log them as artifacts and the metrics as the W&B summary, write the manifest last."""

@@ -549,14 +549,7 @@ def run(cfg: Config) -> dict:
     config = {"rl": as_dict(cfg.rl), "precision": cfg.precision, "kernels": as_dict(cfg.kernels), "seed": cfg.run.seed}
     paths = {"tokenizer": data["tokenizer"], "reasoning": data["reasoning"], "init": init}
     stage = StageRun(cfg, "rl", config=config, inputs=paths, rank=info.rank)
-    if stage.up_to_date():
-        return stage.previous_metrics()
-    with stage:
-        result = train(cfg, stage, paths)
-        outputs = {"checkpoint": Path(result["checkpoint"])}
-        if (stage.dir / "hf").is_dir():
-            outputs["hf"] = stage.dir / "hf"
-        return stage.finish(outputs=outputs, metrics=result)
+    return stage.run_checkpointed(lambda st: train(cfg, st, paths))
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")

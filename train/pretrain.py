@@ -487,14 +487,7 @@ def _run(cfg: Config, data: dict[str, Path], meshes: ParallelMeshes | None) -> d
               "kernels": as_dict(cfg.kernels), "parallel": as_dict(cfg.parallel), "seed": cfg.run.seed}  # fmt: skip
     inputs = {"train_shards": data["train"], "val_shards": data["val"], "tokenizer": data["tokenizer"]}
     stage = StageRun(cfg, "pretrain", config=config, inputs=inputs, rank=info.rank)
-    if stage.up_to_date():
-        return stage.previous_metrics()
-    with stage:
-        result = train(cfg, stage, data, meshes)
-        outputs = {"checkpoint": Path(result["checkpoint"])}
-        if (stage.dir / "hf").is_dir():
-            outputs["hf"] = stage.dir / "hf"
-        return stage.finish(outputs=outputs, metrics=result)
+    return stage.run_checkpointed(lambda st: train(cfg, st, data, meshes))
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
