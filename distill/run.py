@@ -189,7 +189,7 @@ def run(cfg: Config) -> dict:
     config = {"distill": as_dict(cfg.distill), "precision": cfg.precision, "kernels": as_dict(cfg.kernels),
               "seed": cfg.run.seed, "teacher_source": source}  # fmt: skip
     info = dist_info()
-    stage = StageRun(cfg, STAGE, config=config, inputs=paths, rank=info.rank)
+    stage = StageRun(cfg, STAGE, config=config, inputs=paths, rank=info.rank, resume=cfg.distill.resume)
     if stage.up_to_date():
         return stage.previous_metrics()
     with stage:

@@ -50,7 +50,7 @@ def pretrain_student_base(cfg: Config) -> Path:
     config = {"train": as_dict(scfg.train), "model": as_dict(scfg.model), "precision": scfg.precision,
               "kernels": as_dict(scfg.kernels), "seed": scfg.run.seed}  # fmt: skip
     inputs = {"train_shards": data["train"], "val_shards": data["val"], "tokenizer": data["tokenizer"]}
-    stage = StageRun(scfg, STAGE, config=config, inputs=inputs)
+    stage = StageRun(scfg, STAGE, config=config, inputs=inputs, resume=scfg.train.resume)
     result = stage.run_checkpointed(lambda st: pretrain_loop(scfg, st, data))
     if result.get("skipped"):
         print(f"distill: student base up to date in {stage.dir}")

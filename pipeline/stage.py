@@ -12,6 +12,14 @@ A stage does:
 The manifest holds the stage name, the resolved config, the code version (git sha + dirty flag), the content hash of
 every input and output, the wall time and the key metrics. It is written last and atomically, so a stage killed
 half-way has no manifest and runs again; `up_to_date` also re-checks that each output still has its recorded hash.
+
+Resuming only continues the same work. Entering a stage records the key of the work in progress (config hash and
+input hashes) in `in_progress.json`. With the trainers' `resume=auto`, a `checkpoints/` folder left by work under
+another key (a changed schedule, new data, or a folder from before this record existed) is moved, with the `*.jsonl`
+logs of that attempt, to `superseded/<time>-<key>/` rather than resumed under the new config, and the stage starts
+over; a stage killed and re-run with the same config and inputs finds its checkpoints where they were.
+`resume=none` sets any old folder aside. An explicit `resume=<checkpoint>` inside this stage's folder keeps it: that
+is how a finished run is extended on purpose (more steps from its last checkpoint), knowing that its schedule changes.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from pipeline.io import atomic_write_json, clean_temporaries, hash_config, hash_
 from pipeline.tracking import Tracker
 
 MANIFEST = "manifest.json"
+IN_PROGRESS = "in_progress.json"
 
 
 def git_version(cwd: Path | None = None) -> dict[str, Any]:
@@ -56,6 +65,15 @@ def read_manifest(stage_dir: Path) -> dict | None:
         return None
 
 
+def _barrier() -> None:
+    """A barrier across the job's processes when torch.distributed is running (torch imported only then)."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
 class StageRun:
     """One execution of one stage inside a pipeline run directory."""
 
@@ -67,8 +85,10 @@ class StageRun:
         config: dict,
         inputs: dict[str, Path] | None = None,
         rank: int = 0,
+        resume: str = "auto",
     ) -> None:
         self.cfg = cfg
+        self.resume = resume  # the trainer's resume setting: auto | none | a checkpoint path
         self.stage = stage
         self.config = config
         self.run_name = cfg.run.name
@@ -105,11 +125,46 @@ class StageRun:
         return {**m.get("metrics", {}), "skipped": True}
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
+    def work_key(self) -> dict:
+        """What the checkpoints of this execution belong to: its config hash and input hashes."""
+        return {"config_hash": self._config_hash, "inputs": self._input_hashes}
+
+    def _set_aside_stale_work(self) -> Path | None:
+        """Unless this execution resumes the stage's `checkpoints/` (see the module docstring), move them and the
+        logs of the attempt that wrote them (`*.jsonl`) to `superseded/`, so a fresh start neither resumes foreign
+        weights nor appends to old curves; then record this execution's work key. Returns where things went."""
+        marker, ckpts = self.dir / IN_PROGRESS, self.dir / "checkpoints"
+        try:
+            previous = json.loads(marker.read_text()) if marker.is_file() else None
+        except (json.JSONDecodeError, OSError):
+            previous = None
+        if self.resume == "none":
+            keep = False
+        elif self.resume == "auto":
+            keep = previous == self.work_key()
+        else:  # an explicit checkpoint: keep the folder when it is the one named
+            keep = ckpts.resolve() in Path(self.resume).resolve().parents
+        stale = [] if keep and ckpts.is_dir() else [p for p in [ckpts, *self.dir.glob("*.jsonl")] if p.exists()]
+        moved = None
+        if stale:
+            old = (previous or {}).get("config_hash", "unknown")[:12]
+            moved = self.dir / "superseded" / f"{time.strftime('%Y%m%dT%H%M%S')}-{old}"
+            moved.mkdir(parents=True, exist_ok=True)
+            for p in stale:
+                p.rename(moved / p.name)
+            if ckpts in stale:
+                why = "resume=none" if self.resume == "none" else "written under another config or other inputs"
+                print(f"stage {self.stage!r}: starting over; checkpoints/ ({why}) moved to {moved}")
+        atomic_write_json(marker, self.work_key())
+        return moved
+
     def __enter__(self) -> StageRun:
         if self.rank == 0:
             clean_temporaries(self.dir)
             # a re-run invalidates the old manifest before anything is overwritten
             (self.dir / MANIFEST).unlink(missing_ok=True)
+            self._set_aside_stale_work()
+        _barrier()  # other ranks look for checkpoints only once rank 0 has set foreign ones aside
         self._t0 = time.time()
         self.tracker = Tracker(
             self.dir,

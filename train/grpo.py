@@ -548,7 +548,7 @@ def run(cfg: Config) -> dict:
     info = dist_info()
     config = {"rl": as_dict(cfg.rl), "precision": cfg.precision, "kernels": as_dict(cfg.kernels), "seed": cfg.run.seed}
     paths = {"tokenizer": data["tokenizer"], "reasoning": data["reasoning"], "init": init}
-    stage = StageRun(cfg, "rl", config=config, inputs=paths, rank=info.rank)
+    stage = StageRun(cfg, "rl", config=config, inputs=paths, rank=info.rank, resume=cfg.rl.resume)
     return stage.run_checkpointed(lambda st: train(cfg, st, paths))
 
 

@@ -249,7 +249,7 @@ def run(cfg: Config) -> dict:
               "seed": cfg.run.seed}  # fmt: skip
     if "init" not in paths:
         config["model"] = as_dict(cfg.model)
-    stage = StageRun(cfg, "sft", config=config, inputs=paths, rank=info.rank)
+    stage = StageRun(cfg, "sft", config=config, inputs=paths, rank=info.rank, resume=cfg.sft.resume)
     return stage.run_checkpointed(lambda st: train(cfg, st, paths))
 
 

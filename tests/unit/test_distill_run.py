@@ -85,7 +85,8 @@ def test_traces_reused_and_student_resumed_with_online_kd(tmp_path, monkeypatch,
     base = micro_overrides(tmp_path) + SCRATCH + ["distill.kd_mode=online"]
     run_distill(compose(base + ["distill.steps=2"]))
     assert len(calls) == 1
-    res = run_distill(compose(base + ["distill.steps=3"]))
+    ckpt = run / "distill" / "checkpoints" / "step_000002"
+    res = run_distill(compose(base + ["distill.steps=3", f"distill.resume={ckpt}"]))  # extend the student
     out = capsys.readouterr().out
     assert len(calls) == 1 and "reusing" in out and "resumed the student" in out
     assert res["steps"] == 3 and res["kd_loss"] >= 0

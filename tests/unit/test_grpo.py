@@ -198,7 +198,12 @@ def test_grpo_stage_runs_counts_and_resumes(tmp_path):
     assert res["degenerate_groups"] == n_deg
     assert (run / "rl" / "samples.jsonl").is_file() and (run / "rl" / "curves.png").is_file()
     assert run_grpo(compose(over + ["rl.steps=2"]))["skipped"] is True
-    res = run_grpo(compose(over + ["rl.steps=3"]))  # resumes at step 2
-    assert Path(res["checkpoint"]).name == "step_000003"
+    res = run_grpo(compose(over + ["rl.steps=3"]))  # another config: starts over, the 2-step attempt set aside
+    assert Path(res["checkpoint"]).name == "step_000003" and (run / "rl" / "superseded").is_dir()
     rows = [json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward_mean" in r] == [1, 2, 3]
+    ckpt = run / "rl" / "checkpoints" / "step_000003"
+    res = run_grpo(compose(over + ["rl.steps=4", f"rl.resume={ckpt}"]))  # extended on purpose: resumes at step 3
+    assert Path(res["checkpoint"]).name == "step_000004"
+    rows = [json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward_mean" in r] == [1, 2, 3, 4]

@@ -144,8 +144,14 @@ def test_sft_stage_runs_skips_and_resumes(tmp_path):
     assert (run / "sft" / "manifest.json").is_file()
     # same config and inputs: skipped
     assert run_sft(compose(micro_overrides(tmp_path) + ["sft.steps=2"]))["skipped"] is True
-    # more steps: resumes from step 2 (not from the pretrained weights) and logs each step once
-    res = run_sft(compose(micro_overrides(tmp_path) + ["sft.steps=4"]))
+    # more steps under resume=auto is another config: the 2-step attempt is set aside and training starts over
+    res = run_sft(compose(micro_overrides(tmp_path) + ["sft.steps=3"]))
+    assert Path(res["checkpoint"]).name == "step_000003" and (run / "sft" / "superseded").is_dir()
+    rows = [json.loads(line) for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    # extending on purpose: resume from the named checkpoint (not the pretrained weights); each step logged once
+    ckpt = run / "sft" / "checkpoints" / "step_000003"
+    res = run_sft(compose(micro_overrides(tmp_path) + ["sft.steps=4", f"sft.resume={ckpt}"]))
     assert Path(res["checkpoint"]).name == "step_000004"
     rows = [json.loads(line) for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]

@@ -67,3 +67,50 @@ def test_stage_killed_before_finish_is_not_skipped(tmp_path):
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"input 'shards' not found"):
         StageRun(_cfg(tmp_path), "toy", config={}, inputs={"shards": tmp_path / "nope"})
+
+
+def _crash_with_checkpoint(cfg, config, inputs, name="step_5"):
+    """Enter the stage, write a checkpoint, and die before finish()."""
+    stage = StageRun(cfg, "toy", config=config, inputs=inputs)
+    stage.__enter__()
+    (stage.dir / "checkpoints" / name).mkdir(parents=True)
+    stage.__exit__(None, None, None)
+    return stage.dir
+
+
+def test_checkpoints_resume_only_under_the_config_and_inputs_that_wrote_them(tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("input")
+    cfg = _cfg(tmp_path)
+    d = _crash_with_checkpoint(cfg, {"steps": 10}, {"src": src})
+    with StageRun(cfg, "toy", config={"steps": 10}, inputs={"src": src}):  # the same work: resume it
+        assert (d / "checkpoints" / "step_5").is_dir() and not (d / "superseded").exists()
+    (d / "metrics.jsonl").write_text('{"step": 5}\n')
+    with StageRun(cfg, "toy", config={"steps": 20}, inputs={"src": src}):  # another schedule: start over
+        assert not (d / "checkpoints").exists()
+        (moved,) = (d / "superseded").iterdir()
+        assert (moved / "checkpoints" / "step_5").is_dir() and (moved / "metrics.jsonl").read_text() == '{"step": 5}\n'
+        assert (d / "metrics.jsonl").read_text() == ""  # the new attempt's log starts empty
+    _crash_with_checkpoint(cfg, {"steps": 20}, {"src": src}, name="step_7")
+    src.write_text("other data")
+    with StageRun(cfg, "toy", config={"steps": 20}, inputs={"src": src}):  # same config, new input: start over
+        assert not (d / "checkpoints").exists() and len(list((d / "superseded").iterdir())) == 2
+
+
+def test_checkpoints_without_a_record_of_their_work_are_not_resumed(tmp_path):
+    cfg = _cfg(tmp_path)
+    stray = tmp_path / "r1" / "toy" / "checkpoints" / "step_3"
+    stray.mkdir(parents=True)
+    with StageRun(cfg, "toy", config={"a": 1}, inputs={}) as stage:
+        assert not (stage.dir / "checkpoints").exists()
+        assert json.loads((stage.dir / "in_progress.json").read_text()) == stage.work_key()
+
+
+def test_resume_none_starts_over_and_an_explicit_checkpoint_keeps_its_folder(tmp_path):
+    cfg = _cfg(tmp_path)
+    d = _crash_with_checkpoint(cfg, {"steps": 10}, {})
+    named = d / "checkpoints" / "step_5"
+    with StageRun(cfg, "toy", config={"steps": 20}, inputs={}, resume=str(named)):  # extend a run on purpose
+        assert named.is_dir()
+    with StageRun(cfg, "toy", config={"steps": 20}, inputs={}, resume="none"):
+        assert not (d / "checkpoints").exists() and len(list((d / "superseded").iterdir())) == 1
