@@ -17,7 +17,9 @@ Resuming only continues the same work. Entering a stage records the key of the w
 input hashes) in `in_progress.json`. With the trainers' `resume=auto`, a `checkpoints/` folder left by work under
 another key (a changed schedule, new data, or a folder from before this record existed) is moved, with the `*.jsonl`
 logs of that attempt, to `superseded/<time>-<key>/` rather than resumed under the new config, and the stage starts
-over; a stage killed and re-run with the same config and inputs finds its checkpoints where they were.
+over; a stage killed and re-run with the same config and inputs finds its checkpoints where they were. Sections
+that only lay the work out on processes (`layout=("parallel",)` for pretraining) are not part of the key: a run
+saved on N ranks resumes on M.
 `resume=none` sets any old folder aside. An explicit `resume=<checkpoint>` inside this stage's folder keeps it: that
 is how a finished run is extended on purpose (more steps from its last checkpoint), knowing that its schedule changes.
 """
@@ -86,9 +88,13 @@ class StageRun:
         inputs: dict[str, Path] | None = None,
         rank: int = 0,
         resume: str = "auto",
+        layout: tuple[str, ...] = (),
     ) -> None:
         self.cfg = cfg
         self.resume = resume  # the trainer's resume setting: auto | none | a checkpoint path
+        # config sections that say how the work is spread over processes, not what it computes (e.g. "parallel"):
+        # they stay out of the work key, so a checkpoint saved on N ranks resumes on M under resume=auto
+        self.layout = tuple(layout)
         self.stage = stage
         self.config = config
         self.run_name = cfg.run.name
@@ -126,8 +132,10 @@ class StageRun:
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
     def work_key(self) -> dict:
-        """What the checkpoints of this execution belong to: its config hash and input hashes."""
-        return {"config_hash": self._config_hash, "inputs": self._input_hashes}
+        """What the checkpoints of this execution belong to: the hash of its config less the layout sections, and
+        its input hashes."""
+        work = {k: v for k, v in self.config.items() if k not in self.layout}
+        return {"config_hash": hash_config(work), "inputs": self._input_hashes}
 
     def _set_aside_stale_work(self) -> Path | None:
         """Unless this execution resumes the stage's `checkpoints/` (see the module docstring), move them and the

@@ -78,7 +78,8 @@ NO_MTP = {"model.num_nextn_predict_layers": 0}
 LAYOUTS_PP_2 = {
     "pp2_1f1b": {"pp": 2, "dp_replicate": 1, "dp_shard": 1, "pp_schedule": "1f1b", **NO_MTP},
     "pp2_dualpipev_mtp": {"pp": 2, "dp_replicate": 1, "dp_shard": 1, "pp_schedule": "dualpipev"},
-    # resume: steps 1-2 under 1F1B (rank 0 holds layers 0-1), steps 3-4 under DualPipeV (rank 0 holds 0 and 3)
+    # resume: steps 1-2 under 1F1B (rank 0 holds layers 0-1), steps 3-4 under DualPipeV (rank 0 holds 0 and 3); the
+    # run is extended (train.steps 2 -> 4), so the second piece names the checkpoint it continues
     "pp2_resume_a": {
         "pp": 2,
         "dp_replicate": 1,
@@ -95,6 +96,7 @@ LAYOUTS_PP_2 = {
         "pp_schedule": "dualpipev",
         **NO_MTP,
         "run.name": "pp2_resume",
+        "train.resume": "{root}/pp2_resume/pretrain/checkpoints/step_000002",
     },  # fmt: skip
 }
 LAYOUTS_PP_4 = {

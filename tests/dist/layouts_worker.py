@@ -21,9 +21,11 @@ from train.pretrain import run
 
 def main() -> None:
     overrides, names = json.loads(sys.argv[1]), sys.argv[2:]
+    root = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.root="))
     dist.init_process_group("gloo")
     for name in names:
-        cfg = compose([*overrides, f"run.name={name}", *layout_overrides(LAYOUTS[name])])
+        layout = [o.replace("{root}", root) for o in layout_overrides(LAYOUTS[name])]  # a layout may name a checkpoint
+        cfg = compose([*overrides, f"run.name={name}", *layout])
         result = run(cfg)
         if dist.get_rank() == 0:
             print(f"{name}: {result}", flush=True)

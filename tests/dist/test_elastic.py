@@ -1,7 +1,8 @@
 """Elastic resume of the pretraining loop: 4 ranks -> 2 -> 1 -> 2, against one uninterrupted single-process run.
 
-One run directory is trained in four pieces, each resuming (`train.resume=auto`) from the checkpoint the previous
-piece wrote on a different number of processes and layout:
+One run directory is trained in four pieces, each extending the run (`train.steps` grows, so it names the checkpoint
+to continue: `train.resume=<path>`) from the checkpoint the previous piece wrote on a different number of processes
+and layout:
 
     steps 1-2: 4 ranks, HSDP 2x2 + EP 2     steps 3-4: 2 ranks, FSDP (dp_shard=2)
     steps 5-6: 1 process                     steps 7-8: 2 ranks, DDP-like (dp_replicate=2)
@@ -49,9 +50,12 @@ def runs(tmp_path_factory):
     clone_run(root, "straight")
     clone_run(root, "elastic")
     run(compose([*base, "run.name=straight", "train.steps=8"]))
-    logs = []
+    logs, prev = [], None
     for nproc, layout, last in PIECES:
         overrides = [*base, "run.name=elastic", f"train.steps={last}", *layout]
+        if prev:  # each piece extends the run (train.steps grows), so it names the checkpoint it continues
+            overrides.append(f"train.resume={root}/elastic/pretrain/checkpoints/step_{prev:06d}")
+        prev = last
         if nproc == 1:
             run(compose(overrides))
         else:

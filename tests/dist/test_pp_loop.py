@@ -4,7 +4,7 @@ Layouts (tests/dist/dist_common.py LAYOUTS_PP_2 / LAYOUTS_PP_4; the micro model 
 
     pp2_1f1b              2 ranks, Schedule1F1B, 2 stages (MTP off: 1F1B refuses it)
     pp2_dualpipev_mtp     2 ranks, ScheduleDualPipeV, 4 stages in a V, MTP on (computed on pp rank 0)
-    pp2_resume            2 ranks: steps 1-2 under 1F1B, then resumed (train.resume=auto) under DualPipeV, whose
+    pp2_resume            2 ranks: steps 1-2 under 1F1B, then extended from that checkpoint under DualPipeV, whose
                           stages cut the layers differently (rank 0: layers 0-1, then layers 0 and 3)
     pp2_fsdp2             4 ranks, pp=2 x dp_shard=2 (FSDP2 on each stage), 1F1B
     pp2_fsdp2_dualpipev   4 ranks, pp=2 x dp_shard=2, DualPipeV (micro_batch_size=1: 4 micro-batches per rank)

@@ -114,3 +114,15 @@ def test_resume_none_starts_over_and_an_explicit_checkpoint_keeps_its_folder(tmp
         assert named.is_dir()
     with StageRun(cfg, "toy", config={"steps": 20}, inputs={}, resume="none"):
         assert not (d / "checkpoints").exists() and len(list((d / "superseded").iterdir())) == 1
+
+
+def test_a_layout_section_is_not_part_of_the_work(tmp_path):
+    cfg = _cfg(tmp_path)
+    stage = StageRun(cfg, "toy", config={"steps": 10, "parallel": {"dp": 4}}, inputs={}, layout=("parallel",))
+    stage.__enter__()
+    (stage.dir / "checkpoints" / "step_5").mkdir(parents=True)
+    stage.__exit__(None, None, None)
+    with StageRun(cfg, "toy", config={"steps": 10, "parallel": {"dp": 2}}, inputs={}, layout=("parallel",)):
+        assert (stage.dir / "checkpoints" / "step_5").is_dir()  # saved on 4 ranks, resumed on 2
+    with StageRun(cfg, "toy", config={"steps": 10, "parallel": {"dp": 1}}, inputs={}):  # no layout: another config
+        assert not (stage.dir / "checkpoints").exists()
