@@ -19,9 +19,9 @@ another key (a changed schedule, new data, or a folder from before this record e
 logs of that attempt, to `superseded/<time>-<key>/` rather than resumed under the new config, and the stage starts
 over; a stage killed and re-run with the same config and inputs finds its checkpoints where they were. Sections
 that only lay the work out on processes (`layout=("parallel",)` for pretraining) are not part of the key: a run
-saved on N ranks resumes on M.
-`resume=none` sets any old folder aside. An explicit `resume=<checkpoint>` inside this stage's folder keeps it: that
-is how a finished run is extended on purpose (more steps from its last checkpoint), knowing that its schedule changes.
+saved on N ranks resumes on M. `resume=none` sets any old folder aside. An explicit `resume=<checkpoint>` inside
+this stage's folder keeps it: that is how a finished run is extended on purpose (more steps from its last
+checkpoint), knowing that its schedule changes.
 """
 
 from __future__ import annotations
@@ -109,6 +109,9 @@ class StageRun:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._input_hashes = {k: hash_path(v) for k, v in self.inputs.items()}
         self._config_hash = hash_config(config)
+        # what checkpoints belong to: the config less the sections that only lay the work out, and the inputs
+        work = {k: v for k, v in config.items() if k not in self.layout}
+        self.work_key = {"config_hash": hash_config(work), "inputs": self._input_hashes}
         self._t0: float | None = None
         self.tracker: Tracker | None = None
 
@@ -131,16 +134,10 @@ class StageRun:
         return {**m.get("metrics", {}), "skipped": True}
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
-    def work_key(self) -> dict:
-        """What the checkpoints of this execution belong to: the hash of its config less the layout sections, and
-        its input hashes."""
-        work = {k: v for k, v in self.config.items() if k not in self.layout}
-        return {"config_hash": hash_config(work), "inputs": self._input_hashes}
-
-    def _set_aside_stale_work(self) -> Path | None:
+    def _set_aside_stale_work(self) -> None:
         """Unless this execution resumes the stage's `checkpoints/` (see the module docstring), move them and the
         logs of the attempt that wrote them (`*.jsonl`) to `superseded/`, so a fresh start neither resumes foreign
-        weights nor appends to old curves; then record this execution's work key. Returns where things went."""
+        weights nor appends to old curves; then record this execution's work key."""
         marker, ckpts = self.dir / IN_PROGRESS, self.dir / "checkpoints"
         try:
             previous = json.loads(marker.read_text()) if marker.is_file() else None
@@ -149,11 +146,10 @@ class StageRun:
         if self.resume == "none":
             keep = False
         elif self.resume == "auto":
-            keep = previous == self.work_key()
+            keep = previous == self.work_key
         else:  # an explicit checkpoint: keep the folder when it is the one named
             keep = ckpts.resolve() in Path(self.resume).resolve().parents
         stale = [] if keep and ckpts.is_dir() else [p for p in [ckpts, *self.dir.glob("*.jsonl")] if p.exists()]
-        moved = None
         if stale:
             old = (previous or {}).get("config_hash", "unknown")[:12]
             moved = self.dir / "superseded" / f"{time.strftime('%Y%m%dT%H%M%S')}-{old}"
@@ -163,8 +159,7 @@ class StageRun:
             if ckpts in stale:
                 why = "resume=none" if self.resume == "none" else "written under another config or other inputs"
                 print(f"stage {self.stage!r}: starting over; checkpoints/ ({why}) moved to {moved}")
-        atomic_write_json(marker, self.work_key())
-        return moved
+        atomic_write_json(marker, self.work_key)
 
     def __enter__(self) -> StageRun:
         if self.rank == 0:

@@ -103,7 +103,7 @@ def test_checkpoints_without_a_record_of_their_work_are_not_resumed(tmp_path):
     stray.mkdir(parents=True)
     with StageRun(cfg, "toy", config={"a": 1}, inputs={}) as stage:
         assert not (stage.dir / "checkpoints").exists()
-        assert json.loads((stage.dir / "in_progress.json").read_text()) == stage.work_key()
+        assert json.loads((stage.dir / "in_progress.json").read_text()) == stage.work_key
 
 
 def test_resume_none_starts_over_and_an_explicit_checkpoint_keeps_its_folder(tmp_path):
