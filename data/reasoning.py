@@ -99,7 +99,7 @@ def format_completion(task: Task, think: bool = True) -> str:
     return f"{THINK_OPEN}{cot}{THINK_CLOSE}{ANSWER_OPEN}{answer_text(task)}{ANSWER_CLOSE}"
 
 
-def shows_reasoning(task_id: str, cot_fraction: float) -> bool:
+def trace_shows_cot(task_id: str, cot_fraction: float) -> bool:
     """Whether the train trace of task ``task_id`` shows its chain-of-thought: a stable coin of bias
     ``cot_fraction`` seeded by the id, so a row's style never depends on which other rows were drawn."""
     return cot_fraction >= 1.0 or random.Random(f"style:{task_id}").random() < cot_fraction
@@ -235,7 +235,7 @@ def build_splits(
     assert not test_keys & {normalize_prompt(t.prompt) for t in train}, "train/test overlap"
 
     def to_dataset(tasks: list[Task], fraction: float) -> Dataset:  # columnar, so an empty split keeps the schema
-        rows = [task_row(t, shows_reasoning(t.id, fraction)) for t in tasks]
+        rows = [task_row(t, trace_shows_cot(t.id, fraction)) for t in tasks]
         return Dataset.from_dict({c: [r[c] for r in rows] for c in COLUMNS}, features=row_features())
 
     return DatasetDict(train=to_dataset(train, cot_fraction), test=to_dataset(test, 1.0))

@@ -27,7 +27,7 @@ from data.reasoning import (
     held_out_texts,
     normalize_prompt,
     parse_number,
-    shows_reasoning,
+    trace_shows_cot,
     verify,
     verify_number,
     write_reasoning_sets,
@@ -383,7 +383,7 @@ def test_cot_fraction_mixes_direct_answers_into_train_only():
                 m["completion"]
                 == f"{THINK_OPEN}{THINK_CLOSE}{ANSWER_OPEN}{extract_answer(f['completion'])}{ANSWER_CLOSE}"
             )
-        assert shows_reasoning(m["id"], 0.5) == (m["completion"] == f["completion"])
+        assert trace_shows_cot(m["id"], 0.5) == (m["completion"] == f["completion"])
     assert 240 <= direct <= 360  # a fair coin per row: 300 +- 2.5 standard deviations
     # a row's style depends on its id alone: a longer split keeps the shorter one's rows as they were
     assert build_splits(KINDS, 200, 60, seed=4, cot_fraction=0.5)["train"].to_list() == mixed["train"].to_list()[:200]
