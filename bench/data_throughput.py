@@ -36,9 +36,21 @@ from data.tokenizer import EOS, train_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data_throughput.csv"
 COLUMNS = [
-    "date", "machine", "commit", "mb", "docs", "vocab", "fim_rate", "raw_mb_s", "pipeline_mb_s", "wall_ratio",
-    "raw_mb_cpu_s", "pipeline_mb_cpu_s", "cpu_ratio", "load_avg_1m",
-]  # fmt: skip
+    "date",
+    "machine",
+    "commit",
+    "mb",
+    "docs",
+    "vocab",
+    "fim_rate",
+    "raw_mb_s",
+    "pipeline_mb_s",
+    "wall_ratio",
+    "raw_mb_cpu_s",
+    "pipeline_mb_cpu_s",
+    "cpu_ratio",
+    "load_avg_1m",
+]
 
 
 def load_docs(mb: float, seed: int) -> tuple[list[str], list[str]]:

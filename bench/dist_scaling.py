@@ -65,8 +65,16 @@ LAYOUTS = {
     "pp_dualpipev": {"pp": 2, "dp_replicate": 1, "dp_shard": -1, "pp_schedule": "dualpipev"},
     "pp_fsdp": {"pp": 2, "dp_replicate": 1, "dp_shard": -1, "pp_schedule": "1f1b"},  # pp2 x dp_shard2 on 4
 }
-NPROCS = {"ddp": (1, 2, 4), "fsdp": (2, 4), "hsdp": (4,), "fsdp_ep": (2, 4), "hsdp_ep": (4,), "pp_1f1b": (2,),
-          "pp_dualpipev": (2,), "pp_fsdp": (4,)}  # fmt: skip
+NPROCS = {
+    "ddp": (1, 2, 4),
+    "fsdp": (2, 4),
+    "hsdp": (4,),
+    "fsdp_ep": (2, 4),
+    "hsdp_ep": (4,),
+    "pp_1f1b": (2,),
+    "pp_dualpipev": (2,),
+    "pp_fsdp": (4,),
+}
 PP_MICROBATCHES = 4  # pipeline micro-batches per step and data-parallel rank (DualPipeV on 2 ranks needs >= 4)
 
 
@@ -207,13 +215,31 @@ def worker(name: str, out: Path, steps: int, seq: int, batch: int) -> None:
 def launch(name: str, nproc: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        cell = ["--worker", name, "--out", str(out), "--steps", str(args.steps), "--seq", str(args.seq),
-                "--batch", str(args.batch)]  # fmt: skip
+        cell = [
+            "--worker",
+            name,
+            "--out",
+            str(out),
+            "--steps",
+            str(args.steps),
+            "--seq",
+            str(args.seq),
+            "--batch",
+            str(args.batch),
+        ]
         if nproc == 1:
             cmd = [sys.executable, "-m", "bench.dist_scaling", *cell]
         else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "bench.dist_scaling", *cell]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={nproc}",
+                "-m",
+                "bench.dist_scaling",
+                *cell,
+            ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         env.pop("WORLD_SIZE", None)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
@@ -246,8 +272,11 @@ def main() -> None:
         r["load_avg_1min"] = load
         r["note"] = f"CPU gloo, {os.cpu_count()} cores shared by {nproc} procs; machine load avg {load:.1f} at start"
         append_result("dist_scaling", r)
-        print(f"{r['layout']:>12} {nproc:>5} {r['tokens_per_s']:>8.0f} {r['speedup_vs_1proc']:>5.2f} "
-              f"{r['a2a_bytes_per_step'] / 1e6:>11.3f} {r['a2a_bytes_predicted'] / 1e6:>9.3f}", flush=True)  # fmt: skip
+        print(
+            f"{r['layout']:>12} {nproc:>5} {r['tokens_per_s']:>8.0f} {r['speedup_vs_1proc']:>5.2f} "
+            f"{r['a2a_bytes_per_step'] / 1e6:>11.3f} {r['a2a_bytes_predicted'] / 1e6:>9.3f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

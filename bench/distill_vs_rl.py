@@ -38,8 +38,15 @@ import torch
 from bench.common import append_result
 
 
-def grpo_flops(metrics_path: Path, n_params: int, prompts_per_step: int, group_size: int, prompt_len: float,
-               updates: int, with_ref: bool) -> float:  # fmt: skip
+def grpo_flops(
+    metrics_path: Path,
+    n_params: int,
+    prompts_per_step: int,
+    group_size: int,
+    prompt_len: float,
+    updates: int,
+    with_ref: bool,
+) -> float:
     """Student FLOPs of a GRPO run from its per-step metrics: rollouts (prefill once per prompt, then decode), then
     on the kept sequences the old-policy (and reference) forwards and `updates` forward+backward passes."""
     total = 0.0
@@ -80,8 +87,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
 
     run_dir = args.run.resolve()
-    cfg = compose([f"run.root={run_dir.parent}", f"run.name={run_dir.name}", "wandb.mode=disabled",
-                   "rl.export_hf=false", "rl.eval_n=0", f"rl.steps={args.rl_steps}", *args.overrides])  # fmt: skip
+    cfg = compose(
+        [
+            f"run.root={run_dir.parent}",
+            f"run.name={run_dir.name}",
+            "wandb.mode=disabled",
+            "rl.export_hf=false",
+            "rl.eval_n=0",
+            f"rl.steps={args.rl_steps}",
+            *args.overrides,
+        ]
+    )
     torch.manual_seed(cfg.run.seed)
     device = torch.device("cpu")
     data = stage_outputs(run_dir / "data")
@@ -112,8 +128,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     student, scfg = build_student(d, vocab, cfg.precision, cfg.kernels.backend, device, base)
     n_s = model_info(scfg).activated
     n_t = model_info(tcfg).activated
-    common = {"run": str(run_dir), "student_activated_params": n_s, "teacher_activated_params": n_t,
-              "trace_acceptance_rate": prov["stats"]["acceptance_rate"], "n_traces": len(traces)}  # fmt: skip
+    common = {
+        "run": str(run_dir),
+        "student_activated_params": n_s,
+        "teacher_activated_params": n_t,
+        "trace_acceptance_rate": prov["stats"]["acceptance_rate"],
+        "n_traces": len(traces),
+    }
     rows = []
 
     def record(arm: str, row: dict) -> None:
@@ -125,17 +146,42 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     t0 = time.perf_counter()
     note = f"{prov['teacher_source']} teacher; trace sampling took {prov['sampling_seconds']:.0f}s"
-    record("teacher", {**score(teacher), "steps": 0, "student_flops": 0.0, "teacher_flops_extra": 0.0,
-                       "wall_s": round(time.perf_counter() - t0, 1), "note": note})  # fmt: skip
+    record(
+        "teacher",
+        {
+            **score(teacher),
+            "steps": 0,
+            "student_flops": 0.0,
+            "teacher_flops_extra": 0.0,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "note": note,
+        },
+    )
 
     # ---- RL arm: cold-start SFT on reference traces, then GRPO from that checkpoint
     t0 = time.perf_counter()
-    sft_res = train_student(student, tok, ref_rows, [], replace(d, steps=args.sft_steps, kd_mode="none"),
-                            ckpt_dir=work / "student_sft_ref", model_config=asdict(scfg), precision=cfg.precision,
-                            seed=cfg.run.seed)  # fmt: skip
+    sft_res = train_student(
+        student,
+        tok,
+        ref_rows,
+        [],
+        replace(d, steps=args.sft_steps, kd_mode="none"),
+        ckpt_dir=work / "student_sft_ref",
+        model_config=asdict(scfg),
+        precision=cfg.precision,
+        seed=cfg.run.seed,
+    )
     f_sft = 6 * n_s * sft_res["trained_tokens"]
-    record("student_sft_ref", {**score(student), "steps": args.sft_steps, "student_flops": f_sft,
-                               "teacher_flops_extra": 0.0, "wall_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
+    record(
+        "student_sft_ref",
+        {
+            **score(student),
+            "steps": args.sft_steps,
+            "student_flops": f_sft,
+            "teacher_flops_extra": 0.0,
+            "wall_s": round(time.perf_counter() - t0, 1),
+        },
+    )
     t0 = time.perf_counter()
     rl_cfg = replace(cfg, run=replace(cfg.run, name=f"{run_dir.name}/bench_distill_vs_rl"))
     paths = {"tokenizer": data["tokenizer"], "reasoning": data["reasoning"], "init": Path(sft_res["checkpoint"])}
@@ -145,11 +191,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rl_model, _ = load_policy(Path(rl_res["checkpoint"]), cfg.precision, cfg.kernels.backend, device)
     prompt_len = sum(len(render_prompt(tok, r["prompt"])) for r in ref_rows) / len(ref_rows)
     r = cfg.rl
-    f_rl = grpo_flops(stage.tracker.metrics_path, n_s, r.prompts_per_step, r.group_size, prompt_len,
-                      r.updates_per_batch, r.kl_coef > 0)  # fmt: skip
-    record("student_sft_ref+grpo", {**score(rl_model), "steps": args.sft_steps + args.rl_steps,
-                                    "student_flops": f_sft + f_rl, "teacher_flops_extra": 0.0,
-                                    "wall_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
+    f_rl = grpo_flops(
+        stage.tracker.metrics_path,
+        n_s,
+        r.prompts_per_step,
+        r.group_size,
+        prompt_len,
+        r.updates_per_batch,
+        r.kl_coef > 0,
+    )
+    record(
+        "student_sft_ref+grpo",
+        {
+            **score(rl_model),
+            "steps": args.sft_steps + args.rl_steps,
+            "student_flops": f_sft + f_rl,
+            "teacher_flops_extra": 0.0,
+            "wall_s": round(time.perf_counter() - t0, 1),
+        },
+    )
 
     # ---- distillation arms, at the RL arm's student FLOPs
     examples, _ = encode_traces(tok, traces, d.max_len, with_topk=False)
@@ -160,13 +220,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.manual_seed(cfg.run.seed)
         student, _ = build_student(d, vocab, cfg.precision, cfg.kernels.backend, device, base)
         dk = replace(d, steps=steps, kd_mode=kd, traces=replace(d.traces, cache_topk=prov["sampling"]["cache_topk"]))
-        res = train_student(student, tok, traces, [], dk, ckpt_dir=work / arm.replace("+", "_"),
-                            model_config=asdict(scfg), teacher=teacher if kd == "online" else None,
-                            precision=cfg.precision, seed=cfg.run.seed)  # fmt: skip
+        res = train_student(
+            student,
+            tok,
+            traces,
+            [],
+            dk,
+            ckpt_dir=work / arm.replace("+", "_"),
+            model_config=asdict(scfg),
+            teacher=teacher if kd == "online" else None,
+            precision=cfg.precision,
+            seed=cfg.run.seed,
+        )
         teacher_extra = 2 * n_t * res["trained_tokens"] if kd == "online" else 0.0
-        record(arm, {**score(student), "steps": steps, "student_flops": 6 * n_s * res["trained_tokens"],
-                     "teacher_flops_extra": teacher_extra, "wall_s": round(time.perf_counter() - t0, 1),
-                     "note": f"kd_mode={kd}" if kd != "none" else ""})  # fmt: skip
+        record(
+            arm,
+            {
+                **score(student),
+                "steps": steps,
+                "student_flops": 6 * n_s * res["trained_tokens"],
+                "teacher_flops_extra": teacher_extra,
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "note": f"kd_mode={kd}" if kd != "none" else "",
+            },
+        )
     print("\narm                    accuracy  student GFLOPs  steps")
     for row in rows:
         print(f"{row['arm']:<22} {row['eval_accuracy']:>8.3f}  {row['student_flops'] / 1e9:>14.1f}  {row['steps']:>5}")

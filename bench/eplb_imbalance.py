@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from bench.common import append_result
-from train.parallel.eplb import gpu_loads, imbalance, rebalance_experts
+from model.eplb import gpu_loads, imbalance, rebalance_experts
 
 OUTPUTS = Path("outputs")
 RESULT_NAME = "eplb_imbalance"
@@ -151,8 +151,14 @@ def run_real(src: Path, layouts: list[tuple[int, int, int]], groups: int | None,
     if len(s) >= 2:
         pairs = list(zip(s[:-1], s[1:]))
         plan, meas = (", ".join(str(p[i]) for p in pairs) for i in (0, 1))
-        cases.append(("next_eval_step", f"eval step s in ({plan})", f"step s+{s[1] - s[0]} in ({meas})",
-                      [(steps[a], steps[b]) for a, b in pairs]))  # fmt: skip
+        cases.append(
+            (
+                "next_eval_step",
+                f"eval step s in ({plan})",
+                f"step s+{s[1] - s[0]} in ({meas})",
+                [(steps[a], steps[b]) for a, b in pairs],
+            )
+        )
     if heldout_batches > 0 and manifest.is_file() and (run_dir / "checkpoints").is_dir():
         val_XE = heldout_loads(run_dir, heldout_batches)
         n = val_XE.shape[0]  # the main MoE layers: the rows of the training loads that come first

@@ -48,8 +48,21 @@ ROOT = Path(__file__).resolve().parents[1]
 CSV_PATH = ROOT / "bench" / "results" / "fp8_accumulation.csv"
 DEFAULT_PNG = ROOT / "outputs" / "bench" / "fp8_accumulation.png"
 KS = [128, 256, 512, 1024, 2048, 4096, 8192]
-FIELDS = ["date", "commit", "machine", "dist", "acc_bits", "group", "M", "N", "K", "trials", "mode", "max_rel_err",
-          "norm_rel_err"]  # fmt: skip
+FIELDS = [
+    "date",
+    "commit",
+    "machine",
+    "dist",
+    "acc_bits",
+    "group",
+    "M",
+    "N",
+    "K",
+    "trials",
+    "mode",
+    "max_rel_err",
+    "norm_rel_err",
+]
 
 
 def truncate_to_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -140,9 +153,20 @@ def main() -> None:
                     w[0], w[1] = max(w[0], mx), max(w[1], nr)
             for mode, (mx, nr) in worst.items():
                 rows.append(
-                    dict(stamp, dist=dist, acc_bits=args.acc_bits, group=args.group, M=args.m, N=args.n, K=K,
-                         trials=args.trials, mode=mode, max_rel_err=f"{mx:.4e}", norm_rel_err=f"{nr:.4e}")
-                )  # fmt: skip
+                    dict(
+                        stamp,
+                        dist=dist,
+                        acc_bits=args.acc_bits,
+                        group=args.group,
+                        M=args.m,
+                        N=args.n,
+                        K=K,
+                        trials=args.trials,
+                        mode=mode,
+                        max_rel_err=f"{mx:.4e}",
+                        norm_rel_err=f"{nr:.4e}",
+                    )
+                )
                 print(f"{dist:8s} K={K:5d} {mode:15s} max_rel_err={mx:.3e} norm_rel_err={nr:.3e}")
 
     for dist in args.dist:
@@ -176,9 +200,15 @@ def plot(rows: list[dict], out: Path, bits: int, group: int) -> None:
         for mode, style in (("limited", "o-"), ("promoted", "s-"), ("fp32", "^--")):
             pts = [(r["K"], float(r["max_rel_err"])) for r in rows if r["dist"] == dist and r["mode"] == mode]
             if pts:
-                ax.plot(*zip(*pts), style, label={"limited": f"{bits}-bit accumulator (group {group}), no promotion",
-                                                  "promoted": "promotion to FP32 every 128",
-                                                  "fp32": "FP32 accumulation"}[mode])  # fmt: skip
+                ax.plot(
+                    *zip(*pts),
+                    style,
+                    label={
+                        "limited": f"{bits}-bit accumulator (group {group}), no promotion",
+                        "promoted": "promotion to FP32 every 128",
+                        "fp32": "FP32 accumulation",
+                    }[mode],
+                )
         ax.axhline(0.02, color="grey", lw=0.8, ls=":")
         ax.annotate("report: ~2% at K=4096", (4096, 0.02), textcoords="offset points", xytext=(-60, 6), fontsize=8)
         ax.set_xscale("log", base=2)

@@ -108,8 +108,18 @@ def bench_linear(name: str, M: int, N: int, K: int, warmup: int, iters: int) -> 
         except RuntimeError as e:  # e.g. _scaled_mm row-wise unsupported on this GPU/torch build
             print(f"{name:20s} {impl:22s} skipped: {e}", file=sys.stderr)
             continue
-        rows.append(dict(layer=name, M=M, N=N, K=K, impl=impl, ms=f"{ms:.4f}",
-                         tflops=f"{2 * M * N * K / ms / 1e9:.1f}", rel_err_vs_bf16=f"{err:.2e}"))  # fmt: skip
+        rows.append(
+            dict(
+                layer=name,
+                M=M,
+                N=N,
+                K=K,
+                impl=impl,
+                ms=f"{ms:.4f}",
+                tflops=f"{2 * M * N * K / ms / 1e9:.1f}",
+                rel_err_vs_bf16=f"{err:.2e}",
+            )
+        )
     return rows
 
 
@@ -142,8 +152,18 @@ def bench_grouped(name: str, M: int, N: int, K: int, E: int, warmup: int, iters:
         except RuntimeError as e:  # e.g. torch._grouped_mm unsupported on this GPU
             print(f"{name:20s} {impl:22s} skipped: {e}", file=sys.stderr)
             continue
-        rows.append(dict(layer=f"{name}_x{E}", M=M, N=N, K=K, impl=impl, ms=f"{ms:.4f}",
-                         tflops=f"{2 * M * N * K / ms / 1e9:.1f}", rel_err_vs_bf16=f"{err:.2e}"))  # fmt: skip
+        rows.append(
+            dict(
+                layer=f"{name}_x{E}",
+                M=M,
+                N=N,
+                K=K,
+                impl=impl,
+                ms=f"{ms:.4f}",
+                tflops=f"{2 * M * N * K / ms / 1e9:.1f}",
+                rel_err_vs_bf16=f"{err:.2e}",
+            )
+        )
     return rows
 
 
@@ -176,8 +196,10 @@ def main() -> None:
     )
     for r in rows:
         r.update(stamp)
-        print(f"{r['layer']:22s} M={r['M']} N={r['N']:6d} K={r['K']:6d} {r['impl']:22s} "
-              f"{r['ms']:>9s} ms {r['tflops']:>7s} TFLOPS  rel err {r['rel_err_vs_bf16']}")  # fmt: skip
+        print(
+            f"{r['layer']:22s} M={r['M']} N={r['N']:6d} K={r['K']:6d} {r['impl']:22s} "
+            f"{r['ms']:>9s} ms {r['tflops']:>7s} TFLOPS  rel err {r['rel_err_vs_bf16']}"
+        )
     if not args.no_csv:
         CSV_PATH.parent.mkdir(parents=True, exist_ok=True)
         new = not CSV_PATH.exists()

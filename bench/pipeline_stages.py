@@ -44,10 +44,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
     if rows:
         ran = [r["wall_s"] for r in rows if r["wall_s"] != ""]
-        rows.append({"run": args.run.name, "stage": "total", "wall_s": round(sum(ran), 2) if ran else "",
-                     "peak_rss_mb": max((r["peak_rss_mb"] for r in rows if r["peak_rss_mb"] != ""), default=""),
-                     "finished_at": rows[-1]["finished_at"],
-                     "stage_wall_s": round(sum(r["stage_wall_s"] for r in rows), 2)})  # fmt: skip
+        rows.append(
+            {
+                "run": args.run.name,
+                "stage": "total",
+                "wall_s": round(sum(ran), 2) if ran else "",
+                "peak_rss_mb": max((r["peak_rss_mb"] for r in rows if r["peak_rss_mb"] != ""), default=""),
+                "finished_at": rows[-1]["finished_at"],
+                "stage_wall_s": round(sum(r["stage_wall_s"] for r in rows), 2),
+            }
+        )
     for row in rows:
         append_result("pipeline_stages", row)
         print(row)

@@ -6,7 +6,7 @@
 
 Both checkpoints (the newest of `sft/checkpoints/` and of `rl/checkpoints/`) are scored on the `test` split of
 `data/reasoning` with `train.grpo.evaluate_accuracy`: the same chat template, the same generation engine, and the
-grader whose score GRPO optimized (`eval.graders.task_reward`: numeric match for arithmetic, the Countdown
+grader whose score GRPO optimized (`rewards.graders.task_reward`: numeric match for arithmetic, the Countdown
 expression verified by rule). Prints both accuracies, the difference (points, absolute) and the rate of completions
 that reason in `<think>`; appends one row to bench/results/rl_gain.csv (`bench.common.append_result`: machine, commit,
 date) with per-kind accuracies, the accuracy of the completions that reason and of those that answer directly, and
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bench.common import append_result
-from eval.graders import shows_thinking
+from rewards.graders import shows_thinking
 
 
 def stage_wall_time(stage_dir: Path) -> float | None:
@@ -61,11 +61,21 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = newest_checkpoint(args.run / stage / "checkpoints")
         model, _ = load_policy(ckpt, "fp32", "auto", device)
         t0 = time.perf_counter()
-        ev = evaluate_accuracy(model, tok, rows, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               k=args.k, batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+        ev = evaluate_accuracy(
+            model,
+            tok,
+            rows,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            k=args.k,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
         results[stage] = ev | {"checkpoint": str(ckpt), "eval_s": time.perf_counter() - t0}
-        print(f"{stage:>3}: accuracy {ev['accuracy']:.3f}  format {ev['format_rate']:.3f}  "
-              f"think {ev['think_rate']:.3f}  length {ev['response_len']:.1f} tokens  ({ckpt})")  # fmt: skip
+        print(
+            f"{stage:>3}: accuracy {ev['accuracy']:.3f}  format {ev['format_rate']:.3f}  "
+            f"think {ev['think_rate']:.3f}  length {ev['response_len']:.1f} tokens  ({ckpt})"
+        )
     gain = results["rl"]["accuracy"] - results["sft"]["accuracy"]
     kinds = sorted({r["kind"] for r in rows})
     by_kind, by_style = {}, {}
@@ -98,8 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
         **by_style,
     }
     path = append_result("rl_gain", row)
-    print(f"gain: {100 * gain:+.1f} points absolute (SFT {row['sft_accuracy']:.3f} -> RL {row['rl_accuracy']:.3f}); "
-          f"think rate {row['sft_think_rate']:.2f} -> {row['rl_think_rate']:.2f}; wrote {path}")  # fmt: skip
+    print(
+        f"gain: {100 * gain:+.1f} points absolute (SFT {row['sft_accuracy']:.3f} -> RL {row['rl_accuracy']:.3f}); "
+        f"think rate {row['sft_think_rate']:.2f} -> {row['rl_think_rate']:.2f}; wrote {path}"
+    )
     return row
 
 

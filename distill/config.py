@@ -28,7 +28,7 @@ class TraceConfig:
     prompt_batch_size: int = 32  # prompts per generate() call (each prefilled once for its K samples)
     max_per_prompt: int = 4  # correct traces kept per prompt (0 = all); distinct completions only
     dedup: bool = True  # keep each distinct correct completion of a prompt once
-    # also require every `a op b = c` step of the <think> to be true (eval.graders.arithmetic_steps_valid): a right
+    # also require every `a op b = c` step of the <think> to be true (rewards.graders.arithmetic_steps_valid): a right
     # answer reached through wrong arithmetic would teach the student wrong arithmetic
     verify_steps: bool = True
     cache_topk: int = 0  # >0: store the teacher's top-k logits of every response token (for kd_mode=topk)
@@ -77,13 +77,16 @@ class DistillConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"distill.{name} must be positive, got {getattr(self, name)}")
         if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"distill.batch_size={self.batch_size} is not divisible by "
-                             f"distill.micro_batch_size={self.micro_batch_size}")  # fmt: skip
+            raise ValueError(
+                f"distill.batch_size={self.batch_size} is not divisible by "
+                f"distill.micro_batch_size={self.micro_batch_size}"
+            )
         t = self.traces
         for name in ("samples_per_prompt", "max_new_tokens", "prompt_batch_size"):
             if getattr(t, name) <= 0:
                 raise ValueError(f"distill.traces.{name} must be positive, got {getattr(t, name)}")
         if t.temperature < 0 or not 0 < t.top_p <= 1:
-            raise ValueError(f"distill.traces: temperature must be >= 0 and top_p in (0, 1], got "
-                             f"{t.temperature}, {t.top_p}")  # fmt: skip
+            raise ValueError(
+                f"distill.traces: temperature must be >= 0 and top_p in (0, 1], got {t.temperature}, {t.top_p}"
+            )
         return self

@@ -69,18 +69,24 @@ def resolve_teacher(run_dir: Path, d: DistillConfig) -> tuple[Path, str]:
             raise FileNotFoundError(f"distill.teacher={d.teacher!r}: no checkpoint directory there")
         return path, "configured"
     for stage in ("rl", "sft"):
-        found = CheckpointManager(run_dir / stage / "checkpoints", keep_last=0).checkpoints() if (
-            run_dir / stage / "checkpoints").is_dir() else []  # fmt: skip
+        found = (
+            CheckpointManager(run_dir / stage / "checkpoints", keep_last=0).checkpoints()
+            if (run_dir / stage / "checkpoints").is_dir()
+            else []
+        )
         if found:
             if stage == "sft":
-                print(f"distill: no RL checkpoint under {run_dir / 'rl' / 'checkpoints'}; using the newest SFT "
-                      f"checkpoint {found[-1]} as the teacher")  # fmt: skip
+                print(
+                    f"distill: no RL checkpoint under {run_dir / 'rl' / 'checkpoints'}; using the newest SFT "
+                    f"checkpoint {found[-1]} as the teacher"
+                )
             return found[-1], stage
     raise FileNotFoundError(f"no teacher: no checkpoint under {run_dir / 'rl'} or {run_dir / 'sft'} (run rl first)")
 
 
-def build_student(d: DistillConfig, vocab_size: int, precision: str, backend: str, device,
-                  base: Path | None = None) -> tuple:  # fmt: skip
+def build_student(
+    d: DistillConfig, vocab_size: int, precision: str, backend: str, device, base: Path | None = None
+) -> tuple:
     """The student model and its config: the preset with the tokenizer's vocabulary (scratch), the pretrained
     student base (`base`, for student_init=pretrain), or a student checkpoint."""
     if d.student_init == "scratch":
@@ -113,8 +119,10 @@ def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source
         raise ValueError(f"the reasoning train split at {paths['reasoning']} is empty")
     teacher, tcfg = load_policy(paths["teacher"], cfg.precision, cfg.kernels.backend, device)
     if d.kd_mode != "none" and tcfg.vocab_size != vocab:
-        raise ValueError(f"logit distillation needs the teacher's vocabulary ({tcfg.vocab_size}) to equal the "
-                         f"tokenizer's ({vocab}), which the student uses")  # fmt: skip
+        raise ValueError(
+            f"logit distillation needs the teacher's vocabulary ({tcfg.vocab_size}) to equal the "
+            f"tokenizer's ({vocab}), which the student uses"
+        )
     tracker = stage.tracker
 
     # ---- 1. teacher traces (reused when an identical trace set exists)
@@ -132,23 +140,44 @@ def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source
         traces, provenance = load_traces(traces_dir)
         print(f"distill: reusing {len(traces)} traces in {traces_dir} (same teacher, inputs and sampling)")
     else:
-        traces, provenance = build_traces(teacher, tok, train_rows, d.traces, provenance=identity, out_dir=traces_dir,
-                                          seed=cfg.run.seed, precision=cfg.precision)  # fmt: skip
+        traces, provenance = build_traces(
+            teacher,
+            tok,
+            train_rows,
+            d.traces,
+            provenance=identity,
+            out_dir=traces_dir,
+            seed=cfg.run.seed,
+            precision=cfg.precision,
+        )
     stats = provenance["stats"]
-    print(f"distill: {stats['accepted']} traces, acceptance rate {stats['acceptance_rate']:.3f} "
-          f"({stats['correct']}/{stats['samples']} samples correct)")  # fmt: skip
+    print(
+        f"distill: {stats['accepted']} traces, acceptance rate {stats['acceptance_rate']:.3f} "
+        f"({stats['correct']}/{stats['samples']} samples correct)"
+    )
     tracker.log_artifact(traces_dir, name=f"{cfg.run.name}-distill-traces", type="traces", metadata=provenance)
     sample = traces[:: max(1, len(traces) // 8)][:8]
-    tracker.log_table("traces", ["source_id", "prompt", "completion"],
-                      [[r["source_id"], r["prompt"], r["completion"]] for r in sample], step=0)  # fmt: skip
+    tracker.log_table(
+        "traces",
+        ["source_id", "prompt", "completion"],
+        [[r["source_id"], r["prompt"], r["completion"]] for r in sample],
+        step=0,
+    )
 
     # ---- teacher's held-out accuracy (the reference for the student's)
     teacher_eval = {}
     if test_rows:
         ev = evaluate_accuracy(teacher, tok, test_rows, max_new_tokens=d.eval_max_new_tokens, precision=cfg.precision)
         teacher_eval = {"teacher_eval_accuracy": ev["accuracy"], "teacher_eval_format_rate": ev["format_rate"]}
-    tracker.log({"acceptance_rate": stats["acceptance_rate"], "n_traces": stats["accepted"],
-                 "prompt_coverage": stats["prompt_coverage"], **teacher_eval}, step=0)  # fmt: skip
+    tracker.log(
+        {
+            "acceptance_rate": stats["acceptance_rate"],
+            "n_traces": stats["accepted"],
+            "prompt_coverage": stats["prompt_coverage"],
+            **teacher_eval,
+        },
+        step=0,
+    )
     if d.kd_mode != "online":
         del teacher  # not needed for SFT or cached top-k distillation: free it before the student trains
         teacher = None
@@ -156,24 +185,46 @@ def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source
     # ---- 2. the student
     student, scfg = build_student(d, vocab, cfg.precision, cfg.kernels.backend, device, paths.get("student_base"))
     if scfg.vocab_size != vocab:
-        raise ValueError(f"the student's vocabulary ({scfg.vocab_size}) differs from the tokenizer's ({vocab}): "
-                         f"distill.student_init={d.student_init!r} was trained with another tokenizer")  # fmt: skip
+        raise ValueError(
+            f"the student's vocabulary ({scfg.vocab_size}) differs from the tokenizer's ({vocab}): "
+            f"distill.student_init={d.student_init!r} was trained with another tokenizer"
+        )
     t_act, s_act = model_info(tcfg).activated, model_info(scfg).activated
     print(f"distill: teacher {t_act:,} activated parameters per token, student {s_act:,} ({s_act / t_act:.3f}x)")
-    result = train_student(student, tok, traces, test_rows, d, ckpt_dir=stage.dir / "checkpoints",
-                           model_config=asdict(scfg), tracker=tracker, teacher=teacher, precision=cfg.precision,
-                           seed=cfg.run.seed, progress=info.is_main)  # fmt: skip
+    result = train_student(
+        student,
+        tok,
+        traces,
+        test_rows,
+        d,
+        ckpt_dir=stage.dir / "checkpoints",
+        model_config=asdict(scfg),
+        tracker=tracker,
+        teacher=teacher,
+        precision=cfg.precision,
+        seed=cfg.run.seed,
+        progress=info.is_main,
+    )
 
     # ---- 3. the comparison the issue asks for
-    out = {**result, **teacher_eval, "acceptance_rate": stats["acceptance_rate"], "n_traces": stats["accepted"],
-           "prompt_coverage": stats["prompt_coverage"], "teacher_source": teacher_source,
-           "teacher_activated_params": t_act, "student_activated_params": s_act,
-           "activated_params_ratio": s_act / t_act}  # fmt: skip
+    out = {
+        **result,
+        **teacher_eval,
+        "acceptance_rate": stats["acceptance_rate"],
+        "n_traces": stats["accepted"],
+        "prompt_coverage": stats["prompt_coverage"],
+        "teacher_source": teacher_source,
+        "teacher_activated_params": t_act,
+        "student_activated_params": s_act,
+        "activated_params_ratio": s_act / t_act,
+    }
     if teacher_eval and "eval_accuracy" in result:
         t_acc = teacher_eval["teacher_eval_accuracy"]
         out["accuracy_ratio"] = result["eval_accuracy"] / t_acc if t_acc > 0 else None  # undefined at 0
-        print(f"distill: held-out accuracy teacher {t_acc:.3f}, student {result['eval_accuracy']:.3f} "
-              f"(ratio {out['accuracy_ratio']}) with {s_act / t_act:.3f}x the activated parameters")  # fmt: skip
+        print(
+            f"distill: held-out accuracy teacher {t_acc:.3f}, student {result['eval_accuracy']:.3f} "
+            f"(ratio {out['accuracy_ratio']}) with {s_act / t_act:.3f}x the activated parameters"
+        )
     return out
 
 
@@ -186,8 +237,13 @@ def run(cfg: Config) -> dict:
     paths = {"tokenizer": data["tokenizer"], "reasoning": data["reasoning"], "teacher": teacher}
     if cfg.distill.student_init == "pretrain":  # its own stage (skipped when unchanged), before this one opens
         paths["student_base"] = pretrain_student_base(cfg)
-    config = {"distill": as_dict(cfg.distill), "precision": cfg.precision, "kernels": as_dict(cfg.kernels),
-              "seed": cfg.run.seed, "teacher_source": source}  # fmt: skip
+    config = {
+        "distill": as_dict(cfg.distill),
+        "precision": cfg.precision,
+        "kernels": as_dict(cfg.kernels),
+        "seed": cfg.run.seed,
+        "teacher_source": source,
+    }
     info = dist_info()
     stage = StageRun(cfg, STAGE, config=config, inputs=paths, rank=info.rank, resume=cfg.distill.resume)
     if stage.up_to_date():

@@ -84,8 +84,10 @@ def encode_traces(tokenizer, traces: list[dict], max_len: int, with_topk: bool) 
         if with_topk:
             n_resp = sum(mask[1:])
             if len(r["topk_ids"]) != n_resp:
-                raise ValueError(f"trace {r['id']}: {len(r['topk_ids'])} cached top-k rows for {n_resp} response "
-                                 "tokens (the trace set was cached with another tokenizer)")  # fmt: skip
+                raise ValueError(
+                    f"trace {r['id']}: {len(r['topk_ids'])} cached top-k rows for {n_resp} response "
+                    "tokens (the trace set was cached with another tokenizer)"
+                )
             out.append((ids, mask, r["topk_ids"], r["topk_logits"]))
         else:
             out.append((ids, mask))
@@ -160,11 +162,13 @@ def train_student(
         return ckpts.save(step, student, opt, {"bad_steps": bad_total}, model_config)
 
     def evaluate() -> dict:
-        ev = evaluate_accuracy(student, tokenizer, test_rows, max_new_tokens=d.eval_max_new_tokens,
-                               precision=precision)  # fmt: skip
+        ev = evaluate_accuracy(student, tokenizer, test_rows, max_new_tokens=d.eval_max_new_tokens, precision=precision)
         student.train()
-        return {"eval_accuracy": ev["accuracy"], "eval_format_rate": ev["format_rate"],
-                "eval_response_len": ev["response_len"]}  # fmt: skip
+        return {
+            "eval_accuracy": ev["accuracy"],
+            "eval_format_rate": ev["format_rate"],
+            "eval_response_len": ev["response_len"],
+        }
 
     accum = d.batch_size // d.micro_batch_size
     seen_tokens = 0  # real (unpadded) input positions forwarded and backpropagated in this process, for compute counts
@@ -214,16 +218,24 @@ def train_student(
             log({"skipped_step": 1, "bad_steps": bad_total, "bad_tensor": culprit or "grad_norm"}, step=step + 1)
             if bad_run >= d.max_bad_steps:
                 path = save(step)
-                raise RuntimeError(f"stopping: {bad_run} consecutive non-finite steps (step {step + 1}, first bad "
-                                   f"tensor: {culprit or 'grad_norm'}); checkpoint at {path}")  # fmt: skip
+                raise RuntimeError(
+                    f"stopping: {bad_run} consecutive non-finite steps (step {step + 1}, first bad "
+                    f"tensor: {culprit or 'grad_norm'}); checkpoint at {path}"
+                )
             continue
         bad_run = 0
         opt.step()
         opt.zero_grad(set_to_none=True)
         now = time.perf_counter()
         dt, t_last = now - t_last, now
-        metrics = {**sums, "lr": lr, "grad_norm": float(gnorm), "response_tokens_per_s": n_tok / dt,
-                   "too_long": too_long, "bad_steps": bad_total}  # fmt: skip
+        metrics = {
+            **sums,
+            "lr": lr,
+            "grad_norm": float(gnorm),
+            "response_tokens_per_s": n_tok / dt,
+            "too_long": too_long,
+            "bad_steps": bad_total,
+        }
         if d.kd_mode == "none":
             metrics.pop("kd_loss")
         last = step + 1 == d.steps
@@ -239,5 +251,11 @@ def train_student(
         metrics = evaluate()
     result = {k: v for k, v in metrics.items() if k in ("loss", "ce_loss", "kd_loss") or k.startswith("eval_")}
     final = ckpts.checkpoints()[-1]
-    return result | {"steps": d.steps, "bad_steps": bad_total, "too_long": too_long, "n_examples": len(examples),
-                     "trained_tokens": seen_tokens, "checkpoint": str(final)}  # fmt: skip
+    return result | {
+        "steps": d.steps,
+        "bad_steps": bad_total,
+        "too_long": too_long,
+        "n_examples": len(examples),
+        "trained_tokens": seen_tokens,
+        "checkpoint": str(final),
+    }

@@ -31,8 +31,9 @@ def student_base_config(cfg: Config) -> Config:
     the base is an intermediate, the distilled student is exported)."""
     d = cfg.distill
     if d.student_base_steps <= 0:
-        raise ValueError(f"distill.student_init=pretrain needs distill.student_base_steps > 0, got "
-                         f"{d.student_base_steps}")  # fmt: skip
+        raise ValueError(
+            f"distill.student_init=pretrain needs distill.student_base_steps > 0, got {d.student_base_steps}"
+        )
     model = load_preset(d.student)
     steps = d.student_base_steps
     every = {"eval_every": min(cfg.train.eval_every, steps), "ckpt_every": min(cfg.train.ckpt_every, steps)}
@@ -47,8 +48,13 @@ def pretrain_student_base(cfg: Config) -> Path:
 
     scfg = student_base_config(cfg)
     data = stage_outputs(stage_dir(cfg, "data"))
-    config = {"train": as_dict(scfg.train), "model": as_dict(scfg.model), "precision": scfg.precision,
-              "kernels": as_dict(scfg.kernels), "seed": scfg.run.seed}  # fmt: skip
+    config = {
+        "train": as_dict(scfg.train),
+        "model": as_dict(scfg.model),
+        "precision": scfg.precision,
+        "kernels": as_dict(scfg.kernels),
+        "seed": scfg.run.seed,
+    }
     inputs = {"train_shards": data["train"], "val_shards": data["val"], "tokenizer": data["tokenizer"]}
     stage = StageRun(scfg, STAGE, config=config, inputs=inputs, resume=scfg.train.resume)
     result = stage.run_checkpointed(lambda st: pretrain_loop(scfg, st, data))

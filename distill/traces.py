@@ -47,9 +47,9 @@ from pathlib import Path
 import torch
 
 from distill.config import TraceConfig
-from eval.graders import arithmetic_steps_valid
 from model.generate import generate
 from pipeline.io import atomic_dir, atomic_write_json
+from rewards.graders import arithmetic_steps_valid
 from train.chat import decode_completion, encode_chat, eos_id, render_prompt
 from train.grpo import score_completions
 from train.runtime import autocast
@@ -69,8 +69,17 @@ def model_sampler(
 
     def sample(prompts: list[list[int]], n: int, seed: int) -> list[list[int]]:
         with autocast(precision, device):
-            out = generate(model, prompts, n_samples=n, max_new_tokens=t.max_new_tokens, temperature=t.temperature,
-                           top_p=t.top_p, top_k=t.top_k, stop_token_ids=stop_token_ids, seed=seed)  # fmt: skip
+            out = generate(
+                model,
+                prompts,
+                n_samples=n,
+                max_new_tokens=t.max_new_tokens,
+                temperature=t.temperature,
+                top_p=t.top_p,
+                top_k=t.top_k,
+                stop_token_ids=stop_token_ids,
+                seed=seed,
+            )
         return out.tokens
 
     return sample
@@ -95,8 +104,10 @@ class TraceStats:
         return self.correct / max(1, self.samples)
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"acceptance_rate": self.acceptance_rate,
-                               "prompt_coverage": self.prompts_covered / max(1, self.prompts)}  # fmt: skip
+        return asdict(self) | {
+            "acceptance_rate": self.acceptance_rate,
+            "prompt_coverage": self.prompts_covered / max(1, self.prompts),
+        }
 
 
 def rejection_sample(
@@ -147,9 +158,19 @@ def rejection_sample(
                     stats.capped += 1
                     continue
                 kept.add(texts[i])
-                traces.append({"id": f"{row['id']}-t{j}", "source_id": row["id"], "sample": j, "kind": row["kind"],
-                               "prompt": row["prompt"], "answer": row["answer"], "meta": row["meta"],
-                               "completion": texts[i], "n_tokens": len(tokens[i])})  # fmt: skip
+                traces.append(
+                    {
+                        "id": f"{row['id']}-t{j}",
+                        "source_id": row["id"],
+                        "sample": j,
+                        "kind": row["kind"],
+                        "prompt": row["prompt"],
+                        "answer": row["answer"],
+                        "meta": row["meta"],
+                        "completion": texts[i],
+                        "n_tokens": len(tokens[i]),
+                    }
+                )
             stats.prompts_covered += bool(kept)
     stats.accepted = len(traces)
     return traces, stats
@@ -250,12 +271,25 @@ def build_traces(
     t_sample = time.perf_counter() - t0
     fallback = None
     if not traces and t.fallback_to_reference:
-        print("distill: WARNING: the teacher answered no training prompt correctly; training the student on the "
-              "data's reference traces instead (traces.fallback_to_reference)")  # fmt: skip
+        print(
+            "distill: WARNING: the teacher answered no training prompt correctly; training the student on the "
+            "data's reference traces instead (traces.fallback_to_reference)"
+        )
         fallback = "reference"
-        traces = [{"id": f"{r['id']}-ref", "source_id": r["id"], "sample": -1, "kind": r["kind"], "prompt": r["prompt"],
-                   "answer": r["answer"], "meta": r["meta"], "completion": r["completion"], "n_tokens": -1}
-                  for r in rows]  # fmt: skip
+        traces = [
+            {
+                "id": f"{r['id']}-ref",
+                "source_id": r["id"],
+                "sample": -1,
+                "kind": r["kind"],
+                "prompt": r["prompt"],
+                "answer": r["answer"],
+                "meta": r["meta"],
+                "completion": r["completion"],
+                "n_tokens": -1,
+            }
+            for r in rows
+        ]
     if t.cache_topk > 0 and traces:
         for r, (ids, vals) in zip(traces, teacher_topk(teacher, tokenizer, traces, t.cache_topk, precision=precision)):
             r["topk_ids"], r["topk_logits"] = ids, vals

@@ -75,8 +75,15 @@ class ModelGenerator:
     `stats` accumulates over calls: prompts, truncated_prompts, generated_tokens.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, precision: str = "fp32", seed: int = 0,
-                 batch_size: int = 32) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        *,
+        precision: str = "fp32",
+        seed: int = 0,
+        batch_size: int = 32,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.precision = precision
@@ -122,9 +129,16 @@ class ModelGenerator:
             chunk = [self._fit(self.encode(p), sampling.max_new_tokens) for p in batch]
             self._calls += 1
             with autocast(self.precision, device):
-                g = generate(self.model, chunk, n_samples=sampling.n, max_new_tokens=sampling.max_new_tokens,
-                             temperature=sampling.temperature, top_p=sampling.top_p, stop_token_ids=stops,
-                             seed=self.seed + 1000 * self._calls)  # fmt: skip
+                g = generate(
+                    self.model,
+                    chunk,
+                    n_samples=sampling.n,
+                    max_new_tokens=sampling.max_new_tokens,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    stop_token_ids=stops,
+                    seed=self.seed + 1000 * self._calls,
+                )
             self.stats["prompts"] += len(chunk)
             self.stats["generated_tokens"] += g.num_generated_tokens
             texts = [self.decode(t) for t in g.tokens]

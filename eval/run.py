@@ -45,11 +45,11 @@ from omegaconf import DictConfig
 from data.tokenizer import load_tokenizer
 from eval.config import EvalConfig
 from eval.generation import ModelGenerator, SuiteResult
-from eval.humaneval import load_problems
 from pipeline.config import Config, as_dict, to_config
 from pipeline.io import atomic_write_json
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
+from rewards.humaneval import load_problems
 
 STAGE = "eval"
 SUITES = ("bpb", "fim", "humaneval", "reasoning", "moe")
@@ -128,8 +128,15 @@ def load_checkpoint(path: Path, precision: str = "fp32", backend: str = "auto", 
 # ---------------------------------------------------------------- one checkpoint
 
 
-def evaluate_checkpoint(model, tokenizer, ecfg: EvalConfig, data: dict[str, Path | None], precision: str = "fp32",
-                        tracker=None, label: str = "ckpt") -> dict[str, dict]:  # fmt: skip
+def evaluate_checkpoint(
+    model,
+    tokenizer,
+    ecfg: EvalConfig,
+    data: dict[str, Path | None],
+    precision: str = "fp32",
+    tracker=None,
+    label: str = "ckpt",
+) -> dict[str, dict]:
     """{suite: metrics} of one model; sample tables go to the tracker as `samples_<label>_<suite>`."""
     from eval import suite_code, suite_lm, suite_reasoning
 
@@ -179,15 +186,23 @@ def evaluate_checkpoint(model, tokenizer, ecfg: EvalConfig, data: dict[str, Path
 
 
 def summarize(metrics: dict) -> str:
-    shown = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-             if isinstance(v, int | float | str) and k != "seconds"]  # fmt: skip
+    shown = [
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in metrics.items()
+        if isinstance(v, int | float | str) and k != "seconds"
+    ]
     return ", ".join(shown[:8])
 
 
 def flat_metrics(results: dict[str, dict[str, dict]]) -> dict[str, float | int | str]:
     """`<label>/<suite>/<metric>` for every scalar (lists such as expert_load stay in eval.json only)."""
-    return {f"{label}/{suite}/{k}": v for label, suites in results.items() for suite, m in suites.items()
-            for k, v in m.items() if isinstance(v, int | float | str)}  # fmt: skip
+    return {
+        f"{label}/{suite}/{k}": v
+        for label, suites in results.items()
+        for suite, m in suites.items()
+        for k, v in m.items()
+        if isinstance(v, int | float | str)
+    }
 
 
 # ---------------------------------------------------------------- the stage
@@ -211,13 +226,19 @@ def run(cfg: Config) -> dict:
             raise FileNotFoundError(f"no checkpoint under {run_dir}/{{pretrain,sft,rl,distill}}/ (or pass ckpt=<dir>)")
     data = {k: run_dir / "data" / k for k in ("val", "reasoning")}
     data = {k: (p if p.exists() else None) for k, p in data.items()}
-    tokenizers = {label: resolve_tokenizer(p, ecfg.tokenizer, run_dir if run_dir.is_dir() else None)
-                  for label, p in checkpoints.items()}  # fmt: skip
+    tokenizers = {
+        label: resolve_tokenizer(p, ecfg.tokenizer, run_dir if run_dir.is_dir() else None)
+        for label, p in checkpoints.items()
+    }
     inputs = {f"ckpt_{label}": p for label, p in checkpoints.items()}
     inputs |= {f"tokenizer_{label}": p for label, p in tokenizers.items()}
     inputs |= {k: p for k, p in data.items() if p is not None}
-    config = {"eval": as_dict(ecfg), "precision": cfg.precision, "seed": cfg.run.seed,
-              "checkpoints": {k: str(v) for k, v in checkpoints.items()}}  # fmt: skip
+    config = {
+        "eval": as_dict(ecfg),
+        "precision": cfg.precision,
+        "seed": cfg.run.seed,
+        "checkpoints": {k: str(v) for k, v in checkpoints.items()},
+    }
     stage = StageRun(cfg, STAGE, config=config, inputs=inputs)
     if stage.up_to_date():
         return stage.previous_metrics()

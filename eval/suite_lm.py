@@ -34,7 +34,7 @@ from data.loader import PackedDataset
 from data.tokenizer import EOS
 from eval.config import BpbEvalConfig, MoEEvalConfig
 from eval.generation import SuiteResult
-from eval.humaneval import Problem
+from rewards.humaneval import Problem
 from train.metrics import max_violation
 from train.pretrain import evaluate, fixed_batches, token_byte_lengths
 from train.runtime import autocast
@@ -78,19 +78,30 @@ def code_documents(problems: Sequence[Problem], tokenizer: Tokenizer, context: i
     return docs
 
 
-def run_bpb(model: torch.nn.Module, tokenizer: Tokenizer, batches: list[Batch], problems: Sequence[Problem],
-            cfg: BpbEvalConfig, precision: str = "fp32") -> SuiteResult:  # fmt: skip
+def run_bpb(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    batches: list[Batch],
+    problems: Sequence[Problem],
+    cfg: BpbEvalConfig,
+    precision: str = "fp32",
+) -> SuiteResult:
     device = next(model.parameters()).device
     byte_len = token_byte_lengths(tokenizer)
     val = evaluate(model, batches, precision, device, byte_len)
     n_tok = sum(int((y >= 0).sum()) for _, y in batches)
-    metrics: dict = {"val/loss": val["loss"], "val/bpb": val["bpb"], "val/tokens": n_tok,
-                     "val/mix": "code and text mixed (the shards do not record each document's kind)"}  # fmt: skip
+    metrics: dict = {
+        "val/loss": val["loss"],
+        "val/bpb": val["bpb"],
+        "val/tokens": n_tok,
+        "val/mix": "code and text mixed (the shards do not record each document's kind)",
+    }
     if cfg.code_problems >= 0:
         chosen = problems[: cfg.code_problems] if cfg.code_problems > 0 else problems
         docs = code_documents(chosen, tokenizer, int(model.config.max_position_embeddings))
-        code = evaluate(model, document_batches(docs, cfg.batch_size, tokenizer.token_to_id(EOS)), precision, device,
-                        byte_len)  # fmt: skip
+        code = evaluate(
+            model, document_batches(docs, cfg.batch_size, tokenizer.token_to_id(EOS)), precision, device, byte_len
+        )
         metrics |= {"code/loss": code["loss"], "code/bpb": code["bpb"], "code/documents": len(docs)}
     model.eval()
     return SuiteResult(metrics)
@@ -118,6 +129,9 @@ def run_moe(model: torch.nn.Module, batches: list[Batch], cfg: MoEEvalConfig, pr
     first = int(model.config.first_k_dense_replace)
     metrics: dict = {"maxvio": float(np.mean(vio)), "maxvio_batch": float(np.mean(batch_vio))}
     metrics |= {f"maxvio/layer{first + i}": v for i, v in enumerate(vio)}
-    metrics |= {"dropped": dropped, "tokens": int(sum(x.numel() for x, _ in batches[: cfg.batches])),
-                "expert_load": load_LE.tolist()}  # fmt: skip
+    metrics |= {
+        "dropped": dropped,
+        "tokens": int(sum(x.numel() for x, _ in batches[: cfg.batches])),
+        "expert_load": load_LE.tolist(),
+    }
     return SuiteResult(metrics)

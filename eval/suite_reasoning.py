@@ -7,10 +7,10 @@
 (b) k samples per prompt at the stated temperature and top-p (DeepSeek-R1 reports pass@1 as the mean correctness of
     k samples at temperature 0.6, top-p 0.95: less noisy than one greedy answer, and what the model does when
     sampled).
-(c) `train.grpo.score_completions`: the RL reward's own graders (`eval/graders.py` answer match, Countdown through
+(c) `train.grpo.score_completions`: the RL reward's own graders (`rewards/graders.py` answer match, Countdown through
     `data.reasoning.verify`, the `<think>/<answer>` format), so the number RL optimizes is the number reported.
-    pass@1 = mean correctness over the n x k samples; pass@k = the unbiased estimator (`eval.humaneval.pass_at_k`);
-    think rate = the share of samples whose `<think>` holds any reasoning (`eval.graders.shows_thinking`).
+    pass@1 = mean correctness over the n x k samples; pass@k = the unbiased estimator (`rewards.humaneval.pass_at_k`);
+    think rate = the share of samples whose `<think>` holds any reasoning (`rewards.graders.shows_thinking`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from eval.config import ReasoningEvalConfig
 from eval.generation import GenerateFn, Prompt, Sampling, SuiteResult, check_completions
-from eval.humaneval import mean_pass_at_k
+from rewards.humaneval import mean_pass_at_k
 
 
 def load_test_rows(reasoning_dir: Path, n: int = 0) -> list[dict]:
@@ -47,11 +47,12 @@ def load_gsm8k_rows(path: str | None, n: int = 0) -> tuple[list[dict], str | Non
     return [dict(r) for r in ds], None
 
 
-def score_reasoning(rows: Sequence[dict], completions: list[list[str]],
-                    count_tokens: Callable[[str], int] | None = None) -> tuple[dict, list[float]]:  # fmt: skip
+def score_reasoning(
+    rows: Sequence[dict], completions: list[list[str]], count_tokens: Callable[[str], int] | None = None
+) -> tuple[dict, list[float]]:
     """pass@1 (mean correctness), pass@k, format rate, response length and grader errors; per-sample correctness
     in prompt-major order."""
-    from eval.graders import shows_thinking
+    from rewards.graders import shows_thinking
     from train.grpo import score_completions
 
     flat_rows = [r for r, cs in zip(rows, completions, strict=True) for _ in cs]
@@ -75,21 +76,29 @@ def score_reasoning(rows: Sequence[dict], completions: list[list[str]],
     return metrics, s.correct
 
 
-def _evaluate_rows(generate_fn: GenerateFn, rows: list[dict], sampling: Sampling, count_tokens, table_rows: int,
-                   tag: str) -> tuple[dict, list[dict]]:  # fmt: skip
+def _evaluate_rows(
+    generate_fn: GenerateFn, rows: list[dict], sampling: Sampling, count_tokens, table_rows: int, tag: str
+) -> tuple[dict, list[dict]]:
     prompts = [Prompt(r["prompt"], chat=True) for r in rows]
     completions = generate_fn(prompts, sampling)
     check_completions(prompts, sampling, completions)
     metrics, correct = score_reasoning(rows, completions, count_tokens)
     flat = [(r, c) for r, cs in zip(rows, completions) for c in cs]
-    table = [{"set": tag, "prompt": r["prompt"], "completion": c, "answer": r["answer"], "correct": ok}
-             for (r, c), ok in zip(flat, correct)]  # fmt: skip
+    table = [
+        {"set": tag, "prompt": r["prompt"], "completion": c, "answer": r["answer"], "correct": ok}
+        for (r, c), ok in zip(flat, correct)
+    ]
     return metrics, table[:: max(1, len(table) // max(1, table_rows))][:table_rows]
 
 
-def run_reasoning(generate_fn: GenerateFn, rows: list[dict], cfg: ReasoningEvalConfig,
-                  gsm8k: tuple[list[dict], str | None] = ([], "not requested"),
-                  count_tokens: Callable[[str], int] | None = None, table_rows: int = 8) -> SuiteResult:  # fmt: skip
+def run_reasoning(
+    generate_fn: GenerateFn,
+    rows: list[dict],
+    cfg: ReasoningEvalConfig,
+    gsm8k: tuple[list[dict], str | None] = ([], "not requested"),
+    count_tokens: Callable[[str], int] | None = None,
+    table_rows: int = 8,
+) -> SuiteResult:
     sampling = Sampling(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     metrics: dict = {"temperature": cfg.temperature, "top_p": cfg.top_p}
     samples: list[dict] = []

@@ -37,12 +37,30 @@ INTERPRETED = interpreting()
 
 @triton.jit
 def _fp8_gemm_nt_kernel(
-    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
-    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
-    stride_asm, stride_ask, stride_bsn, stride_bsk,
-    B_BLOCKWISE: tl.constexpr, OUT_KIND: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    as_ptr,
+    bs_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    stride_cn,
+    stride_asm,
+    stride_ask,
+    stride_bsn,
+    stride_bsk,
+    B_BLOCKWISE: tl.constexpr,
+    OUT_KIND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -59,12 +77,14 @@ def _fp8_gemm_nt_kernel(
         k = kt * BLOCK_K + offs_k
         a = tl.load(
             a_ptr + offs_m[:, None] * stride_am + k[None, :] * stride_ak,
-            mask=mask_m[:, None] & (k[None, :] < K), other=0.0,
-        )  # fmt: skip
+            mask=mask_m[:, None] & (k[None, :] < K),
+            other=0.0,
+        )
         b = tl.load(
             b_ptr + k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-            mask=(k[:, None] < K) & mask_n[None, :], other=0.0,
-        )  # fmt: skip
+            mask=(k[:, None] < K) & mask_n[None, :],
+            other=0.0,
+        )
         a_s = tl.load(as_ptr + offs_m * stride_asm + kt * stride_ask, mask=mask_m, other=0.0)
         b_s = tl.load(bs_ptr + bs_row + kt * stride_bsk, mask=mask_n, other=0.0)
         # the promotion: a 128-deep Tensor-Core partial sum, scaled, added into the FP32 accumulator
@@ -111,10 +131,30 @@ def fp8_gemm_nt(
         return c.zero_()
     grid = (cdiv(M, block_m), cdiv(N, block_n))
     _fp8_gemm_nt_kernel[grid](
-        a_q, b_q, c, a_s, b_s, M, N, K,
-        a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), c.stride(0), c.stride(1),
-        a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1),
-        B_BLOCKWISE=b_blockwise, OUT_KIND=kind, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=TILE,
-        num_warps=8, num_stages=3,
-    )  # fmt: skip
+        a_q,
+        b_q,
+        c,
+        a_s,
+        b_s,
+        M,
+        N,
+        K,
+        a_q.stride(0),
+        a_q.stride(1),
+        b_q.stride(0),
+        b_q.stride(1),
+        c.stride(0),
+        c.stride(1),
+        a_s.stride(0),
+        a_s.stride(1),
+        b_s.stride(0),
+        b_s.stride(1),
+        B_BLOCKWISE=b_blockwise,
+        OUT_KIND=kind,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=TILE,
+        num_warps=8,
+        num_stages=3,
+    )
     return c

@@ -38,11 +38,32 @@ INTERPRETED = interpreting()
 
 @triton.jit
 def _grouped_gemm_nt_kernel(
-    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr, E, N, K,
-    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm,
-    stride_asm, stride_bse, stride_bsn, stride_bsk,
-    OUT_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    as_ptr,
+    bs_ptr,
+    tile_expert_ptr,
+    tile_row_ptr,
+    offsets_ptr,
+    E,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    stride_asm,
+    stride_bse,
+    stride_bsn,
+    stride_bsk,
+    OUT_KIND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + tile)
@@ -62,12 +83,14 @@ def _grouped_gemm_nt_kernel(
         k = kt * BLOCK_K + offs_k
         a = tl.load(
             a_ptr + offs_m[:, None] * stride_am + k[None, :] * stride_ak,
-            mask=mask_m[:, None] & (k[None, :] < K), other=0.0,
-        )  # fmt: skip
+            mask=mask_m[:, None] & (k[None, :] < K),
+            other=0.0,
+        )
         b = tl.load(
             b_base + k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-            mask=(k[:, None] < K) & mask_n[None, :], other=0.0,
-        )  # fmt: skip
+            mask=(k[:, None] < K) & mask_n[None, :],
+            other=0.0,
+        )
         a_s = tl.load(as_ptr + offs_m * stride_asm + kt, mask=mask_m, other=0.0)
         b_s = tl.load(bs_row + kt * stride_bsk, mask=mask_n, other=0.0)
         acc += tl.dot(a, b, out_dtype=tl.float32) * a_s[:, None] * b_s[None, :]
@@ -76,10 +99,24 @@ def _grouped_gemm_nt_kernel(
 
 @triton.jit
 def _grouped_wgrad_kernel(
-    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, offsets_ptr, N, K,
-    stride_an, stride_bk, stride_ce, stride_cn, stride_asn, stride_bsk,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_M: tl.constexpr,
-):  # fmt: skip
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    as_ptr,
+    bs_ptr,
+    offsets_ptr,
+    N,
+    K,
+    stride_an,
+    stride_bk,
+    stride_ce,
+    stride_cn,
+    stride_asn,
+    stride_bsk,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TILE_M: tl.constexpr,
+):
     e = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -165,11 +202,34 @@ def grouped_fp8_gemm_nt(
     tile_expert_T, tile_row_T = tile_schedule(offsets_E1, block_m, M)
     grid = (tile_expert_T.numel(), cdiv(N, block_n))
     _grouped_gemm_nt_kernel[grid](
-        a_q_MK, b_q_ENK, c, a_s_MKt, b_s_ENtKt, tile_expert_T, tile_row_T, offsets_E1, E, N, K,
-        a_q_MK.stride(0), a_q_MK.stride(1), b_q_ENK.stride(0), b_q_ENK.stride(1), b_q_ENK.stride(2), c.stride(0),
-        a_s_MKt.stride(0), b_s_ENtKt.stride(0), b_s_ENtKt.stride(1), b_s_ENtKt.stride(2),
-        OUT_KIND=kind, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=TILE, num_warps=8, num_stages=3,
-    )  # fmt: skip
+        a_q_MK,
+        b_q_ENK,
+        c,
+        a_s_MKt,
+        b_s_ENtKt,
+        tile_expert_T,
+        tile_row_T,
+        offsets_E1,
+        E,
+        N,
+        K,
+        a_q_MK.stride(0),
+        a_q_MK.stride(1),
+        b_q_ENK.stride(0),
+        b_q_ENK.stride(1),
+        b_q_ENK.stride(2),
+        c.stride(0),
+        a_s_MKt.stride(0),
+        b_s_ENtKt.stride(0),
+        b_s_ENtKt.stride(1),
+        b_s_ENtKt.stride(2),
+        OUT_KIND=kind,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=TILE,
+        num_warps=8,
+        num_stages=3,
+    )
     return c
 
 
@@ -197,8 +257,24 @@ def grouped_fp8_wgrad(
         return c
     grid = (E, cdiv(N, block_n), cdiv(K, block_k))
     _grouped_wgrad_kernel[grid](
-        aT_q_NM, bT_q_KM, c, aT_s_NMt, bT_s_KMt, offsets_E1, N, K,
-        aT_q_NM.stride(0), bT_q_KM.stride(0), c.stride(0), c.stride(1), aT_s_NMt.stride(0), bT_s_KMt.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, TILE_M=TILE, num_warps=8, num_stages=3,
-    )  # fmt: skip
+        aT_q_NM,
+        bT_q_KM,
+        c,
+        aT_s_NMt,
+        bT_s_KMt,
+        offsets_E1,
+        N,
+        K,
+        aT_q_NM.stride(0),
+        bT_q_KM.stride(0),
+        c.stride(0),
+        c.stride(1),
+        aT_s_NMt.stride(0),
+        bT_s_KMt.stride(0),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        TILE_M=TILE,
+        num_warps=8,
+        num_stages=3,
+    )
     return c

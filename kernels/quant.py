@@ -108,9 +108,21 @@ def _act_quant_kernel(
 
 @triton.jit
 def _act_quant_t_kernel(
-    x_ptr, xs_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xsm, stride_qk, stride_sk,
-    HAS_IN_SCALE: tl.constexpr, POW2: tl.constexpr, TILE_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    xs_ptr,
+    q_ptr,
+    s_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_xsm,
+    stride_qk,
+    stride_sk,
+    HAS_IN_SCALE: tl.constexpr,
+    POW2: tl.constexpr,
+    TILE_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     mt = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = mt * TILE_M + tl.arange(0, TILE_M)
@@ -228,9 +240,21 @@ def act_quant_t(
         xs = s_MKt if s_MKt is not None else s  # dummy pointer when there is no input scale
         grid = (cdiv(M, TILE), cdiv(K, block_k))
         _act_quant_t_kernel[grid](
-            x_MK, xs, q, s, M, K, K, xs.stride(0), M, s.stride(0),
-            HAS_IN_SCALE=s_MKt is not None, POW2=pow2, TILE_M=TILE, BLOCK_K=block_k,
-        )  # fmt: skip
+            x_MK,
+            xs,
+            q,
+            s,
+            M,
+            K,
+            K,
+            xs.stride(0),
+            M,
+            s.stride(0),
+            HAS_IN_SCALE=s_MKt is not None,
+            POW2=pow2,
+            TILE_M=TILE,
+            BLOCK_K=block_k,
+        )
     return q, s
 
 

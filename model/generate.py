@@ -16,7 +16,7 @@ How it works, step by step:
 
 Output order is prompt-major: prompt 0 samples 0..n-1, prompt 1 samples 0..n-1, ...
 
-**Expert replicas (EPLB).** With `placement=phy2log` (an EPLB placement from `train.parallel.eplb`: per MoE layer,
+**Expert replicas (EPLB).** With `placement=phy2log` (an EPLB placement from `model.eplb`: per MoE layer,
 the logical expert held by each physical slot; slot p lives on GPU p // (P / num_gpus)), every MoE layer's
 (token, expert) requests are sent to physical slots with `replica_router` (the j-th request for an expert goes to
 its replica j mod count, counted across the whole call), and the engine returns how many requests each slot served
@@ -83,7 +83,7 @@ class ReplicaDispatch:
     """
 
     def __init__(self, model: torch.nn.Module, phy2log_XP: Tensor) -> None:
-        from train.parallel.eplb import replica_router, slot_tables
+        from model.eplb import replica_router, slot_tables
 
         self.moes = list(model.moe_layers())
         E = model.config.n_routed_experts
@@ -160,7 +160,7 @@ def generate(
     `model` is a `model.transformer.DeepseekV3`; temperature 0 (or top_k 1) is greedy; `seed` seeds a
     `torch.Generator` so that the same call draws the same tokens; `stream(sample_index, token_id)` is called for
     every token as soon as it is drawn (the chat CLI prints with it). `placement` (phy2log [MoE layers, slots], e.g.
-    from `train.parallel.eplb.rebalance_experts`) routes expert requests to replicas and fills the output's
+    from `model.eplb.rebalance_experts`) routes expert requests to replicas and fills the output's
     `expert_load_XE` / `slot_load_XP` (see the module docstring); it never changes the tokens.
     """
     cfg = model.config

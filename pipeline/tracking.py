@@ -99,8 +99,15 @@ class Tracker:
                 settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
             )
             # what `make wandb-sync` will upload, readable without W&B: which run, in which group (sweeps share one)
-            record = {"id": self._run.id, "name": self._run.name, "group": run_group, "job_type": stage,
-                      "project": project, "mode": mode, "dir": str(Path(self._run.dir).parent)}  # fmt: skip
+            record = {
+                "id": self._run.id,
+                "name": self._run.name,
+                "group": run_group,
+                "job_type": stage,
+                "project": project,
+                "mode": mode,
+                "dir": str(Path(self._run.dir).parent),
+            }
             (self.stage_dir / "wandb_run.json").write_text(json.dumps(record, indent=2) + "\n")
         except Exception as e:  # W&B must never stop a stage
             self._warn("init", e)

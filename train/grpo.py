@@ -14,7 +14,7 @@ How one step works (Shao et al. 2024, "DeepSeekMath", section 4; DeepSeek-R1 sec
 1. Rollouts. B prompts from the train split, each rendered with the chat template (train/chat.py) and sampled G
    times by `model.generate.generate(..., n_samples=G)`: the prompt is prefilled once into MLA's latent cache and
    shared by its G samples.
-2. Rewards, by rule (eval/graders.py): `correct` (the `<answer>` is right: numeric match for arithmetic, the
+2. Rewards, by rule (rewards/graders.py): `correct` (the `<answer>` is right: numeric match for arithmetic, the
    Countdown expression checked by `data.reasoning.verify`) plus `format_weight` times `format` (the
    `<think>...</think><answer>...</answer>` layout). A grader that raises scores that sample 0 and is counted.
 3. Group-normalized advantages: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), the same for every token of
@@ -39,7 +39,7 @@ Where this departs from DeepSeek-R1's recipe, and why:
   model, G = 8, a few dozen steps: enough to move a small model's accuracy on a simple task, not to grow long
   reasoning.
 - Tasks: procedurally generated arithmetic and Countdown (data/reasoning.py) instead of competition math and code;
-  the code reward exists in eval/graders.py but is not in the default mix.
+  the code reward exists in rewards/graders.py but is not in the default mix.
 - Cold start: R1's cold-start traces all reason. Here half of them answer directly (`data.reasoning.cot_fraction`
   = 0.5), so that RL has a behaviour to select, as R1-Zero's base model sometimes reasons and RL makes it reason
   more. What RL can and cannot do at this scale, measured from one pretrained base (`bench/rl_gain.py`, 500 held-out
@@ -91,12 +91,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from data.tokenizer import load_tokenizer
-from eval.graders import get_reward, score_safely, shows_thinking, task_reward
 from model.config import ModelConfig
 from model.generate import generate
 from pipeline.config import Config, as_dict, stage_dir, to_config
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
+from rewards.graders import get_reward, score_safely, shows_thinking, task_reward
 from train.chat import decode_completion, eos_id, render_prompt
 from train.checkpoint import CheckpointManager, read_model_config
 from train.optim import build_optimizer, lr_at
@@ -236,10 +236,16 @@ def grpo_update(
     tau = r.temperature if r.temperature > 0 else 1.0  # the policy optimized is the one sampled: pi_tau
     chunks = [slice(i, i + r.micro_batch_size) for i in range(0, n_seqs, r.micro_batch_size)]
     with torch.no_grad():  # one update: the old policy IS the current one, its log-probs come with the first pass
-        old_logp = [token_logprobs(model, ids_NT[c], precision, temperature=tau)[0] for c in chunks] if (
-            r.updates_per_batch > 1) else None  # fmt: skip
-        ref_logp = [token_logprobs(ref, ids_NT[c], precision, temperature=tau)[0] for c in chunks] if (
-            ref is not None) else None  # fmt: skip
+        old_logp = (
+            [token_logprobs(model, ids_NT[c], precision, temperature=tau)[0] for c in chunks]
+            if (r.updates_per_batch > 1)
+            else None
+        )
+        ref_logp = (
+            [token_logprobs(ref, ids_NT[c], precision, temperature=tau)[0] for c in chunks]
+            if (ref is not None)
+            else None
+        )
     out = dict.fromkeys(UPDATE_METRICS, 0.0)
     for u in range(r.updates_per_batch):
         sums = dict.fromkeys(UPDATE_METRICS, 0.0)
@@ -301,8 +307,15 @@ def evaluate_accuracy(
         chunk = rows[start : start + batch_size]
         prompts = [render_prompt(tokenizer, r["prompt"]) for r in chunk]
         with autocast(precision, device):
-            out = generate(model, prompts, n_samples=k, max_new_tokens=max_new_tokens, temperature=temperature,
-                           stop_token_ids=[eos], seed=seed + start)  # fmt: skip
+            out = generate(
+                model,
+                prompts,
+                n_samples=k,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                stop_token_ids=[eos],
+                seed=seed + start,
+            )
         texts = [decode_completion(tokenizer, t) for t in out.tokens]
         rep = [r for r in chunk for _ in range(k)]
         s = score_completions(texts, rep, format_weight)
@@ -402,10 +415,20 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     counters = {"grader_errors": 0, "degenerate_groups": 0, "bad_steps": 0, "skipped_batches": 0}
 
     def evaluate(tag: str) -> dict:
-        ev = evaluate_accuracy(model, tok, test_rows, max_new_tokens=r.max_new_tokens, precision=cfg.precision,
-                               format_weight=r.format_weight)  # fmt: skip
-        return {f"{tag}_accuracy": ev["accuracy"], f"{tag}_format_rate": ev["format_rate"],
-                f"{tag}_think_rate": ev["think_rate"], f"{tag}_response_len": ev["response_len"]}  # fmt: skip
+        ev = evaluate_accuracy(
+            model,
+            tok,
+            test_rows,
+            max_new_tokens=r.max_new_tokens,
+            precision=cfg.precision,
+            format_weight=r.format_weight,
+        )
+        return {
+            f"{tag}_accuracy": ev["accuracy"],
+            f"{tag}_format_rate": ev["format_rate"],
+            f"{tag}_think_rate": ev["think_rate"],
+            f"{tag}_response_len": ev["response_len"],
+        }
 
     start_step = 0
     resumed = None
@@ -442,9 +465,16 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
         rows = [train_rows[i] for i in prompt_indices(len(train_rows), r.prompts_per_step, step, cfg.run.seed)]
         prompts = [render_prompt(tok, row["prompt"]) for row in rows]
         with autocast(cfg.precision, device):
-            gen = generate(model, prompts, n_samples=r.group_size, max_new_tokens=r.max_new_tokens,
-                           temperature=r.temperature, top_p=r.top_p, stop_token_ids=[eos],
-                           seed=cfg.run.seed * 1_000_003 + step)  # fmt: skip
+            gen = generate(
+                model,
+                prompts,
+                n_samples=r.group_size,
+                max_new_tokens=r.max_new_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                stop_token_ids=[eos],
+                seed=cfg.run.seed * 1_000_003 + step,
+            )
         t_gen = time.perf_counter() - t0
         # ---- 2. rewards and advantages
         rep_rows = [row for row in rows for _ in range(r.group_size)]
@@ -459,20 +489,24 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
         # ---- 3. policy updates on the non-degenerate groups
         upd = dict.fromkeys(UPDATE_METRICS, 0.0)
         if keep:
-            ids_NT, mask_NT = pack_sequences([prompts[i // r.group_size] for i in keep],
-                                             [gen.tokens[i] for i in keep], pad_id=eos)  # fmt: skip
+            ids_NT, mask_NT = pack_sequences(
+                [prompts[i // r.group_size] for i in keep], [gen.tokens[i] for i in keep], pad_id=eos
+            )
             ids_NT, mask_NT = ids_NT.to(device), mask_NT.to(device)
             adv_N = adv_BG.flatten()[keep].to(device)
             upd, culprit = grpo_update(model, ref, opt, ids_NT, mask_NT, adv_N, r, cfg.precision)
             if culprit is not None:
                 bad_run += 1
                 counters["bad_steps"] += 1
-                tracker.log({"skipped_step": 1, "bad_steps": counters["bad_steps"], "bad_tensor": culprit},
-                            step=step + 1)  # fmt: skip
+                tracker.log(
+                    {"skipped_step": 1, "bad_steps": counters["bad_steps"], "bad_tensor": culprit}, step=step + 1
+                )
                 if bad_run >= r.max_bad_steps:
                     path = save(step)
-                    raise TrainingError(f"stopping: {bad_run} consecutive non-finite updates (step {step + 1}, "
-                                        f"first bad tensor: {culprit}); checkpoint at {path}")  # fmt: skip
+                    raise TrainingError(
+                        f"stopping: {bad_run} consecutive non-finite updates (step {step + 1}, "
+                        f"first bad tensor: {culprit}); checkpoint at {path}"
+                    )
             else:
                 bad_run = 0
         else:
@@ -505,11 +539,17 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
         if (step + 1) % r.log_every == 0 or last:
             tracker.log(metrics, step=step + 1)
         if r.table_every and ((step + 1) % r.table_every == 0 or last):
-            table = [[step + 1, rep_rows[i]["prompt"], texts[i], sc.reward[i], sc.correct[i]]
-                     for i in range(0, n, max(1, n // r.table_rows))][: r.table_rows]  # fmt: skip
+            table = [
+                [step + 1, rep_rows[i]["prompt"], texts[i], sc.reward[i], sc.correct[i]]
+                for i in range(0, n, max(1, n // r.table_rows))
+            ][: r.table_rows]
             tracker.log_table("samples", ["step", "prompt", "completion", "reward", "correct"], table, step=step + 1)
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                        len=f"{metrics['response_len']:.0f}", gen=f"{metrics['gen_time_frac']:.0%}")  # fmt: skip
+        bar.set_postfix(
+            reward=f"{metrics['reward_mean']:.3f}",
+            acc=f"{metrics['accuracy']:.2f}",
+            len=f"{metrics['response_len']:.0f}",
+            gen=f"{metrics['gen_time_frac']:.0%}",
+        )
         if (step + 1) % r.ckpt_every == 0 or last:
             save(step + 1)
 
@@ -540,8 +580,12 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     rows = [row for row in rows if "reward_mean" in row]
-    panels = [("reward_mean", "reward"), ("accuracy", "train accuracy"), ("think_rate", "samples that reason"),
-              ("response_len", "response length (tokens)")]  # fmt: skip
+    panels = [
+        ("reward_mean", "reward"),
+        ("accuracy", "train accuracy"),
+        ("think_rate", "samples that reason"),
+        ("response_len", "response length (tokens)"),
+    ]
     panels = [(k, t) for k, t in panels if all(k in row for row in rows)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     steps = [row["step"] for row in rows]

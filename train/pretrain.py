@@ -483,11 +483,18 @@ def run(cfg: Config) -> dict:
 
 def _run(cfg: Config, data: dict[str, Path], meshes: ParallelMeshes | None) -> dict:
     info = dist_info()
-    config = {"train": as_dict(cfg.train), "model": as_dict(cfg.model), "precision": cfg.precision,
-              "kernels": as_dict(cfg.kernels), "parallel": as_dict(cfg.parallel), "seed": cfg.run.seed}  # fmt: skip
+    config = {
+        "train": as_dict(cfg.train),
+        "model": as_dict(cfg.model),
+        "precision": cfg.precision,
+        "kernels": as_dict(cfg.kernels),
+        "parallel": as_dict(cfg.parallel),
+        "seed": cfg.run.seed,
+    }
     inputs = {"train_shards": data["train"], "val_shards": data["val"], "tokenizer": data["tokenizer"]}
-    stage = StageRun(cfg, "pretrain", config=config, inputs=inputs, rank=info.rank, resume=cfg.train.resume,
-                     layout=("parallel",))  # fmt: skip
+    stage = StageRun(
+        cfg, "pretrain", config=config, inputs=inputs, rank=info.rank, resume=cfg.train.resume, layout=("parallel",)
+    )
     return stage.run_checkpointed(lambda st: train(cfg, st, data, meshes))
 
 

@@ -103,8 +103,10 @@ def check_config(s: SFTConfig, world_size: int, max_pos: int) -> None:
     if s.steps <= 0:
         raise ValueError(f"sft.steps must be positive, got {s.steps}")
     if s.batch_size % (s.micro_batch_size * world_size):
-        raise ValueError(f"sft.batch_size={s.batch_size} is not divisible by sft.micro_batch_size="
-                         f"{s.micro_batch_size} x {world_size} ranks")  # fmt: skip
+        raise ValueError(
+            f"sft.batch_size={s.batch_size} is not divisible by sft.micro_batch_size="
+            f"{s.micro_batch_size} x {world_size} ranks"
+        )
     if s.max_len > max_pos:
         raise ValueError(f"sft.max_len={s.max_len} exceeds model.max_position_embeddings={max_pos}")
 
@@ -195,8 +197,10 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
             )
             if bad_run >= s.max_bad_steps:
                 path = save(step)
-                raise TrainingError(f"stopping: {bad_run} consecutive non-finite steps (step {step + 1}, first bad "
-                                    f"tensor: {culprit or 'grad_norm'}); checkpoint at {path}")  # fmt: skip
+                raise TrainingError(
+                    f"stopping: {bad_run} consecutive non-finite steps (step {step + 1}, first bad "
+                    f"tensor: {culprit or 'grad_norm'}); checkpoint at {path}"
+                )
             continue
         bad_run = 0
         opt.step()
@@ -206,15 +210,23 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
                 update_expert_bias(layer, l_E, mcfg.bias_update_speed)
         now = time.perf_counter()
         dt, t_last = now - t_last, now
-        metrics = {"loss": sums["loss"], "ce_loss": sums["ce"], "mtp_loss": sums["mtp"], "lr": lr,
-                   "grad_norm": float(gnorm), "response_tokens_per_s": n_tok / dt, "too_long": too_long,
-                   "bad_steps": bad_total}  # fmt: skip
+        metrics = {
+            "loss": sums["loss"],
+            "ce_loss": sums["ce"],
+            "mtp_loss": sums["mtp"],
+            "lr": lr,
+            "grad_norm": float(gnorm),
+            "response_tokens_per_s": n_tok / dt,
+            "too_long": too_long,
+            "bad_steps": bad_total,
+        }
         last = step + 1 == s.steps
         if (step + 1) % s.log_every == 0 or last:
             tracker.log(metrics, step=step + 1)
         if s.table_every and test_rows and ((step + 1) % s.table_every == 0 or last):
-            ev = evaluate_accuracy(model, tok, test_rows[: s.table_rows], max_new_tokens=s.eval_max_new_tokens,
-                                   precision=cfg.precision)  # fmt: skip
+            ev = evaluate_accuracy(
+                model, tok, test_rows[: s.table_rows], max_new_tokens=s.eval_max_new_tokens, precision=cfg.precision
+            )
             table = [[step + 1, p, c, sc] for p, c, sc in ev["samples"]]
             tracker.log_table("samples", ["step", "prompt", "completion", "correct"], table, step=step + 1)
             model.train()
@@ -227,8 +239,12 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     result |= {"steps": s.steps, "bad_steps": bad_total, "too_long": too_long, "checkpoint": str(final)}
     if test_rows and info.is_main:
         ev = evaluate_accuracy(model, tok, test_rows, max_new_tokens=s.eval_max_new_tokens, precision=cfg.precision)
-        result |= {"eval_accuracy": ev["accuracy"], "eval_format_rate": ev["format_rate"],
-                   "eval_think_rate": ev["think_rate"], "eval_response_len": ev["response_len"]}  # fmt: skip
+        result |= {
+            "eval_accuracy": ev["accuracy"],
+            "eval_format_rate": ev["format_rate"],
+            "eval_think_rate": ev["think_rate"],
+            "eval_response_len": ev["response_len"],
+        }
         tracker.log({k: v for k, v in result.items() if k.startswith("eval_")}, step=s.steps)
     if s.export_hf and info.is_main:
         from model.hf import export_hf
@@ -247,8 +263,12 @@ def run(cfg: Config) -> dict:
     elif cfg.sft.init != "scratch":
         paths["init"] = Path(cfg.sft.init)
     info = dist_info()
-    config = {"sft": as_dict(cfg.sft), "precision": cfg.precision, "kernels": as_dict(cfg.kernels),
-              "seed": cfg.run.seed}  # fmt: skip
+    config = {
+        "sft": as_dict(cfg.sft),
+        "precision": cfg.precision,
+        "kernels": as_dict(cfg.kernels),
+        "seed": cfg.run.seed,
+    }
     if "init" not in paths:
         config["model"] = as_dict(cfg.model)
     stage = StageRun(cfg, "sft", config=config, inputs=paths, rank=info.rank, resume=cfg.sft.resume)

@@ -88,7 +88,7 @@ LAYOUTS_PP_2 = {
         **NO_MTP,
         "train.steps": 2,
         "run.name": "pp2_resume",
-    },  # fmt: skip
+    },
     "pp2_resume_b": {
         "pp": 2,
         "dp_replicate": 1,
@@ -97,7 +97,7 @@ LAYOUTS_PP_2 = {
         **NO_MTP,
         "run.name": "pp2_resume",
         "train.resume": "{root}/pp2_resume/pretrain/checkpoints/step_000002",
-    },  # fmt: skip
+    },
 }
 LAYOUTS_PP_4 = {
     "pp2_fsdp2": {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "pp_schedule": "1f1b", **NO_MTP},
@@ -108,7 +108,7 @@ LAYOUTS_PP_4 = {
         "pp_schedule": "dualpipev",
         **NO_MTP,
         "train.micro_batch_size": 1,
-    },  # fmt: skip
+    },
 }
 LAYOUTS = {**LAYOUTS_4, **LAYOUTS_PP_2, **LAYOUTS_PP_4}
 

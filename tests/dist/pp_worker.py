@@ -32,7 +32,7 @@ def micro_cfg(mtp: int = 0) -> ModelConfig:
         topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
         qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, num_nextn_predict_layers=mtp, rope_scaling=None,
         seq_aux_alpha=0.01,
-    )  # fmt: skip
+    )
 
 
 def check(schedule: str, mtp: int = 0) -> str:
@@ -46,7 +46,7 @@ def check(schedule: str, mtp: int = 0) -> str:
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     pipe = build_pipeline(model, schedule, dist.group.WORLD, MICRO, (B // MICRO, T), torch.device("cpu"),
-                          scale_grads=not mtp)  # fmt: skip
+                          scale_grads=not mtp)
     stages = pipe.stages
     losses: list = []
     pipe.schedule.step(x, target=y, losses=losses)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.dist
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("pp") / "report.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests/dist/pp_worker.py"), str(out)]  # fmt: skip
+           str(REPO / "tests/dist/pp_worker.py"), str(out)]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=180, cwd=REPO)
     assert proc.returncode == 0 and out.exists(), f"worker failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}"
     return json.loads(out.read_text())
@@ -53,7 +53,7 @@ def _tiny(**kw):
                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4,
                       n_group=1, topk_group=1, num_experts_per_tok=2, kv_lora_rank=8, q_lora_rank=None,
                       qk_rope_head_dim=4, v_head_dim=4, qk_nope_head_dim=4, num_nextn_predict_layers=1,
-                      first_k_dense_replace=1, rope_scaling=None, **kw)  # fmt: skip
+                      first_k_dense_replace=1, rope_scaling=None, **kw)
     return DeepseekV3(cfg)
 
 

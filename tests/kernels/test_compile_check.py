@@ -21,7 +21,10 @@ def test_kernels_compile_for_hopper(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real every time, and keep $HOME clean
     proc = subprocess.run(
         [sys.executable, "-m", "kernels.compile_check", "--arch", "90", "--only", *SUBSET],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("ok  sm_90") == len(SUBSET), proc.stdout

@@ -39,10 +39,33 @@ def cast_test_values() -> torch.Tensor:
     ties = (finite[1:] + finite[:-1]) / 2  # exact midpoints: round-half-to-even decides
     near_ties = torch.cat([torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1)])
     special = torch.tensor(
-        [0.0, -0.0, 448.0, -448.0, 448.5, 463.9, 464.0, 470.0, 480.0, -500.0, 1e6, -1e30, 3e38,
-         float("inf"), float("-inf"), float("nan"), 2**-9, 2**-10, 3 * 2**-10, 2**-6 - 2**-10, 2**-6 - 2**-11,
-         1e-40, -1e-45, 2**-126],
-    )  # fmt: skip
+        [
+            0.0,
+            -0.0,
+            448.0,
+            -448.0,
+            448.5,
+            463.9,
+            464.0,
+            470.0,
+            480.0,
+            -500.0,
+            1e6,
+            -1e30,
+            3e38,
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+            2**-9,
+            2**-10,
+            3 * 2**-10,
+            2**-6 - 2**-10,
+            2**-6 - 2**-11,
+            1e-40,
+            -1e-45,
+            2**-126,
+        ],
+    )
     return torch.cat([logspread, finite, ties, near_ties, special])
 
 

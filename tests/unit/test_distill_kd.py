@@ -82,8 +82,10 @@ def test_kd_gradient_flows_to_student_only():
 
 def test_micro_batch_aligns_cached_rows_with_response_positions():
     # two examples: ids, mask (prompt 0, response 1), top-k rows for each response target position
-    ex = [([5, 6, 7, 8], [0, 0, 1, 1], [[7, 1], [8, 2]], [[1.0, 0.0], [2.0, 0.0]]),
-          ([5, 9, 10], [0, 1, 1], [[9, 3], [10, 4]], [[3.0, 0.0], [4.0, 0.0]])]  # fmt: skip
+    ex = [
+        ([5, 6, 7, 8], [0, 0, 1, 1], [[7, 1], [8, 2]], [[1.0, 0.0], [2.0, 0.0]]),
+        ([5, 9, 10], [0, 1, 1], [[9, 3], [10, 4]], [[3.0, 0.0], [4.0, 0.0]]),
+    ]
     x, y, ids_NK, logits_NK = micro_batch(ex, pad_id=1)
     resp = y != -100
     assert y[resp].tolist() == [7, 8, 9, 10]  # targets in row-major order ...

@@ -52,8 +52,9 @@ def test_stage_writes_traces_student_and_manifest_then_skips(tmp_path, monkeypat
     assert res["acceptance_rate"] == pytest.approx(0.5) and res["n_traces"] == cfg.distill.traces.n_prompts
     ckpt = d / "checkpoints" / "step_000004"
     mc = read_model_config(ckpt)
-    assert mc["n_routed_experts"] == 0 and mc["vocab_size"] == load_tokenizer(run / "data" / "tokenizer.json") \
-        .get_vocab_size(with_added_tokens=True)  # fmt: skip
+    assert mc["n_routed_experts"] == 0 and mc["vocab_size"] == load_tokenizer(
+        run / "data" / "tokenizer.json"
+    ).get_vocab_size(with_added_tokens=True)
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 0 and rows[0]["acceptance_rate"] == pytest.approx(0.5)
     assert "teacher_eval_accuracy" in rows[0]

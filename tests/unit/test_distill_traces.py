@@ -99,8 +99,9 @@ def test_build_traces_saves_dataset_with_provenance_and_aligned_topk(tok_rows, t
     teacher = DeepseekV3(micro_config(tok.get_vocab_size(with_added_tokens=True))).eval()
     t = TraceConfig(samples_per_prompt=4, prompt_batch_size=5, cache_topk=5)
     ident = {"teacher_checkpoint": "x", "teacher_hash": "abc", "tokenizer_hash": "t", "reasoning_hash": "r"}
-    traces, prov = build_traces(teacher, tok, rows, t, provenance=ident, out_dir=tmp_path / "traces", seed=7,
-                                sampler=oracle(tok, rows))  # fmt: skip
+    traces, prov = build_traces(
+        teacher, tok, rows, t, provenance=ident, out_dir=tmp_path / "traces", seed=7, sampler=oracle(tok, rows)
+    )
     assert prov["stats"]["acceptance_rate"] == pytest.approx(0.5)
     assert prov["sampling"]["samples_per_prompt"] == 4 and prov["sampling"]["seed"] == 7
     loaded, prov2 = load_traces(tmp_path / "traces")
@@ -130,8 +131,16 @@ def test_no_accepted_trace_is_a_clear_error(tok_rows, tmp_path):
         return [tok.encode("<answer>nope</answer>", add_special_tokens=False).ids + [eos_id(tok)]] * (len(prompts) * n)
 
     with pytest.raises(ValueError, match="accepted no trace"):
-        build_traces(None, tok, rows, TraceConfig(samples_per_prompt=2), provenance={}, out_dir=tmp_path / "tr",
-                     seed=0, sampler=always_wrong)  # fmt: skip
+        build_traces(
+            None,
+            tok,
+            rows,
+            TraceConfig(samples_per_prompt=2),
+            provenance={},
+            out_dir=tmp_path / "tr",
+            seed=0,
+            sampler=always_wrong,
+        )
     assert not (tmp_path / "tr").exists()
 
 
@@ -156,8 +165,9 @@ def test_fallback_to_reference_when_nothing_is_accepted(tok_rows, tmp_path):
         return [tok.encode("<answer>nope</answer>", add_special_tokens=False).ids + [eos_id(tok)]] * (len(prompts) * n)
 
     t = TraceConfig(samples_per_prompt=2, fallback_to_reference=True)
-    traces, prov = build_traces(None, tok, rows, t, provenance={}, out_dir=tmp_path / "tr", seed=0,
-                                sampler=always_wrong)  # fmt: skip
+    traces, prov = build_traces(
+        None, tok, rows, t, provenance={}, out_dir=tmp_path / "tr", seed=0, sampler=always_wrong
+    )
     assert prov["fallback"] == "reference" and prov["stats"]["acceptance_rate"] == 0.0
     assert [tr["completion"] for tr in traces] == [r["completion"] for r in rows]
     assert load_traces(tmp_path / "tr")[1]["fallback"] == "reference"

@@ -1,10 +1,10 @@
-"""EPLB (train/parallel/eplb.py): structural invariants of the placement, a case worked by hand, and the point of it
+"""EPLB (model/eplb.py): structural invariants of the placement, a case worked by hand, and the point of it
 all: the per-GPU load imbalance goes down on skewed loads."""
 
 import pytest
 import torch
 
-from train.parallel.eplb import (
+from model.eplb import (
     balanced_packing,
     gpu_loads,
     imbalance,
@@ -185,8 +185,22 @@ def test_bench_picks_recorded_loads_and_plans_out_of_sample(tmp_path) -> None:
     loads, what = load_expert_loads(run)
     assert torch.equal(loads, early + late) and what.startswith("cumulative")
 
-    rows = main(["--loads", str(run), "--gpus", "4", "--nodes", "2", "--groups", "4", "--redundant", "4",
-                 "--result", "test_eplb_tmp"])  # fmt: skip
+    rows = main(
+        [
+            "--loads",
+            str(run),
+            "--gpus",
+            "4",
+            "--nodes",
+            "2",
+            "--groups",
+            "4",
+            "--redundant",
+            "4",
+            "--result",
+            "test_eplb_tmp",
+        ]
+    )
     from bench.common import RESULTS_DIR
 
     csv_path = RESULTS_DIR / "test_eplb_tmp.csv"
@@ -200,7 +214,21 @@ def test_bench_picks_recorded_loads_and_plans_out_of_sample(tmp_path) -> None:
         assert len(r["before_layers"].split("/")) == 2
         assert r["global_mean"] <= r["before_mean"] if r["mode"] == "in_sample" else r["global_mean"] > 0
     assert rows[1]["plan_loads"] == "eval step s in (10)" and "(20)" in rows[1]["measure_loads"]
-    synth = main(["--gpus", "8", "--nodes", "2", "--redundant", "8", "--experts", "32", "--layers", "2",
-                  "--result", "test_eplb_tmp"])  # fmt: skip
+    synth = main(
+        [
+            "--gpus",
+            "8",
+            "--nodes",
+            "2",
+            "--redundant",
+            "8",
+            "--experts",
+            "32",
+            "--layers",
+            "2",
+            "--result",
+            "test_eplb_tmp",
+        ]
+    )
     csv_path.unlink()
     assert synth[0]["source"] == "SYNTHETIC" and synth[0]["global_mean"] < synth[0]["before_mean"]

@@ -15,12 +15,12 @@ from data.reasoning import write_reasoning_sets
 from data.tokenizer import EOS, FIM_BEGIN, save_tokenizer, train_tokenizer
 from eval.config import BpbEvalConfig, MoEEvalConfig
 from eval.generation import ModelGenerator, Prompt, Sampling
-from eval.humaneval import load_problems
 from eval.run import _ckpt_shorthand, discover_checkpoints, label_of, load_checkpoint, newest_step_dir, run_dir_of
 from eval.suite_lm import code_documents, document_batches, run_bpb, run_moe
 from model.config import ModelConfig
 from model.generate import generate
 from model.transformer import DeepseekV3
+from rewards.humaneval import load_problems
 from train.chat import render_prompt
 from train.checkpoint import CheckpointManager
 
@@ -28,11 +28,31 @@ VOCAB = 320
 
 
 def micro_config(**kw) -> ModelConfig:
-    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=2, n_shared_experts=1, n_routed_experts=8,
-                num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16,
-                q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=512,
-                rope_scaling=None, num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1)  # fmt: skip
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        max_position_embeddings=512,
+        rope_scaling=None,
+        num_nextn_predict_layers=1,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     base.update(kw)
     return ModelConfig(**base).validate()
 
@@ -92,7 +112,7 @@ def test_generator_truncates_long_prompts_to_the_context(tokenizer):
 
 
 def test_document_batches_shift_and_mask_padding():
-    (x, y), = document_batches([[1, 5, 6, 1], [1, 7, 1]], batch_size=2, pad_id=1)  # fmt: skip
+    ((x, y),) = document_batches([[1, 5, 6, 1], [1, 7, 1]], batch_size=2, pad_id=1)
     assert x.tolist() == [[1, 5, 6], [1, 7, 1]] and y.tolist() == [[5, 6, 1], [7, 1, -100]]
 
 
@@ -140,9 +160,14 @@ def test_moe_load_and_maxvio(tokenizer):
 
 
 def test_discovery_picks_the_newest_complete_checkpoint_of_each_stage(tmp_path):
-    for d in ("pretrain/checkpoints/step_000002", "pretrain/checkpoints/step_000010",
-              "pretrain/checkpoints/.tmp-step_000020", "sft/checkpoints/step_000005",
-              "distill/checkpoints/step_000003", "data"):  # fmt: skip
+    for d in (
+        "pretrain/checkpoints/step_000002",
+        "pretrain/checkpoints/step_000010",
+        "pretrain/checkpoints/.tmp-step_000020",
+        "sft/checkpoints/step_000005",
+        "distill/checkpoints/step_000003",
+        "data",
+    ):
         (tmp_path / d).mkdir(parents=True)
     (tmp_path / "rl" / "hf").mkdir(parents=True)
     (tmp_path / "rl" / "hf" / "config.json").write_text("{}")
@@ -200,8 +225,16 @@ def test_eval_stage_on_a_synthetic_run(run_root):
     from eval.run import run
     from pipeline.config import compose
 
-    overrides = [f"run.root={run_root}", "run.name=r", "eval=smoke", "wandb.mode=disabled", "eval.fim.max_tasks=2",
-                 "eval.fim.modes=[psm]", "eval.humaneval.max_problems=1", "eval.bpb.code_problems=2"]  # fmt: skip
+    overrides = [
+        f"run.root={run_root}",
+        "run.name=r",
+        "eval=smoke",
+        "wandb.mode=disabled",
+        "eval.fim.max_tasks=2",
+        "eval.fim.modes=[psm]",
+        "eval.humaneval.max_problems=1",
+        "eval.bpb.code_problems=2",
+    ]
     metrics = run(compose(overrides))
     results = json.loads((run_root / "r" / "eval" / "eval.json").read_text())
     assert list(results) == ["pretrain", "student"]

@@ -15,9 +15,9 @@ from data.fim import fim_prompt
 from data.reasoning import build_test_tasks, task_row
 from eval.config import FimEvalConfig, HumanEvalConfig, ReasoningEvalConfig
 from eval.generation import Prompt, Sampling
-from eval.humaneval import load_problems
 from eval.suite_code import run_fim, run_humaneval, select_fim_tasks, truncate_completion
 from eval.suite_reasoning import load_gsm8k_rows, run_reasoning
+from rewards.humaneval import load_problems
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 

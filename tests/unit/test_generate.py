@@ -282,7 +282,7 @@ def skewed_model(model) -> DeepseekV3:
 
 
 def test_placement_routes_to_replicas_without_changing_tokens(skewed_model):
-    from train.parallel.eplb import gpu_loads, imbalance, rebalance_experts
+    from model.eplb import gpu_loads, imbalance, rebalance_experts
 
     m, E, gpus = skewed_model, skewed_model.config.n_routed_experts, 4
     X = len(list(m.moe_layers()))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eval.graders import (
+from rewards.graders import (
     REWARDS,
     answer_reward,
     answers_match,
@@ -23,7 +23,7 @@ from eval.graders import (
     score_safely,
     shows_thinking,
 )
-from eval.sandbox import Limits
+from rewards.sandbox import Limits
 
 # ---------------------------------------------------------------- format
 
@@ -247,7 +247,7 @@ def test_score_safely_passes_per_sample_lists_and_shared_values():
 def test_task_reward_dispatches_on_the_task_kind():
     import json
 
-    from eval.graders import get_reward
+    from rewards.graders import get_reward
 
     task = get_reward("task")
     meta = json.dumps({"numbers": [3, 5, 7], "target": 22, "solution": "3*5+7"})

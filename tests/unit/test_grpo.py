@@ -88,8 +88,9 @@ def test_aggregation_modes_match_their_formulas_and_split_over_micro_batches():
     assert aggregate(loss, mask, "seq_sum_norm", n_seqs, n_tok, L).item() == pytest.approx(14 / 15)
     for mode in ("token_mean", "seq_mean", "seq_sum_norm"):
         full = aggregate(loss, mask, mode, n_seqs, n_tok, L)
-        parts = aggregate(loss[:2], mask[:2], mode, n_seqs, n_tok, L) + aggregate(loss[2:], mask[2:], mode, n_seqs,
-                                                                                 n_tok, L)  # fmt: skip
+        parts = aggregate(loss[:2], mask[:2], mode, n_seqs, n_tok, L) + aggregate(
+            loss[2:], mask[2:], mode, n_seqs, n_tok, L
+        )
         assert torch.allclose(full, parts), mode
     with pytest.raises(ValueError, match="loss_agg"):
         aggregate(loss, mask, "sum", n_seqs, n_tok, L)
@@ -116,8 +117,12 @@ def test_grader_exception_scores_zero_and_is_counted():
 def test_countdown_expression_and_arith_number_are_graded_by_kind():
     cd = {"kind": "countdown", "answer": "13", "meta": json.dumps({"numbers": [1, 1, 11], "target": 13})}
     ar = {"kind": "arith", "answer": "13", "meta": "{}"}
-    texts = ["<think>.</think><answer>11 + 1 + 1</answer>", "<think>.</think><answer>13</answer>",
-             "<think>.</think><answer>11 + 2</answer>", "<think>.</think><answer>13.0</answer>"]  # fmt: skip
+    texts = [
+        "<think>.</think><answer>11 + 1 + 1</answer>",
+        "<think>.</think><answer>13</answer>",
+        "<think>.</think><answer>11 + 2</answer>",
+        "<think>.</think><answer>13.0</answer>",
+    ]
     s = score_completions(texts, [cd, cd, cd, ar], 0.0)
     assert s.correct == [1.0, 0.0, 0.0, 1.0]  # "13" does not reach 13 from the numbers; 2 is not given
     assert s.errors == 0
@@ -190,8 +195,18 @@ def test_grpo_stage_runs_counts_and_resumes(tmp_path):
         assert key in res, key
     rows = [json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
     per_step = [r for r in rows if "reward_mean" in r]
-    for key in ("reward_std", "accuracy", "format_rate", "response_len", "kl", "clip_frac", "entropy",
-                "rollout_tokens_per_s", "gen_time_s", "learn_time_s"):  # fmt: skip
+    for key in (
+        "reward_std",
+        "accuracy",
+        "format_rate",
+        "response_len",
+        "kl",
+        "clip_frac",
+        "entropy",
+        "rollout_tokens_per_s",
+        "gen_time_s",
+        "learn_time_s",
+    ):
         assert key in per_step[0], key
     # the counter equals the per-step degenerate fractions summed
     n_deg = sum(round(r["degenerate_frac"] * 2) for r in per_step)

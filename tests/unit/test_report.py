@@ -20,9 +20,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def manifest(stage: str, wall: float, precision: str = "bf16") -> dict:
-    return {"stage": stage, "config": {"precision": precision}, "code": {"sha": "abc1234def", "dirty": False},
-            "wall_time_s": wall, "finished_at": "2026-11-25T00:00:00Z",
-            "host": {"python": "3.11.7", "platform": "Linux-x86_64", "cpus": 2}}  # fmt: skip
+    return {
+        "stage": stage,
+        "config": {"precision": precision},
+        "code": {"sha": "abc1234def", "dirty": False},
+        "wall_time_s": wall,
+        "finished_at": "2026-11-25T00:00:00Z",
+        "host": {"python": "3.11.7", "platform": "Linux-x86_64", "cpus": 2},
+    }
 
 
 def make_run(root: Path, name: str, precision: str = "bf16", loss0: float = 6.0) -> Path:
@@ -30,21 +35,29 @@ def make_run(root: Path, name: str, precision: str = "bf16", loss0: float = 6.0)
     for stage, wall in (("data", 3.5), ("pretrain", 120.0), ("sft", 40.0), ("rl", 80.0), ("eval", 30.0)):
         (run / stage).mkdir(parents=True)
         (run / stage / "manifest.json").write_text(json.dumps(manifest(stage, wall, precision)))
-    write_jsonl(run / "pretrain" / "metrics.jsonl",
-                [{"step": s, "loss": loss0 - 0.1 * s, **({"val_loss": loss0 - 0.09 * s} if s % 5 == 0 else {})}
-                 for s in range(1, 21)])  # fmt: skip
+    write_jsonl(
+        run / "pretrain" / "metrics.jsonl",
+        [
+            {"step": s, "loss": loss0 - 0.1 * s, **({"val_loss": loss0 - 0.09 * s} if s % 5 == 0 else {})}
+            for s in range(1, 21)
+        ],
+    )
     write_jsonl(run / "sft" / "metrics.jsonl", [{"step": s, "loss": 2.0 / s} for s in range(1, 6)])
-    write_jsonl(run / "rl" / "metrics.jsonl",
-                [{"step": s, "reward_mean": 0.1 * s, "accuracy": 0.05 * s, "response_len": 40 + s}
-                 for s in range(1, 11)])  # fmt: skip
+    write_jsonl(
+        run / "rl" / "metrics.jsonl",
+        [{"step": s, "reward_mean": 0.1 * s, "accuracy": 0.05 * s, "response_len": 40 + s} for s in range(1, 11)],
+    )
     np.save(run / "pretrain" / "expert_load.npy", np.array([[10.0, 10.0, 10.0, 10.0], [40.0, 0.0, 0.0, 0.0]]))
     eval_json = {
-        label: {"bpb": {"val/bpb": bpb, "val/mix": "mixed", "seconds": 1.0},
-                "reasoning": {"pass@1": acc, "gsm8k/skipped": "no data"},
-                "moe": {"maxvio": 0.5, "expert_load": [[1, 2]]},
-                "checkpoint": {"path": f"{label}/step_1"}, "generation": {"prompts": 3}}
+        label: {
+            "bpb": {"val/bpb": bpb, "val/mix": "mixed", "seconds": 1.0},
+            "reasoning": {"pass@1": acc, "gsm8k/skipped": "no data"},
+            "moe": {"maxvio": 0.5, "expert_load": [[1, 2]]},
+            "checkpoint": {"path": f"{label}/step_1"},
+            "generation": {"prompts": 3},
+        }
         for label, bpb, acc in (("rl", 1.25, 0.75), ("pretrain", 1.5, 0.125), ("sft", 1.375, 0.5))
-    }  # fmt: skip
+    }
     (run / "eval" / "eval.json").write_text(json.dumps(eval_json))
     (run / "pipeline.json").write_text(json.dumps({"stages": {"pretrain": {"wall_s": 121.0, "peak_rss_mb": 900.5}}}))
     return run
@@ -91,8 +104,14 @@ def test_report_of_an_empty_run_says_what_is_missing(tmp_path):
     run.mkdir()
     out = write_report(run, compare=tmp_path / "nowhere", wandb_mode="disabled", fp8_csv=tmp_path / "none.csv")
     text = out.read_text()
-    for what in ("eval.json", "pretrain/metrics.jsonl", "rl/metrics.jsonl", "expert_load.npy", "none.csv",
-                 "pipeline.json"):  # fmt: skip
+    for what in (
+        "eval.json",
+        "pretrain/metrics.jsonl",
+        "rl/metrics.jsonl",
+        "expert_load.npy",
+        "none.csv",
+        "pipeline.json",
+    ):
         assert what in text, what
     assert "![" not in text  # no figure without data
     with pytest.raises(FileNotFoundError):

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from eval.sandbox import Limits, isolation, run_many, run_program
+from rewards.sandbox import Limits, isolation, run_many, run_program
 
 ISO = isolation()
 FAST = Limits(wall_s=3.0)

@@ -34,12 +34,30 @@ def one_thread():
 
 def micro_config(vocab_size: int, **kw) -> ModelConfig:
     base = dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
-        n_group=2, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
-        qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=256, rope_scaling=None, num_nextn_predict_layers=1,
-        bos_token_id=0, eos_token_id=1,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        n_shared_experts=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        max_position_embeddings=256,
+        rope_scaling=None,
+        num_nextn_predict_layers=1,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     base.update(kw)
     return ModelConfig(**base).validate()
 
@@ -61,8 +79,14 @@ def make_micro_run(root: Path, name: str = "micro") -> Path:
 
 
 def micro_overrides(root: Path, name: str = "micro") -> list[str]:
-    return ["experiment=smoke", f"run.root={root}", f"run.name={name}", "wandb.mode=disabled",
-            "sft.export_hf=false", "rl.export_hf=false"]  # fmt: skip
+    return [
+        "experiment=smoke",
+        f"run.root={root}",
+        f"run.name={name}",
+        "wandb.mode=disabled",
+        "sft.export_hf=false",
+        "rl.export_hf=false",
+    ]
 
 
 def _examples(tok, rows):

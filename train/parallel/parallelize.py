@@ -187,8 +187,17 @@ def parallelize_pipeline(
                     fully_shard(layer, **kw)
             fully_shard(stage, **kw)
 
-    pipe = build_pipeline(model, cfg.pp_schedule, meshes.pp.get_group(), n_microbatches, microbatch_shape, device,
-                          scale_grads=False, data_parallel=dp_size > 1, shard_fn=shard_fn)  # fmt: skip
+    pipe = build_pipeline(
+        model,
+        cfg.pp_schedule,
+        meshes.pp.get_group(),
+        n_microbatches,
+        microbatch_shape,
+        device,
+        scale_grads=False,
+        data_parallel=dp_size > 1,
+        shard_fn=shard_fn,
+    )
     return pipe, DataParallel(rank=meshes.dp.get_local_rank(), size=dp_size, group=meshes.dp.get_group())
 
 

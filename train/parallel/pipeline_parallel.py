@@ -331,8 +331,10 @@ def build_pipeline(
     if mtp and scale_grads:
         raise ValueError("MTP under PP needs scale_grads=False (the embedding's gradient would be scaled twice)")
     Bm, T = microbatch_shape
-    hidden = (torch.empty(Bm, T, cfg.hidden_size, device=device, requires_grad=True),
-              torch.empty(1, device=device, requires_grad=True))  # fmt: skip
+    hidden = (
+        torch.empty(Bm, T, cfg.hidden_size, device=device, requires_grad=True),
+        torch.empty(1, device=device, requires_grad=True),
+    )
     logits = (torch.empty(Bm, T, cfg.vocab_size, device=device, requires_grad=True), hidden[1])
     if mtp:
         logits = (*logits, hidden[0])

@@ -19,7 +19,7 @@ sample 0 and the error is counted, instead of killing a training step.
     format  {0, 1}   `<think>...</think>` then `<answer>...</answer>`, each tag exactly once, only whitespace around
     length  [-1, 0]  DAPO's soft overlong penalty (Yu et al. 2025): 0 up to max_length - cache_length, then
                      linear down to -1 at max_length
-    code    {0, 1}   prefix + code + tests + `check(entry_point)` exits 0 in the sandbox (eval/sandbox.py)
+    code    {0, 1}   prefix + code + tests + `check(entry_point)` exits 0 in the sandbox (rewards/sandbox.py)
 
 `arithmetic_steps_valid(completion)` is not a reward but a data filter: every `a op b = c` written in the
 `<think>` part is true. Distillation (distill/traces.py) uses it to keep only teacher traces whose reasoning, not
@@ -34,7 +34,7 @@ import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
-from eval.sandbox import Limits, run_many
+from rewards.sandbox import Limits, run_many
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FORMAT_RE = re.compile(r"\A\s*<think>.*?</think>\s*<answer>.*?</answer>\s*\Z", re.DOTALL)

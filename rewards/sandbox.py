@@ -3,7 +3,7 @@
 RL rewards and the HumanEval evaluation both execute code the model wrote. A program "passes" when it exits
 with status 0 within its limits; anything else (an exception, a failed assert, a timeout, a refused operation)
 is a failure. `run_program(source)` runs one program, `run_many(sources, max_workers=4)` a batch concurrently.
-`python -m eval.sandbox` prints the layers in use on this machine and the per-program overhead.
+`python -m rewards.sandbox` prints the layers in use on this machine and the per-program overhead.
 
 How one program runs
 --------------------
@@ -476,7 +476,7 @@ def run_many(
     """Run programs concurrently (threads waiting on subprocesses), results in input order.
 
     More workers than cores pays: much of a program's latency is waiting on the kernel (namespaces set up and torn
-    down), not CPU. Measured on 2 busy cores (`python -m eval.sandbox`): ~10 ms of CPU per trivial program against
+    down), not CPU. Measured on 2 busy cores (`python -m rewards.sandbox`): ~10 ms of CPU per trivial program against
     ~7 ms for a bare `python -c pass`; ~70 ms wall per program with 1 worker, ~35 ms with 2, ~17-20 ms with 4.
     """
     if max_workers < 1:
@@ -525,7 +525,7 @@ def measure_overhead(n: int = 100, workers: Sequence[int] = (1, 2, 4)) -> list[d
 
 
 if __name__ == "__main__":
-    # python -m eval.sandbox   (prints the isolation layers in use and the per-program overhead)
+    # python -m rewards.sandbox   (prints the isolation layers in use and the per-program overhead)
     print(isolation().describe())
     for row in measure_overhead():
         print("  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

