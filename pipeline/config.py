@@ -8,7 +8,7 @@ Library code only ever sees these dataclasses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,23 @@ def register_schema() -> None:
 register_schema()
 
 
+def _validate_sections(section: Any, key: str) -> None:
+    """Call `validate()` of every dataclass in the tree below `section` (children first), so each section states
+    its own enums, ranges and cross-field rules; a ValueError becomes a ConfigError prefixed with the key."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        children = value if isinstance(value, list) else [value]
+        for i, child in enumerate(children):
+            if is_dataclass(child):
+                _validate_sections(child, f"{key}.{f.name}" + (f"[{i}]" if isinstance(value, list) else ""))
+    validate = getattr(section, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}" if key else str(e)) from e
+
+
 def _check(cfg: Config) -> None:
     if cfg.precision not in ("fp32", "bf16", "fp8"):
         raise ConfigError(f"precision must be fp32, bf16 or fp8, got {cfg.precision!r}")
@@ -93,13 +110,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"kernels.backend must be auto, triton or torch, got {cfg.kernels.backend!r}")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode must be offline, online or disabled, got {cfg.wandb.mode!r}")
-    for section in (cfg.model, cfg.data):
-        validate = getattr(section, "validate", None)
-        if validate is not None:
-            try:
-                validate()
-            except ValueError as e:
-                raise ConfigError(f"{type(section).__name__}: {e}") from e
+    for f in fields(cfg):
+        section = getattr(cfg, f.name)
+        if is_dataclass(section):
+            _validate_sections(section, f.name)
 
 
 def to_config(dcfg: DictConfig | dict) -> Config:
