@@ -18,9 +18,10 @@ program fails loudly instead of poking at the walls:
   load names its file), and importing at all once `sys.path`, `sys.meta_path` or `sys.path_hooks` were changed;
 - what would let the program rewrite the guard: `sys.addaudithook`, `sys.settrace`/`setprofile` (a trace
   function can rewrite a running frame's locals), `gc.get_objects`/`get_referrers`/`get_referents`, setting or
-  deleting a function's `__code__`, `__defaults__` or `__kwdefaults__`. Everything the hook uses is bound as a
-  default argument or held in immutable containers, and it never calls the program's code (paths must be `str`,
-  `bytes` or an fd; a path object's `__fspath__` is the program's code and is refused).
+  deleting a function's `__code__`, `__defaults__` or `__kwdefaults__`. Everything the hook uses, builtins included, is
+  bound as a default argument (never a global or a closure cell) and held in immutable containers, and it never
+  calls the program's code (audit events carry paths already converted to `str`, `bytes` or an fd; anything else
+  is refused rather than converted).
 
 The file imports nothing but builtin modules: it is compiled in the parent and executed in the sandboxed process,
 where each import would cost every program its start-up time.

@@ -88,7 +88,7 @@ class Limits:
     memory_mb: int = 1024
     file_size_mb: int = 16
     disk_mb: int = 32
-    nproc: int = 32  # processes and threads of the program's uid (only where the uid is fresh)
+    nproc: int = 32  # processes and threads of each of the run's uids (where the count is the run's own)
     nofile: int = 64
     max_output_bytes: int = 64 * 1024
 
@@ -322,15 +322,22 @@ import math, hashlib, json, collections, re
 
 @functools.cache
 def _config() -> _Config:
-    """Probe once, strongest first, which layers work here (see the module docstring)."""
+    """Probe once, strongest first, which layers work here (see the module docstring). The environment variable
+    REWARDS_SANDBOX_LAUNCHER (bwrap, bwrap-userns, unshare, none) restricts the probe to one launcher."""
+    wanted = os.environ.get("REWARDS_SANDBOX_LAUNCHER")
+    known = ("bwrap", "bwrap-userns", "unshare", "none")
+    if wanted is not None and wanted not in known:
+        raise ValueError(f"REWARDS_SANDBOX_LAUNCHER={wanted!r}; expected one of {known}")
     for cfg in _candidates():
+        if wanted is not None and cfg.iso.launcher != wanted:
+            continue
         probe = Program(_PROBE.format(private_fs=cfg.iso.private_fs), test="assert 1 + 1 == 2")
         try:
             if _run(probe, Limits(wall_s=30.0), False, cfg).passed:
                 return cfg
         except (OSError, subprocess.SubprocessError):
             continue
-    raise RuntimeError(f"sandbox: cannot start {sys.executable} even without isolation")
+    raise RuntimeError(f"sandbox: no launcher works here ({wanted or 'any'}), not even without isolation")
 
 
 def isolation() -> Isolation:
@@ -391,6 +398,28 @@ def _wait(proc: subprocess.Popen, timeout: float) -> bool:
     return bool(ready)
 
 
+def _kill(proc: subprocess.Popen, pid_namespace: bool) -> None:
+    """SIGKILL a sandbox and return once every process in it is gone."""
+    if pid_namespace:
+        # The launcher's child is PID 1 of the namespace: killing it kills every process there, and the launcher,
+        # which waits for it, exits only once the namespace is empty.
+        try:
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                children = [int(p) for p in f.read().split()]
+        except OSError:
+            children = []
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+            return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+
+
 def _kill_uids(uids: Sequence[int]) -> None:
     """SIGKILL every process of these uids, until none is left (the degraded layer has no PID namespace)."""
     for _ in range(100):
@@ -430,7 +459,8 @@ def _run(program: Program, limits: Limits, guard: bool, cfg: _Config) -> RunResu
         "roots": [_BOX, "/tmp", "/dev/shm"] if iso.private_fs else [box],
         "box": box,
         "uids": uids,
-        "nproc": limits.nproc if uids else None,
+        # counted per uid, per user namespace: only where that count holds nothing but this run
+        "nproc": limits.nproc if uids or "user" in iso.namespaces else None,
         "rlimits": limits.rlimits(),
     }
     token = os.urandom(16).hex().encode()
@@ -463,10 +493,7 @@ def _run(program: Program, limits: Limits, guard: bool, cfg: _Config) -> RunResu
             fds = []
             exited = _wait(proc, limits.wall_s)
             if not exited:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.kill()
-                proc.wait()
+                _kill(proc, "pid" in iso.namespaces)
             if "pid" not in iso.namespaces:  # nothing of the run may outlive it
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
