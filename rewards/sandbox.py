@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import marshal
 import math
 import os
@@ -293,13 +294,14 @@ def _candidates() -> list[_Config]:
     return out
 
 
-def _launcher_argv(cfg: _Config, limits: Limits, uid_base: int | None) -> list[str]:
+def _launcher_argv(cfg: _Config, limits: Limits, uid_base: int | None, info_fd: int | None) -> list[str]:
     iso = cfg.iso
     if iso.launcher == "none":
         return []
     if iso.launcher == "unshare":
         return _unshare_args(shutil.which("unshare"), iso.interpreter, limits, os.geteuid() == 0)
     argv = _bwrap_args(_bwrap_binary(), iso.interpreter, limits, privileged=iso.launcher == "bwrap")
+    argv[1:1] = ["--info-fd", str(info_fd)]  # tells us the host pid of the sandbox's PID 1
     if cfg.setpriv_uid:
         uid = str(uid_base)
         argv = [shutil.which("setpriv"), "--reuid", uid, "--regid", uid, "--clear-groups", *argv]
@@ -388,14 +390,32 @@ def _wait(proc: subprocess.Popen, timeout: float) -> bool:
         except subprocess.TimeoutExpired:
             return False
     try:
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        ready = poller.poll(max(0, int(timeout * 1000)))
+        ready = _poll(pidfd, timeout)
     finally:
         os.close(pidfd)
     if ready:
         proc.wait()
     return bool(ready)
+
+
+def _poll(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
+
+
+def _namespace_pidfd(info_r: int) -> int:
+    """A pidfd of the sandbox's PID 1, from bwrap's --info-fd JSON ({"child-pid": N, ...}); -1 if unknown."""
+    data = b""
+    while b"}" not in data and _poll(info_r, 10.0):
+        chunk = os.read(info_r, 4096)
+        if not chunk:
+            break
+        data += chunk
+    try:
+        return os.pidfd_open(json.loads(data)["child-pid"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return -1
 
 
 def _kill(proc: subprocess.Popen, pid_namespace: bool) -> None:
@@ -454,6 +474,8 @@ def _run(program: Program, limits: Limits, guard: bool, cfg: _Config) -> RunResu
     child_code, guard_code = _child_code()
     job = {
         "code": program.code,
+        "setup": program.setup if program.test else "",
+        "entry_point": program.entry_point,
         "guard": guard,
         "guard_code": guard_code,
         "roots": [_BOX, "/tmp", "/dev/shm"] if iso.private_fs else [box],
@@ -464,11 +486,14 @@ def _run(program: Program, limits: Limits, guard: bool, cfg: _Config) -> RunResu
         "rlimits": limits.rlimits(),
     }
     token = os.urandom(16).hex().encode()
-    secret = (program.tests_source() if program.test else "", program.setup, program.entry_point, token)
+    secret = (program.tests_source() if program.test else "", token)
     verdict_r, verdict_w = os.pipe()
+    info_r, info_w = os.pipe() if iso.launcher.startswith("bwrap") else (-1, -1)
     fds = [_memfd("sandbox-job", marshal.dumps((child_code, job))), _memfd("sandbox-secret", marshal.dumps(secret))]
-    argv = [*_launcher_argv(cfg, limits, base), iso.interpreter, "-S", "-s", "-c", _BOOT]
+    argv = [*_launcher_argv(cfg, limits, base, info_w), iso.interpreter, "-S", "-s", "-c", _BOOT]
     argv += [str(fds[0]), str(fds[1]), str(verdict_w)]
+    fds += [fd for fd in (verdict_w, info_w) if fd >= 0]
+    ns_pidfd = -1
     try:
         if not iso.private_fs:
             os.chmod(box, 0o777 if uids is None else 0o700)
@@ -485,15 +510,18 @@ def _run(program: Program, limits: Limits, guard: bool, cfg: _Config) -> RunResu
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
-                pass_fds=(*fds, verdict_w),
+                pass_fds=fds,
                 start_new_session=True,
             )
-            for fd in (*fds, verdict_w):
+            for fd in fds:
                 os.close(fd)
             fds = []
+            ns_pidfd = _namespace_pidfd(info_r) if info_r >= 0 else -1
             exited = _wait(proc, limits.wall_s)
             if not exited:
                 _kill(proc, "pid" in iso.namespaces)
+            if ns_pidfd >= 0:  # bwrap may exit before its PID 1 has finished killing the namespace: wait for it
+                _poll(ns_pidfd, 10.0)
             if "pid" not in iso.namespaces:  # nothing of the run may outlive it
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -509,9 +537,10 @@ def _run(program: Program, limits: Limits, guard: bool, cfg: _Config) -> RunResu
             n = limits.max_output_bytes
             return RunResult(status, proc.returncode, _read_head(out, n), _read_head(err, n), wall)
     finally:
-        for fd in (*fds, verdict_r):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        for fd in (*fds, verdict_r, info_r, ns_pidfd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         if not iso.private_fs:
             shutil.rmtree(box, ignore_errors=True)
 

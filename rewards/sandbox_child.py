@@ -10,10 +10,11 @@ A program that shares a process with its tests controls how that process ends an
 object whose `__eq__` is always true all look like passing tests from outside. So the tests never run where the
 program runs:
 
-- the tests' process (T) starts first, forks the program's process (U), and only then reads the tests, the trusted
-  setup (e.g. HumanEval's prompt, whose helper functions some tests call) and a per-run random token from a
-  descriptor U has closed. U never holds any of them. Under a privileged sandbox T and U then take two different
-  fresh uids, so U cannot signal T, read its memory or open its descriptors through /proc;
+- the tests' process (T) starts first, runs the trusted setup (e.g. HumanEval's prompt, whose helper functions
+  some tests call; it is no secret, U's code contains it), forks the program's process (U), and only then reads
+  the tests and a per-run random token from a descriptor U has closed. U never holds either. Under a privileged
+  sandbox T and U then take two different fresh uids, so U cannot signal T, read its memory or open its
+  descriptors through /proc;
 - U installs the guard (rewards/guard.py) and runs the program as `__main__`, then answers T's requests: the
   value of one of its module-level names, or a call of one of its functions. Arguments and results cross as
   `marshal` data, so only plain values come back (int, float, complex, str, bytes, bool, None and lists, tuples,
@@ -181,65 +182,82 @@ def serve(names: dict) -> None:
 # ---------------------------------------------------------------- the tests' process (T)
 
 
-def tests_process(job: dict, secret: tuple, req_w: int, resp_r: int, verdict_fd: int) -> None:
-    test, setup, entry_point, token = secret
-    posix.write(req_w, b"g")
+class Link:
+    """T's ends of the pipes to U, set once U is forked."""
 
-    def ask(request):
-        try:
-            send(req_w, request)
-            reply = recv(resp_r)
-        except (EOFError, OSError):
-            raise ProgramError("the program's process ended") from None
-        if type(reply) is not tuple or not reply or not plain(reply, set()):
-            raise ProgramError("the program sent something that is not plain data")
-        return reply
+    req_w = resp_r = -1
 
-    class Remote:
-        """A function of the program, called in the program's process."""
 
-        def __init__(self, name):
-            self.name = name
+def ask(request):
+    try:
+        send(Link.req_w, request)
+        reply = recv(Link.resp_r)
+    except (EOFError, OSError):
+        raise ProgramError("the program's process ended") from None
+    if type(reply) is not tuple or not reply or not plain(reply, set()):
+        raise ProgramError("the program sent something that is not plain data")
+    return reply
 
-        def __call__(self, *args, **kwargs):
-            reply = ask(("call", self.name, args, kwargs))
-            if reply[0] == "ok":
-                return reply[1]
-            if reply[0] == "raised":
-                raise ProgramError(f"{reply[1]}: {reply[2]}")
-            raise ProgramError(f"{self.name} returned a {reply[-1]}, not plain data")
 
-    builtins = __builtins__ if type(__builtins__) is dict else __builtins__.__dict__
+class Remote:
+    """A function of the program, called in the program's process."""
 
-    class TestGlobals(dict):
-        """The tests' namespace: their own names, then builtins, then the program's (see the module docstring)."""
+    def __init__(self, name):
+        self.name = name
 
-        def __missing__(self, name):
-            if name.startswith("__") or (name in builtins and name != entry_point):
-                raise KeyError(name)
-            reply = ask(("get", name))
-            if reply[0] == "callable":
-                return Remote(name)
-            if reply[0] == "value":
-                return reply[1]
+    def __call__(self, *args, **kwargs):
+        reply = ask(("call", self.name, args, kwargs))
+        if reply[0] == "ok":
+            return reply[1]
+        if reply[0] == "raised":
+            raise ProgramError(f"{reply[1]}: {reply[2]}")
+        raise ProgramError(f"{self.name} returned a {reply[-1]}, not plain data")
+
+
+BUILTINS = __builtins__ if type(__builtins__) is dict else __builtins__.__dict__
+
+
+class TestGlobals(dict):
+    """The tests' namespace: their own names, then builtins, then the program's (see the module docstring)."""
+
+    entry_point: str | None = None
+
+    def __missing__(self, name):
+        if name.startswith("__") or (name in BUILTINS and name != self.entry_point):
             raise KeyError(name)
+        reply = ask(("get", name))
+        if reply[0] == "callable":
+            return Remote(name)
+        if reply[0] == "value":
+            return reply[1]
+        raise KeyError(name)
 
-    if recv(resp_r) != ("ready",):
+
+def tests_namespace(setup: str, entry_point: str | None) -> TestGlobals:
+    """The namespace with the trusted setup run in it. Run before U is forked, so that what the setup imports (the
+    prompt's `typing`, say) is imported once for both processes; the setup is no secret (it is part of U's code)."""
+    names = TestGlobals(__name__="__main__", __builtins__=BUILTINS)
+    names.entry_point = entry_point
+    if setup:
+        try:
+            exec(compile(setup, "<setup>", "exec"), names)
+        except Exception:  # a prefix that ends mid-statement, say: the tests see the program's names only
+            names = TestGlobals(__name__="__main__", __builtins__=BUILTINS)
+            names.entry_point = entry_point
+        names.pop(entry_point, None)
+    return names
+
+
+def tests_process(names: TestGlobals, secret: tuple, verdict_fd: int) -> None:
+    test, token = secret
+    posix.write(Link.req_w, b"g")
+    if recv(Link.resp_r) != ("ready",):
         raise ProgramError("the program did not run to its end")
     if test:
-        names = TestGlobals(__name__="__main__", __builtins__=builtins)
-        if setup:
-            try:
-                setup_code = compile(setup, "<setup>", "exec")
-            except SyntaxError:  # a prefix that ends mid-statement: the tests see the program's names only
-                setup_code = None
-            if setup_code is not None:
-                exec(setup_code, names)
-                names.pop(entry_point, None)
         exec(compile(test, "<tests>", "exec"), names)
     posix.write(verdict_fd, token)
     try:  # noqa: SIM105
-        send(req_w, ("exit",))
+        send(Link.req_w, ("exit",))
     except OSError:
         pass
 
@@ -250,6 +268,7 @@ def main(job: dict, job_fd: int, secret_fd: int, verdict_fd: int) -> None:
     posix.close(job_fd)
     for name, soft, hard in job["rlimits"]:
         resource.setrlimit(getattr(resource, name), (soft, hard))
+    names = tests_namespace(job["setup"], job["entry_point"])
     req_r, req_w = posix.pipe()
     resp_r, resp_w = posix.pipe()
     pid = posix.fork()
@@ -259,12 +278,13 @@ def main(job: dict, job_fd: int, secret_fd: int, verdict_fd: int) -> None:
         program_process(job, req_r, resp_w)
     posix.close(req_r)
     posix.close(resp_w)
+    Link.req_w, Link.resp_r = req_w, resp_r
     secret = marshal.loads(read_all(secret_fd))
     posix.close(secret_fd)
     uids = job["uids"]
     drop_privileges(uids[0] if uids else None, job["nproc"])
     try:
-        tests_process(job, secret, req_w, resp_r, verdict_fd)
+        tests_process(names, secret, verdict_fd)
     except BaseException:
         sys.__excepthook__(*sys.exc_info())
         flush_and_exit(1)
