@@ -251,8 +251,12 @@ def tests_namespace(setup: str, entry_point: str | None) -> TestGlobals:
 def tests_process(names: TestGlobals, secret: tuple, verdict_fd: int) -> None:
     test, token = secret
     posix.write(Link.req_w, b"g")
-    if recv(Link.resp_r) != ("ready",):
-        raise ProgramError("the program did not run to its end")
+    try:
+        ready = recv(Link.resp_r)
+    except EOFError:
+        ready = None
+    if ready != ("ready",):
+        raise ProgramError("the program's code did not run to its end")
     if test:
         exec(compile(test, "<tests>", "exec"), names)
     posix.write(verdict_fd, token)
