@@ -9,7 +9,7 @@ GSM8K rows have two fields: ``question`` and ``answer``, where the answer is a w
 treat GSM8K exactly like the generated tasks: ``prompt`` is the question, ``answer`` the final number in canonical
 form (thousands separators dropped: ``1,250`` -> ``1250``), ``cot`` the solution without its ``#### N`` line and
 without ``<<...>>`` annotations, ``completion`` the ``<think>/<answer>`` trace, ``kind`` = ``"gsm8k"`` (verified
-numerically by ``data.reasoning.verify``) and ``difficulty`` the number of solution lines, a rough count of steps.
+by ``rewards.tasks.verify`` with math-verify) and ``difficulty`` the number of solution lines, a rough count of steps.
 
 Local files go through ``datasets.load_dataset("json", data_files=...)``; a hub name (``openai/gsm8k``) goes through
 ``datasets.load_dataset(name, "main")`` and needs the network or a warm HF cache. Nothing here downloads by itself:
@@ -20,7 +20,8 @@ import re
 from decimal import Decimal
 from pathlib import Path
 
-from data.reasoning import COLUMNS, Task, parse_number, row_features, task_row
+from data.reasoning import COLUMNS, Task, row_features, task_row
+from rewards.tasks import parse_number
 
 GSM8K_HUB_NAME = "openai/gsm8k"
 _ANNOTATION = re.compile(r"<<[^<>]*>>")

@@ -38,10 +38,8 @@ duplicate) ever appears in train.
 
 import json
 import random
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from itertools import chain, zip_longest
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,15 +48,13 @@ if TYPE_CHECKING:  # datasets is imported lazily: graders and rewards use the pu
     import datasets
 
 from data.tasks_arith import ARITH_LEVELS, generate_arith
-from data.tasks_countdown import COUNTDOWN_LEVELS, generate_countdown, verify_countdown
+from data.tasks_countdown import COUNTDOWN_LEVELS, generate_countdown
 from data.tokenizer import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN  # noqa: F401 (one definition)
+from rewards.tasks import extract_answer, parse_number, verify, verify_number  # noqa: F401 (re-exported)
 
 KINDS: tuple[str, ...] = ("arith", "countdown")
 COLUMNS: tuple[str, ...] = ("id", "kind", "prompt", "answer", "cot", "completion", "difficulty", "meta")
 TRAIN_INDEX_OFFSET = 1_000_000_000  # train indices start here, test indices at 0: two disjoint streams per seed
-
-_NUMBER = re.compile(r"-?(\d+(\.\d*)?|\.\d+)")
-_ANSWER_RE = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)" + re.escape(ANSWER_CLOSE), re.DOTALL)
 
 
 @dataclass
@@ -103,40 +99,6 @@ def trace_shows_cot(task_id: str, cot_fraction: float) -> bool:
     """Whether the train trace of task ``task_id`` shows its chain-of-thought: a stable coin of bias
     ``cot_fraction`` seeded by the id, so a row's style never depends on which other rows were drawn."""
     return cot_fraction >= 1.0 or random.Random(f"style:{task_id}").random() < cot_fraction
-
-
-def extract_answer(completion: str) -> str | None:
-    """The stripped text of the last ``<answer>...</answer>`` in a completion, or None when there is none."""
-    found = _ANSWER_RE.findall(completion)
-    return found[-1].strip() if found else None
-
-
-def parse_number(text: str) -> Fraction | None:
-    """``"1,234"``, ``"$5"``, ``"-3.50"``, ``"7."`` -> exact value; None unless the whole text is one number."""
-    cleaned = text.strip().replace(",", "").removeprefix("$").rstrip(".").strip()
-    if cleaned.endswith(".") or not _NUMBER.fullmatch(cleaned):
-        return None
-    return Fraction(cleaned)
-
-
-def verify_number(submitted: str, answer: str) -> bool:
-    """Numeric equality: ``"12.0"`` matches ``"12"``; text around the number makes it wrong."""
-    got, want = parse_number(submitted), parse_number(answer)
-    return got is not None and want is not None and got == want
-
-
-def verify(kind: str, submitted: str | None, answer: str, meta: Mapping | str | None = None) -> bool:
-    """Rule-based check of a submitted ``<answer>`` content against a task row (``meta`` may be its JSON string)."""
-    if submitted is None:
-        return False
-    if kind == "countdown":
-        meta = json.loads(meta) if isinstance(meta, str) else meta
-        if not meta or "numbers" not in meta:
-            raise ValueError("countdown verification needs meta with 'numbers' (and 'target')")
-        return verify_countdown(submitted, meta["numbers"], int(meta.get("target", answer)))
-    if kind in ("arith", "gsm8k"):
-        return verify_number(submitted, answer)
-    raise ValueError(f"unknown task kind {kind!r}")
 
 
 def normalize_prompt(text: str) -> str:

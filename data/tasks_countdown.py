@@ -9,24 +9,18 @@ by step, the chain-of-thought ("5 * 9 = 45. 45 - 3 = 42."). Instances whose targ
 range, or equals one of the numbers (a trivial answer), are redrawn.
 
 The RL answer is an *expression*, not a number: many expressions reach the target, so correctness is checked by
-rule rather than by string match. ``verify_countdown`` parses the expression with ``ast`` and walks the tree itself
-(never ``eval``): only integer literals, the four binary operators and parentheses are accepted, each given number
-may be used at most once (a multiset check), and arithmetic is exact (``fractions.Fraction``), so ``/`` may make
-fractional intermediates as long as the final value equals the target. Division by zero, ``**``, ``//``, unary
-minus, floats, hex or underscore literals, names, calls and over-long inputs are all rejected by construction.
+rule rather than by string match: ``verify_countdown`` (in rewards/tasks.py with the other graders, re-exported
+here) parses the expression with ``ast`` and walks the tree itself, never ``eval``; see its module for the rules.
 
 Difficulty knobs (``CountdownLevel``): how many numbers, their range, the target range, the operators used to build
 the reference, and the least number of values the reference combines. Level 1 is three numbers up to 15 with
 + - * and a target up to 80 (about 6,500 distinct instances: enough for a few thousand deduplicated rows).
 """
 
-import ast
 import random
-import re
-from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
+
+from rewards.tasks import MAX_EXPRESSION_CHARS, evaluate_countdown, verify_countdown  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -46,8 +40,6 @@ COUNTDOWN_LEVELS: dict[int, CountdownLevel] = {
     3: CountdownLevel(n_numbers=5, number_range=(1, 50), target_range=(50, 500), ops="+-*/", min_used=4),
 }
 
-MAX_EXPRESSION_CHARS = 200  # anything longer is rejected before parsing
-_ALLOWED_CHARS = re.compile(r"[0-9+\-*/()\s]*")
 _MAX_ATTEMPTS = 1000
 
 
@@ -91,68 +83,3 @@ def generate_countdown(rng: random.Random, level: CountdownLevel) -> tuple[str, 
     prompt = f"Make {target} from the numbers {listed} using + - * / and each number at most once."
     meta = {"numbers": numbers, "target": target, "solution": solution}
     return prompt, str(target), " ".join(steps), meta
-
-
-class _Rejected(Exception):
-    """The submitted expression is not a valid Countdown expression."""
-
-
-def _evaluate(node: ast.AST, literals: list[int]) -> Fraction:
-    """Exact value of an allowed expression tree; records each integer literal met in ``literals``."""
-    if isinstance(node, ast.Constant):
-        if type(node.value) is not int:  # bool is a subclass of int; floats/complex/str are refused
-            raise _Rejected(f"literal {node.value!r} is not an integer")
-        literals.append(node.value)
-        return Fraction(node.value)
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Sub | ast.Mult | ast.Div):
-        left, right = _evaluate(node.left, literals), _evaluate(node.right, literals)
-        if isinstance(node.op, ast.Add):
-            return left + right
-        if isinstance(node.op, ast.Sub):
-            return left - right
-        if isinstance(node.op, ast.Mult):
-            return left * right
-        if right == 0:
-            raise _Rejected("division by zero")
-        return left / right
-    what = type(node.op).__name__ if isinstance(node, ast.BinOp | ast.UnaryOp) else type(node).__name__
-    raise _Rejected(f"{what} is not allowed (only integers, + - * / and parentheses)")
-
-
-def evaluate_countdown(expression: str) -> tuple[Fraction, list[int]]:
-    """Parse and evaluate a Countdown expression exactly; returns ``(value, literals used)``.
-
-    Raises ``ValueError`` naming the problem for anything outside integers, ``+ - * /`` and parentheses.
-    """
-    if len(expression) > MAX_EXPRESSION_CHARS:
-        raise ValueError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
-    if not _ALLOWED_CHARS.fullmatch(expression):
-        raise ValueError(f"expression {expression!r} has characters outside digits, + - * / ( ) and spaces")
-    try:
-        tree = ast.parse(expression.strip(), mode="eval")
-        literals: list[int] = []
-        return _evaluate(tree.body, literals), literals
-    except (SyntaxError, _Rejected, RecursionError, MemoryError) as e:
-        raise ValueError(f"invalid Countdown expression {expression!r}: {e}") from None
-
-
-def verify_countdown(expression_or_answer: str, numbers: Sequence[int], target: int) -> bool:
-    """True iff the expression uses each of ``numbers`` at most once and evaluates exactly to ``target``.
-
-    Accepts ``"expr"`` or ``"expr = target"`` (the right side must then be the target itself). Never raises on
-    malformed input: any string that is not a valid expression is simply wrong.
-    """
-    if not isinstance(expression_or_answer, str):
-        return False
-    expression, _, rhs = expression_or_answer.partition("=")
-    if rhs and rhs.strip() != str(target):
-        return False
-    if not expression.strip():
-        return False
-    try:
-        value, literals = evaluate_countdown(expression)
-    except ValueError:
-        return False
-    if Counter(literals) - Counter(numbers):  # some literal used more often than it was given
-        return False
-    return value == target

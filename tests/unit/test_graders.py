@@ -1,10 +1,10 @@
-"""Rule-based rewards: each grader on hand-made right and wrong cases, the registry, and score_safely."""
+"""Rule-based rewards: each grader on hand-made right and wrong cases, adversarial answers, the registry, and
+score_safely's error counting and per-completion time limit."""
 
 import math
-from fractions import Fraction
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rewards.graders import (
@@ -19,10 +19,11 @@ from rewards.graders import (
     format_reward,
     get_reward,
     length_penalty,
-    parse_number,
     score_safely,
     shows_thinking,
+    task_reward,
 )
+from rewards.math_answers import too_costly
 from rewards.sandbox import Limits
 
 # ---------------------------------------------------------------- format
@@ -69,33 +70,6 @@ def test_extract_answer_takes_the_last_block():
 
 
 @pytest.mark.parametrize(
-    "text, value",
-    [
-        ("42", Fraction(42)),
-        ("-0.5", Fraction(-1, 2)),
-        ("1,234,567", Fraction(1234567)),
-        ("1,234.5", Fraction(2469, 2)),
-        ("3/4", Fraction(3, 4)),
-        ("\\frac{3}{4}", Fraction(3, 4)),
-        ("\\dfrac{-3}{4}", Fraction(-3, 4)),
-        ("\\boxed{7}", Fraction(7)),
-        ("$12$", Fraction(12)),
-        ("12.", Fraction(12)),
-        ("1e3", Fraction(1000)),
-        ("50%", Fraction(50)),
-        ("1,23", None),  # not a thousands separator
-        ("seven", None),
-        ("inf", None),
-        ("nan", None),
-        ("1/0", None),
-        ("", None),
-    ],
-)
-def test_parse_number(text, value):
-    assert parse_number(text) == value
-
-
-@pytest.mark.parametrize(
     "predicted, reference, match",
     [
         ("1000", "1,000", True),
@@ -105,15 +79,18 @@ def test_parse_number(text, value):
         ("\\boxed{42}", "42", True),
         ("$42$", "42", True),
         ("x = 5", "5", True),
-        ("0.3333333333", "1/3", True),  # within rel_tol 1e-6
-        ("0.333", "1/3", False),  # outside it
+        ("0.3333333333", "1/3", True),  # math-verify rounds decimals to 6 places
+        ("0.333", "1/3", False),
+        ("1000001", "1000000", False),  # integers compare exactly
+        ("12345678901234567891", "12345678901234567890", False),
+        ("12345678901234567890", "12345678901234567890", True),
+        ("50%", "50", True),
+        ("1250 dollars", "1250", True),
         ("-2", "2", False),
         ("2", "3", False),
         ("two", "2", False),
         ("", "2", False),
-        ("1e400", "1e400", True),  # beyond float range, still exact
-        ("2e400", "1e400", False),
-        ("Paris", "paris", True),
+        ("Paris", "paris", True),  # not mathematics: compared as text
         ("  New   York. ", "new york", True),
         ("London", "Paris", False),
     ],
@@ -122,6 +99,7 @@ def test_answers_match(predicted, reference, match):
     assert answers_match(predicted, reference) is match
 
 
+@settings(max_examples=30, deadline=None)
 @given(st.fractions(max_denominator=10**6))
 def test_answers_match_a_number_written_two_ways(x):
     assert answers_match(f"{x.numerator}/{x.denominator}", str(x))
@@ -211,23 +189,32 @@ def test_registry():
         get_reward("acuracy")
 
 
-def test_score_safely_scores_a_failing_sample_zero_and_counts_it():
+def _flaky(completions, answers, **kw):
+    return [float("nan") if a == "bad" else 1.0 for a in answers]
+
+
+def _stuck_in_c_on_b(completions, **kw):
+    """A grader stuck in C code holding the GIL (no signal or thread can interrupt it) on the completion "b"."""
+    if completions[0] == "b":
+        sum(range(10**11))
+    return [1.0]
+
+
+@pytest.mark.parametrize("time_limit_s", [None, 5.0], ids=["in-process", "worker"])
+def test_score_safely_scores_a_failing_sample_zero_and_counts_it(time_limit_s):
     completions = ["<answer>4</answer>", None, "<answer>5</answer>"]  # None: a broken sample
-    scores, n_errors = score_safely(answer_reward, completions, answers=["4", "4", "5"], prompts="unused")
+    scores, n_errors = score_safely(
+        answer_reward, completions, time_limit_s=time_limit_s, answers=["4", "4", "5"], prompts="unused"
+    )
     assert scores == [1.0, 0.0, 1.0] and n_errors == 1
+    assert score_safely(_flaky, ["a", "b"], time_limit_s=time_limit_s, answers=["ok", "bad"]) == ([1.0, 0.0], 1)
 
-    def flaky(completions, answers, **kw):
-        return [float("nan") if a == "bad" else 1.0 for a in answers]
 
-    assert score_safely(flaky, ["a", "b"], answers=["ok", "bad"]) == ([1.0, 0.0], 1)
-
+def test_score_safely_in_process_falls_back_to_one_sample_at_a_time():
     def wrong_length(completions, **kw):
         return [1.0]
 
-    assert score_safely(wrong_length, ["a", "b"]) == ([1.0, 1.0], 0)  # per-sample fallback gives one each
-
-
-def test_score_safely_passes_per_sample_lists_and_shared_values():
+    assert score_safely(wrong_length, ["a", "b"], time_limit_s=None) == ([1.0, 1.0], 0)  # one call per sample
     seen = []
 
     def grader(completions, answers, scale, **kw):
@@ -238,16 +225,79 @@ def test_score_safely_passes_per_sample_lists_and_shared_values():
             raise KeyError("x")
         return [scale]
 
-    scores, n_errors = score_safely(grader, ["a", "boom", "c"], answers=["A", "B", "C"], scale=0.5)
+    scores, n_errors = score_safely(grader, ["a", "boom", "c"], time_limit_s=None, answers=["A", "B", "C"], scale=0.5)
     assert scores == [0.5, 0.0, 0.5] and n_errors == 1
     assert seen == [("a", "A", 0.5), ("boom", "B", 0.5), ("c", "C", 0.5)]
     assert all(math.isfinite(s) for s in scores)
+    with pytest.raises(TypeError, match="picklable"):
+        score_safely(grader, ["a"], answers=["A"], scale=0.5)  # a local function cannot reach the worker
+
+
+def test_score_safely_kills_a_grader_past_its_time_limit_and_grades_the_rest():
+    scores, n_errors = score_safely(_stuck_in_c_on_b, ["a", "b", "c", "d"], time_limit_s=1.0)
+    assert scores == [1.0, 0.0, 1.0, 1.0] and n_errors == 1
+    with pytest.raises(ValueError, match="time_limit_s"):
+        score_safely(_flaky, ["a"], time_limit_s=0, answers=["ok"])
+
+
+# adversarial answers: each must be graded (wrong) well inside a 1 s per-completion limit
+ADVERSARIAL = [
+    "1e10000000",  # Fraction() would build 10**10000000; math-verify alone reads it as 1
+    "9" * 100_000,  # 10^5 digits
+    "1," + ",".join(["000"] * 30_000),  # 10^5 characters of thousands separators
+    "(" * 5000 + "1" + ")" * 5000,  # deep nesting
+    "\\frac{" * 3000 + "1" + "}" * 3000,
+    "10^{10000000}",
+    "2**100000000",  # sympy evaluates this for seconds
+    "10^{10^{10}}",
+    "100000!",
+    "1" + "0" * 60 + "^2",  # sympy took 0.8 s on a 100-digit base
+]
+
+
+def test_adversarial_answers_are_bounded_before_parsing():
+    for text in ADVERSARIAL:
+        assert too_costly(text), text[:30]
+        assert not answers_match(text, "1")
+    assert not too_costly("\\frac{1}{2}") and not too_costly("1,000,000") and not too_costly("2^{10}")
+
+
+def test_adversarial_completions_are_each_graded_within_a_1s_limit():
+    completions = [f"<think>x</think><answer>{a}</answer>" for a in ADVERSARIAL]
+    completions += ["<answer>" * 50_000 + "1", "<think>" + "1 + " * 30_000 + "</think><answer>1</answer>"]
+    n = len(completions)
+    for fn, kw in (
+        (answer_reward, {"answers": ["7"] * n}),
+        (task_reward, {"kinds": ["arith", "gsm8k"] * (n // 2), "answers": ["7"] * n, "metas": ["{}"] * n}),
+        (format_reward, {}),
+    ):
+        scores, n_errors = score_safely(fn, completions, time_limit_s=1.0, **kw)
+        assert n_errors == 0, fn.__name__  # none timed out
+        if fn is not format_reward:
+            assert scores == [0.0] * n, fn.__name__
+    digits = "<think>" + "9" * 100_000 + " + 1 = 2. " * 10  # a 10^5-digit number is not read as a step
+    scores, n_errors = score_safely(
+        _steps_valid, [digits + "2 + 2 = 5.</think>", digits + "</think>"], time_limit_s=1.0
+    )
+    assert n_errors == 0 and scores == [0.0, 1.0]
+
+
+def _steps_valid(completions, **kw):
+    return [float(arithmetic_steps_valid(c)) for c in completions]
+
+
+def test_task_reward_is_strict_for_generated_sets_and_lenient_for_gsm8k():
+    for submitted, arith, gsm8k in [("1,250", 1, 1), ("x = 1250", 0, 1), ("\\boxed{1250}", 0, 1), ("1250.0", 1, 1)]:
+        c = f"<answer>{submitted}</answer>"
+        assert task_reward([c], kinds=["arith"], answers=["1250"], metas=["{}"]) == [arith], submitted
+        assert task_reward([c], kinds=["gsm8k"], answers=["1250"], metas=["{}"]) == [gsm8k], submitted
+    assert task_reward(
+        ["<answer>1000001</answer>"] * 2, kinds=["arith", "gsm8k"], answers=["1000000"] * 2, metas=["{}"] * 2
+    ) == [0, 0]
 
 
 def test_task_reward_dispatches_on_the_task_kind():
     import json
-
-    from rewards.graders import get_reward
 
     task = get_reward("task")
     meta = json.dumps({"numbers": [3, 5, 7], "target": 22, "solution": "3*5+7"})

