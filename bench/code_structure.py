@@ -128,24 +128,21 @@ def analyse_module(module: str, source: str, report: Report) -> None:
     visit(tree, [], False)
 
 
+def _read(rev: str | None, path: str) -> str:
+    if rev is None:
+        return (REPO / path).read_text()
+    show = ["git", "show", f"{rev}:{path}"]
+    return subprocess.run(show, cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+
 def sources(rev: str | None) -> dict[str, str]:
     """module name -> source text, for the packages, from the working tree or a git revision."""
     if rev is None:
         files = [p.relative_to(REPO).as_posix() for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")]
-        read = lambda f: (REPO / f).read_text()  # noqa: E731
     else:
         ls = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev], cwd=REPO, capture_output=True, text=True)
         files = [f for f in ls.stdout.split() if f.endswith(".py") and f.split("/")[0] in PACKAGES]
-        read = lambda f: (
-            subprocess.run(  # noqa: E731
-                ["git", "show", f"{rev}:{f}"], cwd=REPO, capture_output=True, text=True, check=True
-            ).stdout
-        )
-    out = {}
-    for f in files:
-        mod = f.removesuffix(".py").replace("/", ".").removesuffix(".__init__")
-        out[mod] = read(f)
-    return out
+    return {f.removesuffix(".py").replace("/", ".").removesuffix(".__init__"): _read(rev, f) for f in files}
 
 
 def analyse(rev: str | None = None) -> Report:
