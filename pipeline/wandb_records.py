@@ -92,6 +92,7 @@ class RunContents:
     config: dict = field(default_factory=dict)
     history_steps: list[int] = field(default_factory=list)  # one entry per history row, in order
     history_keys: set[str] = field(default_factory=set)
+    history: list[dict] = field(default_factory=list)  # each row's scalars, with its "step"
     tables: dict[str, list[int]] = field(default_factory=dict)  # key -> steps it was logged at
     images: dict[str, list[int]] = field(default_factory=dict)
     artifacts: list[dict] = field(default_factory=list)  # logged outputs: name, type, digest, metadata
@@ -120,9 +121,9 @@ def _history(contents: RunContents, rec) -> None:
     for name, kind in media.items():
         (contents.tables if kind in TABLE_TYPES else contents.images).setdefault(name, []).append(step)
     contents.history_steps.append(step)
-    for key in items:
-        if not key.startswith("_") and not any(key.startswith(m + "/") for m in media):
-            contents.history_keys.add(key)
+    row = {k: v for k, v in items.items() if not k.startswith("_") and not any(k.startswith(m + "/") for m in media)}
+    contents.history_keys |= set(row)
+    contents.history.append({"step": step, **row})
 
 
 def read_run(path: Path) -> RunContents:
