@@ -5,7 +5,9 @@ config, per-step history, sample tables, figures, summary metrics and artifacts.
 never needs a login or the network: every W&B file (run files, cache, artifact staging, settings) lives inside
 the stage directory, nothing under $HOME; the `WANDB_*` variables that say so are set around each W&B call and
 restored after it, so two stages in one process (a Hydra multirun, a test) keep their files apart.
-`wandb.mode=online` uploads live, `disabled` turns W&B off; `make wandb-sync` uploads offline runs later.
+`wandb.mode=online` uploads live, `disabled` (or `WANDB_MODE=disabled` in the environment) turns W&B off;
+`make wandb-sync` uploads offline runs later. System metrics (CPU, memory, GPU) are sampled when
+`wandb.system_metrics` says so, by default when CUDA is present.
 
 A failed W&B call loses that call only: it is logged once as a warning, counted, and named in `metrics.jsonl`
 (`{"wandb_failure": "log_table:samples", ...}`) and in the summary (`wandb_failures`, `wandb_failed_calls`).
@@ -95,17 +97,20 @@ def new_run_id() -> str:
 
 
 def cuda_present() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    """Whether this process can use CUDA (torch is not imported just to ask: a process without it uses no GPU)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_available()
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _count_rows(path: Path) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -150,7 +155,7 @@ class Tracker:
             return
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         # the lines each log file held before this launch: what `resume_at` may keep of an earlier attempt
-        self._earlier = {p.name: len(_read_jsonl(p)) for p in self.stage_dir.glob("*.jsonl")}
+        self._earlier = {p.name: _count_rows(p) for p in self.stage_dir.glob("*.jsonl")}
         self._file = open(self.metrics_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (open for the tracker's lifetime)
         self.mode = "disabled" if os.environ.get("WANDB_MODE") == "disabled" else mode
         self._record = {
@@ -501,7 +506,7 @@ def describe(run: dict) -> str:
 
     segments = run_files(Path(run["stage_dir"]), run["id"])
     if not segments:
-        return "no offline segment"
+        return "online: see the W&B app" if run["mode"] == "online" else "no offline segment"
     c = read_run(segments[-1])
     parts = [
         f"{c.rows} rows",
