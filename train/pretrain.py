@@ -200,17 +200,6 @@ def first_nonfinite(model) -> str | None:
     return None
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric rows logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.is_file():
-        return
-    rows = path.read_text().splitlines()
-    kept = [r for r in rows if json.loads(r).get("step", -1) <= last_step]
-    with open(path, "r+", encoding="utf-8") as f:
-        f.write("".join(r + "\n" for r in kept))
-        f.truncate()
-
-
 def pipeline_step(
     pipe: Pipeline, it, accum: int, poison: bool, precision: str, device, moe_row: dict[int, int], n_exp: int
 ) -> tuple[dict, torch.Tensor]:
