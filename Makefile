@@ -76,8 +76,8 @@ sweep: $(VENV)  ## Hydra multirun: precision x balancing, one W&B group, data st
 		'run.name=sweep_$${precision}_$${model.moe_balance}' run.data_from=$(RUN) wandb.group=sweep \
 		train.steps=100 $(ARGS)
 
-wandb-sync: $(VENV)  ## upload the offline W&B runs of outputs/ (needs network and `wandb login`)
-	find outputs -type d -name 'offline-run-*' -print0 | xargs -0 -r -n 20 .venv/bin/wandb sync
+wandb-sync: $(VENV)  ## upload the offline W&B runs of outputs/ and replay their lineage (needs network, `wandb login`)
+	$(PY) -m pipeline.wandb_sync outputs
 
 fp8-study: $(VENV)  ## FP8 studies: accumulation precision vs K; FP8 vs BF16 pretraining of the tiny model
 	$(PY) -m bench.fp8_accumulation

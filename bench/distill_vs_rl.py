@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t0 = time.perf_counter()
     rl_cfg = replace(cfg, run=replace(cfg.run, name=f"{run_dir.name}/bench_distill_vs_rl"))
     paths = {"tokenizer": data["tokenizer"], "reasoning": data["reasoning"], "init": Path(sft_res["checkpoint"])}
-    stage = StageRun(rl_cfg, "student_grpo", config={"rl": asdict(cfg.rl)}, inputs=paths, resume=cfg.rl.resume)
+    stage = StageRun(rl_cfg, "student_grpo", inputs=paths, resume=cfg.rl.resume)
     with stage:
         rl_res = grpo.train(rl_cfg, stage, paths)
     rl_model, _ = load_policy(Path(rl_res["checkpoint"]), cfg.precision, cfg.kernels.backend, device)

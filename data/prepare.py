@@ -57,7 +57,7 @@ from data.filters import filter_batch
 from data.pack import ShardWriter, assign_splits, split_hash, tokenize_batch
 from data.sources import check_sources, iter_sources
 from data.tokenizer import EOS, save_tokenizer, train_tokenizer
-from pipeline.config import Config, as_dict, to_config
+from pipeline.config import Config, to_config
 from pipeline.io import atomic_dir, atomic_write_json
 from pipeline.stage import StageRun
 
@@ -327,7 +327,7 @@ def stage_inputs(dcfg: DataConfig) -> dict[str, Path]:
 def run(cfg: Config) -> dict:
     """Build the data stage's outputs for `cfg` under outputs/<run>/data/ (skipped when up to date)."""
     check_sources(cfg.data.sources)  # a missing path is a user error, named before anything starts
-    stage = StageRun(cfg, STAGE, config=as_dict(cfg.data), inputs=stage_inputs(cfg.data))
+    stage = StageRun(cfg, STAGE, inputs=stage_inputs(cfg.data))
     if stage.up_to_date():
         return stage.previous_metrics()
     with stage:

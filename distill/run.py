@@ -49,7 +49,7 @@ from distill.student_base import pretrain_student_base
 from distill.traces import build_traces, load_traces, read_provenance, sampling_settings, trace_key
 from model.config import ModelConfig, load_preset
 from model.info import model_info
-from pipeline.config import Config, as_dict, stage_dir, to_config
+from pipeline.config import Config, stage_dir, to_config
 from pipeline.io import hash_path
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
@@ -155,7 +155,6 @@ def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source
         f"distill: {stats['accepted']} traces, acceptance rate {stats['acceptance_rate']:.3f} "
         f"({stats['correct']}/{stats['samples']} samples correct)"
     )
-    tracker.log_artifact(traces_dir, name=f"{cfg.run.name}-distill-traces", type="traces", metadata=provenance)
     sample = traces[:: max(1, len(traces) // 8)][:8]
     tracker.log_table(
         "traces",
@@ -237,15 +236,8 @@ def run(cfg: Config) -> dict:
     paths = {"tokenizer": data["tokenizer"], "reasoning": data["reasoning"], "teacher": teacher}
     if cfg.distill.student_init == "pretrain":  # its own stage (skipped when unchanged), before this one opens
         paths["student_base"] = pretrain_student_base(cfg)
-    config = {
-        "distill": as_dict(cfg.distill),
-        "precision": cfg.precision,
-        "kernels": as_dict(cfg.kernels),
-        "seed": cfg.run.seed,
-        "teacher_source": source,
-    }
     info = dist_info()
-    stage = StageRun(cfg, STAGE, config=config, inputs=paths, rank=info.rank, resume=cfg.distill.resume)
+    stage = StageRun(cfg, STAGE, inputs=paths, rank=info.rank, resume=cfg.distill.resume)
     if stage.up_to_date():
         return stage.previous_metrics()
     with stage:

@@ -128,7 +128,7 @@ def train_student(
 
     Returns the final metrics (loss, ce_loss, kd_loss, eval_accuracy ...) and the newest checkpoint's path.
     """
-    from train.pretrain import first_nonfinite, truncate_metrics
+    from train.pretrain import first_nonfinite
 
     d.validate()
     if d.kd_mode == "online" and teacher is None:
@@ -155,7 +155,7 @@ def train_student(
         path, state = resumed
         start_step, bad_total = state["step"], state.get("bad_steps", 0)
         if tracker is not None:
-            truncate_metrics(tracker.metrics_path, start_step)
+            tracker.resume_at(start_step)
         print(f"resumed the student from {path} at step {start_step}")
 
     def save(step: int) -> Path:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from model.config import load_preset
-from pipeline.config import Config, as_dict, stage_dir
+from pipeline.config import Config, stage_dir
 from pipeline.stage import StageRun
 
 STAGE = "student_base"
@@ -48,15 +48,8 @@ def pretrain_student_base(cfg: Config) -> Path:
 
     scfg = student_base_config(cfg)
     data = stage_outputs(stage_dir(cfg, "data"))
-    config = {
-        "train": as_dict(scfg.train),
-        "model": as_dict(scfg.model),
-        "precision": scfg.precision,
-        "kernels": as_dict(scfg.kernels),
-        "seed": scfg.run.seed,
-    }
     inputs = {"train_shards": data["train"], "val_shards": data["val"], "tokenizer": data["tokenizer"]}
-    stage = StageRun(scfg, STAGE, config=config, inputs=inputs, resume=scfg.train.resume)
+    stage = StageRun(scfg, STAGE, inputs=inputs, resume=scfg.train.resume)
     result = stage.run_checkpointed(lambda st: pretrain_loop(scfg, st, data))
     if result.get("skipped"):
         print(f"distill: student base up to date in {stage.dir}")

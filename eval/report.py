@@ -400,7 +400,9 @@ def run(cfg) -> dict:
     inputs = {
         f"{s}_manifest": run_dir / s / "manifest.json" for s in upstream if (run_dir / s / "manifest.json").is_file()
     }
-    stage = StageRun(cfg, "report", config={"fp8_csv": str(FP8_CSV)}, inputs=inputs)
+    if FP8_CSV.is_file():  # the FP8 study's results, drawn in the report
+        inputs["fp8_csv"] = FP8_CSV
+    stage = StageRun(cfg, "report", inputs=inputs)
     if stage.up_to_date():
         return stage.previous_metrics()
     with stage:

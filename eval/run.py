@@ -45,7 +45,7 @@ from omegaconf import DictConfig
 from data.tokenizer import load_tokenizer
 from eval.config import EvalConfig
 from eval.generation import ModelGenerator, SuiteResult
-from pipeline.config import Config, as_dict, to_config
+from pipeline.config import Config, to_config
 from pipeline.io import atomic_write_json
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
@@ -233,13 +233,7 @@ def run(cfg: Config) -> dict:
     inputs = {f"ckpt_{label}": p for label, p in checkpoints.items()}
     inputs |= {f"tokenizer_{label}": p for label, p in tokenizers.items()}
     inputs |= {k: p for k, p in data.items() if p is not None}
-    config = {
-        "eval": as_dict(ecfg),
-        "precision": cfg.precision,
-        "seed": cfg.run.seed,
-        "checkpoints": {k: str(v) for k, v in checkpoints.items()},
-    }
-    stage = StageRun(cfg, STAGE, config=config, inputs=inputs)
+    stage = StageRun(cfg, STAGE, inputs=inputs)
     if stage.up_to_date():
         return stage.previous_metrics()
     from train.runtime import device_for, dist_info

@@ -1,7 +1,7 @@
 """`python -m pipeline`: every stage in order, into `outputs/<run>/`, resumable.
 
     python -m pipeline                         # CPU default (make pipeline)
-    python -m pipeline +experiment=smoke       # the whole chain at micro scale (part of make test)
+    python -m pipeline experiment=smoke        # the whole chain at micro scale (part of make test)
     python -m pipeline run.name=exp1 precision=fp8 pipeline.stages=[data,pretrain]
 
 This is the only place that knows the order of the stages. Each stage runs in its own process (`python -m

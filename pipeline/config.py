@@ -44,7 +44,13 @@ class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "deepseek-repro"
     entity: str | None = None
-    group: str | None = None  # W&B group; default: the run name (a sweep sets one group for all its jobs)
+    group: str | None = None  # W&B group; default: the run name (a Hydra multirun's jobs share `sweep-<time>`)
+    system_metrics: bool | None = None  # CPU/GPU/memory sampling in the W&B run; null: on when CUDA is present
+    system_metrics_interval_s: float = 15.0
+
+    def validate(self) -> None:  # the mode is checked by _check
+        if not self.system_metrics_interval_s > 0:
+            raise ValueError(f"system_metrics_interval_s must be > 0, got {self.system_metrics_interval_s}")
 
 
 @dataclass

@@ -1,10 +1,13 @@
-"""Shared pytest setup: CPU-only determinism, offline hubs, W&B never touching the network or $HOME."""
+"""Shared pytest setup: CPU-only determinism, offline hubs, W&B as configured (offline by default: it never touches
+the network or $HOME; a test about something else may turn it off for itself with `wandb.mode=disabled`)."""
 
 import os
+from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("WANDB_MODE", "disabled")
+REPO = Path(__file__).resolve().parent.parent
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -29,3 +32,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def child_env() -> dict[str, str]:
+    """The environment for a test's subprocess: this checkout on PYTHONPATH, one torch thread, and no connection to
+    this process's W&B service (`WANDB_SERVICE`), so each child runs its own, as a stage launched alone does."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return env | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

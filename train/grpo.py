@@ -93,7 +93,7 @@ from tqdm import tqdm
 from data.tokenizer import load_tokenizer
 from model.config import ModelConfig
 from model.generate import generate
-from pipeline.config import Config, as_dict, stage_dir, to_config
+from pipeline.config import Config, stage_dir, to_config
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
 from rewards.graders import get_reward, score_safely, shows_thinking, task_reward
@@ -389,8 +389,6 @@ def check_config(r: GRPOConfig) -> None:
 def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     from datasets import load_from_disk
 
-    from train.pretrain import truncate_metrics
-
     r = cfg.rl
     check_config(r)
     info = dist_info()
@@ -442,7 +440,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
         start_step = state["step"]
         counters.update(state.get("counters", {}))
         initial = state.get("initial_eval", {})
-        truncate_metrics(tracker.metrics_path, start_step)
+        tracker.resume_at(start_step)
         print(f"resumed from {path} at step {start_step}")
     elif test_rows:
         initial = evaluate("eval")
@@ -604,9 +602,8 @@ def run(cfg: Config) -> dict:
     data = stage_outputs(stage_dir(cfg, "data"))
     init = newest_checkpoint(stage_dir(cfg, "sft") / "checkpoints") if cfg.rl.init == "auto" else Path(cfg.rl.init)
     info = dist_info()
-    config = {"rl": as_dict(cfg.rl), "precision": cfg.precision, "kernels": as_dict(cfg.kernels), "seed": cfg.run.seed}
     paths = {"tokenizer": data["tokenizer"], "reasoning": data["reasoning"], "init": init}
-    stage = StageRun(cfg, "rl", config=config, inputs=paths, rank=info.rank, resume=cfg.rl.resume)
+    stage = StageRun(cfg, "rl", inputs=paths, rank=info.rank, resume=cfg.rl.resume)
     return stage.run_checkpointed(lambda st: train(cfg, st, paths))
 
 

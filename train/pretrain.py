@@ -65,7 +65,7 @@ from data.loader import PackedDataset, ShardLoader
 from data.prepare import stage_outputs
 from data.tokenizer import load_tokenizer
 from model.moe import update_expert_bias
-from pipeline.config import Config, as_dict, stage_dir, to_config
+from pipeline.config import Config, stage_dir, to_config
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
 from train.checkpoint import CheckpointManager
@@ -200,17 +200,6 @@ def first_nonfinite(model) -> str | None:
     return None
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric rows logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.is_file():
-        return
-    rows = path.read_text().splitlines()
-    kept = [r for r in rows if json.loads(r).get("step", -1) <= last_step]
-    with open(path, "r+", encoding="utf-8") as f:
-        f.write("".join(r + "\n" for r in kept))
-        f.truncate()
-
-
 def pipeline_step(
     pipe: Pipeline, it, accum: int, poison: bool, precision: str, device, moe_row: dict[int, int], n_exp: int
 ) -> tuple[dict, torch.Tensor]:
@@ -293,8 +282,7 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelM
         path, state = resumed
         start_step, bad_total = state["step"], state.get("bad_steps", 0)
         loader.load_state_dict(state["loader"])
-        if info.is_main:
-            truncate_metrics(tracker.metrics_path, start_step)
+        tracker.resume_at(start_step)
         print(f"resumed from {path} at step {start_step}")
 
     moe_layers = list(model.moe_layers())
@@ -417,6 +405,7 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelM
                     bias *= torch.tensor([float(i in held) for i in moe_row])[:, None]
                     torch.distributed.all_reduce(bias, group=pp_group)
                 metrics["expert_load"] = load.tolist()
+                tracker.log_heatmap("expert_load", load, step=step + 1)
                 metrics["expert_bias"] = bias.tolist()
         if (step + 1) % t.log_every == 0 or "val_loss" in metrics:
             tracker.log(metrics, step=step + 1)
@@ -483,18 +472,8 @@ def run(cfg: Config) -> dict:
 
 def _run(cfg: Config, data: dict[str, Path], meshes: ParallelMeshes | None) -> dict:
     info = dist_info()
-    config = {
-        "train": as_dict(cfg.train),
-        "model": as_dict(cfg.model),
-        "precision": cfg.precision,
-        "kernels": as_dict(cfg.kernels),
-        "parallel": as_dict(cfg.parallel),
-        "seed": cfg.run.seed,
-    }
     inputs = {"train_shards": data["train"], "val_shards": data["val"], "tokenizer": data["tokenizer"]}
-    stage = StageRun(
-        cfg, "pretrain", config=config, inputs=inputs, rank=info.rank, resume=cfg.train.resume, layout=("parallel",)
-    )
+    stage = StageRun(cfg, "pretrain", inputs=inputs, rank=info.rank, resume=cfg.train.resume, layout=("parallel",))
     return stage.run_checkpointed(lambda st: train(cfg, st, data, meshes))
 
 

@@ -46,7 +46,7 @@ from data.tokenizer import load_tokenizer
 from model.config import ModelConfig
 from model.moe import update_expert_bias
 from model.transformer import IGNORE_INDEX
-from pipeline.config import Config, as_dict, stage_dir, to_config
+from pipeline.config import Config, stage_dir, to_config
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
 from train.chat import encode_chat, eos_id
@@ -114,7 +114,7 @@ def check_config(s: SFTConfig, world_size: int, max_pos: int) -> None:
 def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     from datasets import load_from_disk
 
-    from train.pretrain import first_nonfinite, truncate_metrics
+    from train.pretrain import first_nonfinite
 
     s = cfg.sft
     info = dist_info()
@@ -153,7 +153,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     if resumed is not None:
         path, state = resumed
         start_step, bad_total = state["step"], state.get("bad_steps", 0)
-        truncate_metrics(tracker.metrics_path, start_step)
+        tracker.resume_at(start_step)
         print(f"resumed from {path} at step {start_step}")
 
     def save(step: int) -> Path:
@@ -263,15 +263,7 @@ def run(cfg: Config) -> dict:
     elif cfg.sft.init != "scratch":
         paths["init"] = Path(cfg.sft.init)
     info = dist_info()
-    config = {
-        "sft": as_dict(cfg.sft),
-        "precision": cfg.precision,
-        "kernels": as_dict(cfg.kernels),
-        "seed": cfg.run.seed,
-    }
-    if "init" not in paths:
-        config["model"] = as_dict(cfg.model)
-    stage = StageRun(cfg, "sft", config=config, inputs=paths, rank=info.rank, resume=cfg.sft.resume)
+    stage = StageRun(cfg, "sft", inputs=paths, rank=info.rank, resume=cfg.sft.resume)
     return stage.run_checkpointed(lambda st: train(cfg, st, paths))
 
 

@@ -165,7 +165,7 @@ def test_crash_mid_pack_leaves_no_partial_shards(first_run, monkeypatch):
     monkeypatch.undo()
     assert run(cfg)["roundtrip_failures"] == 0
     assert (data_dir / "manifest.json").exists()
-    assert json.loads((data_dir / "manifest.json").read_text())["config"]["seed"] == 1
+    assert json.loads((data_dir / "manifest.json").read_text())["config"]["data"]["seed"] == 1
 
 
 def test_everything_filtered_is_a_clear_error(tmp_path):
