@@ -178,17 +178,32 @@ def run_bpb(
     metrics["val/mix"] = "code and text mixed (the shards do not record each document's kind)"
     if cfg.code_problems >= 0:
         chosen = problems[: cfg.code_problems] if cfg.code_problems > 0 else problems
-        docs = code_documents(chosen, tokenizer)
-        context = int(model.config.max_position_embeddings)
-        code_b, owners = document_batches(docs, cfg.batch_size, eos, context)
-        rows = sequence_nats(model, code_b, byte_len, eos, precision)
-        per_doc = {k: np.bincount(np.concatenate(owners), weights=v, minlength=len(docs)) for k, v in rows.items()}
-        m, i, f = bpb_metrics("code", per_doc, floor_nats(code_b, eos, vocab, uni))
-        metrics |= m | {"code/documents": len(docs)}
-        intervals |= i
-        floors |= f
+        code = code_bpb(model, tokenizer, chosen, cfg.batch_size, precision, uni)
+        metrics |= code.metrics
+        intervals |= code.intervals
+        floors |= code.floors
     model.eval()
     return SuiteResult(metrics, intervals=intervals, floors=floors)
+
+
+def code_bpb(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    problems: Sequence[Problem],
+    batch_size: int = 8,
+    precision: str = "fp32",
+    unigram: np.ndarray | None = None,
+) -> SuiteResult:
+    """`code/` bits per byte of the problems' programs (see the module docstring), interval over programs."""
+    byte_len = token_byte_lengths(tokenizer)
+    eos = tokenizer.token_to_id(EOS)
+    docs = code_documents(problems, tokenizer)
+    batches, owners = document_batches(docs, batch_size, eos, int(model.config.max_position_embeddings))
+    rows = sequence_nats(model, batches, byte_len, eos, precision)
+    per_doc = {k: np.bincount(np.concatenate(owners), weights=v, minlength=len(docs)) for k, v in rows.items()}
+    floors = floor_nats(batches, eos, int(model.config.vocab_size), unigram)
+    metrics, intervals, floors = bpb_metrics("code", per_doc, floors)
+    return SuiteResult(metrics | {"code/documents": len(docs)}, intervals=intervals, floors=floors)
 
 
 @torch.no_grad()
