@@ -8,12 +8,14 @@ Generation runs until EOS or `max_new_tokens` (stop sequences are applied to the
 never emits EOS, such as a random-init one, costs the most: without `--ckpt` the figures are the upper bound for a
 tiny-model checkpoint. Also reports the canonical HumanEval bodies' length in the run's tokens (median, 99th
 percentile, max): the room `eval.humaneval.max_new_tokens` must leave to finish a function. Appends one row per
-suite to bench/results/eval_cost.csv.
+suite to bench/results/eval_cost.csv, with the machine's load average at the start and end of the suite (on
+a shared machine, a load above the core count slows every figure).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -55,15 +57,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ecfg = cfg.eval
         for other in ("bpb", "fim", "humaneval", "reasoning", "moe"):
             getattr(ecfg, other).enabled = other == suite
-        t0 = time.perf_counter()
+        load0 = os.getloadavg()[0]
+        t0, cpu0 = time.perf_counter(), time.process_time()
         res = evaluate_checkpoint(model, tok, ecfg, data, "fp32")
         row = {
             "suite": suite,
             "model": str(args.ckpt) if args.ckpt else "random-init model preset (upper bound)",
             "seconds": round(time.perf_counter() - t0, 1),
+            "cpu_s": round(time.process_time() - cpu0, 1),  # this process's CPU time (all threads + sandbox excluded)
             "generated_tokens": res["generation"]["generated_tokens"],
             "prompts": res["generation"]["prompts"],
             "config": str(getattr(ecfg, suite)),
+            "load_avg_start_end": f"{load0:.1f} {os.getloadavg()[0]:.1f}",  # other jobs on the machine inflate it
             **body,
         }
         rows.append(row)

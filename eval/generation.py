@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from data.tokenizer import EOS
 
@@ -128,7 +129,8 @@ class ModelGenerator:
         device = next(self.model.parameters()).device
         stops = [self.eos] + (self.newline_ids if sampling.stop_at_newline else [])
         out: list[list[str]] = []
-        for start in range(0, len(prompts), self.batch_size):
+        starts = range(0, len(prompts), self.batch_size)
+        for start in tqdm(starts, desc="generate", leave=False, disable=len(starts) < 2):
             batch = prompts[start : start + self.batch_size]
             chunk = [self._fit(self.encode(p), sampling.max_new_tokens) for p in batch]
             self._calls += 1
