@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-fast lint format data pretrain sft rl distill eval report pretrain-dist sweep \
-	wandb-sync fp8-study bench pipeline clean
+	wandb-sync fp8-study bench pipeline seeds lm-eval clean
 
 help:  ## show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -92,3 +92,10 @@ bench: $(VENV)  ## the side-by-side benchmarks (CPU); results append to bench/re
 
 pipeline: $(VENV)  ## every stage in order into outputs/$(RUN)/, resumable
 	$(PY) -m pipeline run.name=$(RUN) $(ARGS)
+
+SEEDS ?= 0 1 2
+seeds: $(VENV)  ## sft -> rl -> distill -> eval from RUN's pretrained checkpoint for each of SEEDS -> mean +- sd
+	$(PY) -m bench.seeds --run outputs/$(RUN) --seeds $(SEEDS) $(ARGS)
+
+lm-eval: $(VENV)  ## lm-evaluation-harness on every HF export of RUN, beside our harness -> outputs/RUN/lm_eval/
+	$(PY) -m eval.lm_eval_run --run $(if $(findstring /,$(RUN)),$(RUN),outputs/$(RUN)) $(ARGS)

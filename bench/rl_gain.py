@@ -7,8 +7,10 @@
 Both checkpoints (the newest of `sft/checkpoints/` and of `rl/checkpoints/`) are scored on the `test` split of
 `data/reasoning` with `train.grpo.evaluate_accuracy`: the same chat template, the same generation engine, and the
 grader whose score GRPO optimized (`rewards.graders.task_reward`: numeric match for arithmetic, the Countdown
-expression verified by rule). Prints both accuracies, the difference (points, absolute) and the rate of completions
-that reason in `<think>`; appends one row to bench/results/rl_gain.csv (`bench.common.append_result`: machine, commit,
+expression verified by rule). Prints both accuracies with their 95% intervals over prompts (Wilson when greedy, else the
+bootstrap of per-prompt means), the difference (points, absolute) with its paired bootstrap interval (both
+checkpoints answer the same prompts, so the gain is resampled prompt by prompt) and the rate of completions that
+reason in `<think>`; appends one row to bench/results/rl_gain.csv (`bench.common.append_result`: machine, commit,
 date) with per-kind accuracies, the accuracy of the completions that reason and of those that answer directly, and
 the stages' wall times from their manifests.
 """
@@ -23,7 +25,13 @@ from pathlib import Path
 import torch
 
 from bench.common import append_result
+from eval.stats import bootstrap_interval, problem_interval
 from rewards.graders import shows_thinking
+
+
+def per_prompt_accuracy(samples: list[tuple], n_prompts: int, k: int) -> list[float]:
+    """Mean correctness of each prompt's k samples (samples are prompt-major)."""
+    return [sum(s[2] for s in samples[i * k : (i + 1) * k]) / k for i in range(n_prompts)]
 
 
 def stage_wall_time(stage_dir: Path) -> float | None:
@@ -77,6 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"think {ev['think_rate']:.3f}  length {ev['response_len']:.1f} tokens  ({ckpt})"
         )
     gain = results["rl"]["accuracy"] - results["sft"]["accuracy"]
+    acc = {st: per_prompt_accuracy(results[st]["samples"], len(rows), args.k) for st in ("sft", "rl")}
+    intervals = {f"{st}_accuracy": problem_interval(acc[st]) for st in ("sft", "rl")}
+    lo, hi = bootstrap_interval([b - a for a, b in zip(acc["sft"], acc["rl"])])
+    intervals["gain_points"] = (100 * lo, 100 * hi)
     kinds = sorted({r["kind"] for r in rows})
     by_kind, by_style = {}, {}
     for stage in ("sft", "rl"):
@@ -95,6 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
         "sft_accuracy": round(results["sft"]["accuracy"], 4),
         "rl_accuracy": round(results["rl"]["accuracy"], 4),
         "gain_points": round(100 * gain, 2),
+        **{
+            f"{k}_ci_{end}": round(v, 4)
+            for k, (lo_, hi_) in intervals.items()
+            for end, v in (("low", lo_), ("high", hi_))
+        },
         **by_kind,
         "sft_format_rate": round(results["sft"]["format_rate"], 4),
         "rl_format_rate": round(results["rl"]["format_rate"], 4),
@@ -109,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     path = append_result("rl_gain", row)
     print(
-        f"gain: {100 * gain:+.1f} points absolute (SFT {row['sft_accuracy']:.3f} -> RL {row['rl_accuracy']:.3f}); "
+        f"gain: {100 * gain:+.1f} points absolute, 95% [{intervals['gain_points'][0]:+.1f}, "
+        f"{intervals['gain_points'][1]:+.1f}] (SFT {row['sft_accuracy']:.3f} -> RL {row['rl_accuracy']:.3f}); "
         f"think rate {row['sft_think_rate']:.2f} -> {row['rl_think_rate']:.2f}; wrote {path}"
     )
     return row

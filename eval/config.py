@@ -5,9 +5,11 @@ the config is composed. One section per suite, each with `enabled`, so any suite
 
     python -m eval.run eval.humaneval.enabled=false eval.reasoning.k=8 eval.reasoning.temperature=0.6
 
-The defaults are the CPU budget: the whole stage, over every checkpoint of a tiny-model run, in a few minutes on
-2 cores. A real model wants `eval.fim.max_tasks=0 eval.humaneval.max_problems=0 eval.humaneval.n_samples=20`
-(0 = all tasks / problems).
+The defaults score the whole of HumanEval (164 problems, greedy, room for a function body) and its code bpb, and
+samples of the FIM tasks and held-out reasoning prompts, within the CPU budget of `make pipeline`; `conf/eval/smoke`
+is the micro budget of the tests. Every score carries its interval over problems, so a sample size shows in the
+width. A real model wants `eval.fim.max_tasks=0 eval.humaneval.n_samples=20 eval.humaneval.temperature=0.8
+eval.humaneval.ks=[1,10]` (0 = all tasks / problems).
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ class BpbEvalConfig:
     batches: int = 4  # validation batches (the first ones of the split, the same for every checkpoint)
     batch_size: int = 8
     seq_len: int = 0  # 0: the length the data stage packed with (capped by the model's max positions)
-    code_problems: int = 20  # HumanEval programs (prompt + canonical solution) as held-out code; 0 = all, -1 = skip
+    code_problems: int = 0  # HumanEval programs (prompt + canonical solution) as held-out code; 0 = all, -1 = skip
 
 
 @dataclass
 class FimEvalConfig:
     enabled: bool = True
     modes: list[str] = field(default_factory=lambda: ["psm", "spm"])
-    max_tasks: int = 16  # single-line tasks drawn (seeded) from HumanEval's 1033; 0 = all
+    max_tasks: int = 256  # single-line tasks drawn (seeded) from HumanEval's 1033; 0 = all
     max_new_tokens: int = 32
     batch_size: int = 32
 
@@ -36,13 +38,13 @@ class FimEvalConfig:
 @dataclass
 class HumanEvalConfig:
     enabled: bool = True
-    max_problems: int = 6  # the first problems of HumanEval; 0 = all 164
-    n_samples: int = 2  # n per problem for the unbiased pass@k estimator
+    max_problems: int = 0  # the first problems of HumanEval; 0 = all 164
+    n_samples: int = 1  # n per problem for the unbiased pass@k estimator (1 with greedy decoding)
     ks: list[int] = field(default_factory=lambda: [1])
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 64
-    batch_size: int = 8  # prompts per generate() call (each sampled n_samples times)
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 320  # the longest canonical body is 315 tokens of the tiny tokenizer (bench/eval_cost.py)
+    batch_size: int = 64  # prompts per generate() call (each sampled n_samples times); decoding is step-bound
 
 
 @dataclass
@@ -81,13 +83,23 @@ class EvalConfig:
         for mode in self.fim.modes:
             if mode not in ("psm", "spm"):
                 raise ValueError(f"eval.fim.modes: unknown FIM mode {mode!r} (psm or spm)")
-        if any(k < 1 or k > self.humaneval.n_samples for k in self.humaneval.ks):
-            raise ValueError(
-                f"eval.humaneval.ks={self.humaneval.ks} must lie in [1, n_samples={self.humaneval.n_samples}]"
-            )
-        if self.reasoning.k < 1 or self.humaneval.n_samples < 1:
+        h = self.humaneval
+        if any(k < 1 or k > h.n_samples for k in h.ks):
+            raise ValueError(f"eval.humaneval.ks={h.ks} must lie in [1, n_samples={h.n_samples}]")
+        if self.reasoning.k < 1 or h.n_samples < 1:
             raise ValueError("eval.reasoning.k and eval.humaneval.n_samples must be >= 1")
         if self.reasoning.temperature == 0 and self.reasoning.k != 1:
             raise ValueError(
                 f"eval.reasoning: greedy decoding (temperature 0) draws one sample, got k={self.reasoning.k}"
             )
+        if h.temperature == 0 and h.n_samples != 1:
+            raise ValueError(f"eval.humaneval: greedy decoding (temperature 0) draws one sample, got n={h.n_samples}")
+        for key, v in (
+            ("humaneval.max_new_tokens", h.max_new_tokens),
+            ("fim.max_new_tokens", self.fim.max_new_tokens),
+            ("reasoning.max_new_tokens", self.reasoning.max_new_tokens),
+        ):
+            if v < 1:
+                raise ValueError(f"eval.{key}={v} must be >= 1")
+        if self.bpb.code_problems < -1:
+            raise ValueError(f"eval.bpb.code_problems={self.bpb.code_problems}: 0 = all, -1 = skip, or a count")

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from data.tokenizer import EOS
 
@@ -55,11 +56,15 @@ GenerateFn = Callable[[Sequence[Prompt], Sampling], list[list[str]]]
 
 @dataclass
 class SuiteResult:
-    """What a suite returns: flat metrics (numbers, or a string saying why a part was skipped) and a few sample rows
-    (dicts with the same keys) for the W&B table."""
+    """What a suite returns: flat metrics (numbers, or a string saying why a part was skipped), a few sample rows
+    (dicts with the same keys) for the W&B table, the 95% interval of each score ({metric: (low, high)}, over
+    problems: `eval.stats`) and its floors ({metric: {floor name: value}}: what an empty completion, a copied
+    prompt or a context-free model scores on the same problems, computed by the same scorer)."""
 
     metrics: dict[str, float | int | str]
     samples: list[dict] = field(default_factory=list)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    floors: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def check_completions(prompts: Sequence[Prompt], sampling: Sampling, completions: list[list[str]]) -> None:
@@ -124,7 +129,8 @@ class ModelGenerator:
         device = next(self.model.parameters()).device
         stops = [self.eos] + (self.newline_ids if sampling.stop_at_newline else [])
         out: list[list[str]] = []
-        for start in range(0, len(prompts), self.batch_size):
+        starts = range(0, len(prompts), self.batch_size)
+        for start in tqdm(starts, desc="generate", leave=False, disable=len(starts) < 2):
             batch = prompts[start : start + self.batch_size]
             chunk = [self._fit(self.encode(p), sampling.max_new_tokens) for p in batch]
             self._calls += 1

@@ -10,7 +10,10 @@ same figures through `tracker.log_figure`, in the run's `report/` W&B run):
 - environment: git sha and dirty flag of each stage's code, package versions (now, in this environment), hardware
   (each stage's manifest host; the GPU if one is visible now), wall time per stage (`<stage>/manifest.json`,
   `pipeline.json` when the pipeline ran it, with peak memory);
-- every metric of `eval/eval.json` across the checkpoints (pretrained, SFT, RL, student);
+- every metric of `eval/eval.json` across the checkpoints (pretrained, SFT, RL, student), each with its 95% interval
+  over problems and its floors, and the held-out code bpb of each post-trained checkpoint against the pretrained
+  base;
+- the seeds of the post-training chain (`<run>/seeds/summary.json`, written by `bench/seeds.py`): mean +- sd;
 - loss curves from each training stage's `metrics.jsonl` (and `--compare`: this run's pretraining loss against
   another run's, e.g. precision=bf16 against precision=fp8, labelled with each run's precision);
 - RL reward, accuracy and response length per step (`rl/metrics.jsonl`: reward_mean, accuracy, response_len);
@@ -158,25 +161,95 @@ def environment(run_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def cell(value, ci: list | None) -> str:
+    """A value with its 95% interval, `0.25 [0.18, 0.33]`."""
+    if ci is None or not isinstance(value, int | float) or isinstance(value, bool):
+        return fmt(value)
+    return f"{fmt(value)} [{fmt(float(ci[0]))}, {fmt(float(ci[1]))}]"
+
+
+def floor_cell(floors: dict | None) -> str:
+    return "; ".join(f"{name} {fmt(float(v))}" for name, v in floors.items()) if floors else "-"
+
+
 def metrics_table(run_dir: Path) -> list[str]:
     lines = ["## Evaluation", ""]
     results = read_json(run_dir / "eval" / "eval.json")
     if not results:
         return lines + [f"_missing: {run_dir / 'eval' / 'eval.json'} (run the eval stage: make eval)_", ""]
     labels = [c for c in CHECKPOINT_ORDER if c in results] + [c for c in results if c not in CHECKPOINT_ORDER]
-    rows: dict[str, dict[str, object]] = defaultdict(dict)
+    rows: dict[str, dict[str, str]] = defaultdict(dict)
+    floors: dict[str, str] = {}
     for label in labels:
         for suite, metrics in results[label].items():
             if suite in ("checkpoint", "generation") or not isinstance(metrics, dict):
                 continue
+            ci, fl = metrics.get("ci", {}), metrics.get("floor", {})
             for k, v in metrics.items():
                 if isinstance(v, int | float | str) and k != "seconds":
-                    rows[f"{suite}/{k}"][label] = v
-    lines += ["| metric | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
+                    rows[f"{suite}/{k}"][label] = cell(v, ci.get(k))
+                    if k in fl:
+                        floors.setdefault(f"{suite}/{k}", floor_cell(fl[k]))
+    lines += [
+        "Each score is followed by its 95% interval over problems ([low, high]: Wilson for one binary outcome per",
+        "problem, else the bootstrap over problems); the floor column is what an empty completion (`empty`), a copied",
+        "prompt (`copy_prompt`) or a context-free model (`uniform`, `unigram`: bits per byte) scores on the same",
+        "problems with the same scorer; for MoE MaxVio, the perfectly balanced and the collapsed router. Bits per",
+        "byte count every target token that stands for text, each conditioned on the EOS its document follows;",
+        "end-of-sequence targets are excluded (lm-evaluation-harness's `loglikelihood_rolling` convention).",
+        "",
+        "| metric | floor | " + " | ".join(labels) + " |",
+        "| --- | --- |" + " --- |" * len(labels),
+    ]
     for name, vals in rows.items():
-        lines.append(f"| {name} | " + " | ".join(fmt(vals.get(lab, "-")) for lab in labels) + " |")
+        lines.append(f"| {name} | {floors.get(name, '-')} | " + " | ".join(vals.get(lab, "-") for lab in labels) + " |")
     paths = [f"{lab}: `{results[lab].get('checkpoint', {}).get('path', '?')}`" for lab in labels]
-    return lines + ["", "Checkpoints: " + "; ".join(paths) + ".", ""]
+    return lines + ["", "Checkpoints: " + "; ".join(paths) + ".", "", *code_kept(results), ""]
+
+
+def code_kept(results: dict, tolerance: float = 0.10) -> list[str]:
+    """Held-out code bpb of each post-trained checkpoint against the pretrained base (the base model's floor)."""
+    base = results.get("pretrain", {}).get("bpb", {}).get("code/bpb")
+    if not isinstance(base, int | float):
+        return ["_no pretrain code/bpb in eval.json: post-training's effect on code is not measured here_"]
+    out = []
+    for label in [c for c in CHECKPOINT_ORDER if c != "pretrain" and c in results]:
+        v = results[label].get("bpb", {}).get("code/bpb")
+        if isinstance(v, int | float):
+            ratio = v / base
+            verdict = "within" if ratio <= 1 + tolerance else "beyond"
+            out.append(f"{label} {fmt(v)} ({ratio:.2f}x, {verdict} {tolerance:.0%})")
+    if not out:
+        return []
+    return [
+        f"Code kept through post-training: held-out HumanEval code bpb against pretrain's {fmt(base)}: "
+        + "; ".join(out)
+        + "."
+    ]
+
+
+def seeds_section(run_dir: Path) -> list[str]:
+    """Mean +- sd over the seeds of the post-training chain (`bench/seeds.py` writes `<run>/seeds/summary.json`)."""
+    summary = read_json(run_dir / "seeds" / "summary.json")
+    lines = ["## Seeds", ""]
+    if not summary:
+        return lines + [f"_missing: {run_dir / 'seeds' / 'summary.json'} (make seeds RUN=<run>)_", ""]
+    seeds = summary.get("seeds", [])
+    lines += [
+        f"The post-training chain (SFT -> GRPO -> distillation) rerun from one pretrained checkpoint for seeds"
+        f" {', '.join(map(str, seeds))} (`{summary.get('command', 'bench/seeds.py')}`): mean, sample sd and the"
+        " t interval of the mean over seeds.",
+        "",
+        "| metric | mean +- sd (N) | 95% interval | per seed |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, m in summary.get("metrics", {}).items():
+        per_seed = ", ".join(fmt(v) for v in m.get("values", []))
+        lines.append(
+            f"| {name} | {fmt(m['mean'])} +- {fmt(m['sd'])} ({m['n']}) | [{fmt(m['ci_low'])}, {fmt(m['ci_high'])}]"
+            f" | {per_seed} |"
+        )
+    return lines + [""]
 
 
 def loss_figure(run_dir: Path, out: Path) -> tuple[Path | None, list[str]]:
@@ -346,6 +419,7 @@ def write_report(
     ]
     lines += environment(run_dir)
     lines += metrics_table(run_dir)
+    lines += seeds_section(run_dir)
     sections = [("Loss curves", "loss_curves", lambda p: loss_figure(run_dir, p))]
     if compare is not None:
         title = (

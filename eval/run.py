@@ -4,7 +4,7 @@
     python -m eval.run run.name=exp1 eval=smoke          # micro budget, seconds per checkpoint
     python -m eval.run ckpt=outputs/exp1/sft/checkpoints/step_000150      # one DCP checkpoint
     python -m eval.run ckpt=outputs/exp1/rl/hf           # a Hugging Face directory (model.hf export / the release)
-    python -m eval.run eval.humaneval.max_problems=0 eval.humaneval.n_samples=20 eval.fim.max_tasks=0   # full sets
+    python -m eval.run eval.humaneval.n_samples=20 eval.humaneval.temperature=0.8 eval.humaneval.ks=[1,10]  # pass@10
     make eval RUN=<run>
 
 (`ckpt=X` is shorthand for `eval.ckpt=X`.) One process, one device: evaluation is generation-bound and a tiny
@@ -20,13 +20,19 @@ and `eval/` directory are used.
 Suites (`conf/eval/`, each `eval.<suite>.enabled`), in `eval/suite_*.py`:
   bpb        bits per byte and loss on the held-out validation split (mixed code and text) and on HumanEval code
   fim        single-line infilling on HumanEval (PSM and SPM): exact match and pass@1 in the sandbox
-  humaneval  pass@k (unbiased, n samples) of completions in the sandbox
+  humaneval  pass@k (unbiased, n samples; greedy pass@1 over all 164 problems by default) in the sandbox
   reasoning  held-out pass@1 over k samples with the RL graders; GSM8K when a local copy is configured
   moe        expert load per layer and MaxVio on the validation windows
 
-Writes `outputs/<run>/eval/`: eval.json = {checkpoint label: {suite: metrics}}, samples_<label>_<suite>.jsonl (the
-sample tables, also logged to W&B), metrics.jsonl, manifest.json, and the W&B run whose summary holds every metric
-as `<label>/<suite>/<metric>`.
+Every score carries a 95% interval over its problems (`eval/stats.py`: Wilson for one binary outcome per problem,
+the bootstrap over problems otherwise) and its floors: what an empty completion, a copied prompt or a context-free
+model scores on the same problems, computed by the same scorer (each suite's docstring says which apply). The
+run's data stage is `run.data_from`'s when set (the seeds of `bench/seeds.py` share one).
+
+Writes `outputs/<run>/eval/`: eval.json = {checkpoint label: {suite: {metric: value, ..., "ci": {metric: [low,
+high]}, "floor": {metric: {floor: value}}}}}, samples_<label>_<suite>.jsonl (the sample tables, also logged to W&B),
+metrics.jsonl, manifest.json, and the W&B run whose summary holds every metric as `<label>/<suite>/<metric>` (with
+`.../ci_low`, `.../ci_high`, `.../floor_<name>`).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from omegaconf import DictConfig
 from data.tokenizer import load_tokenizer
 from eval.config import EvalConfig
 from eval.generation import ModelGenerator, SuiteResult
-from pipeline.config import Config, to_config
+from pipeline.config import Config, stage_dir, to_config
 from pipeline.io import atomic_write_json
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
@@ -98,10 +104,10 @@ def label_of(path: Path, run_dir: Path | None) -> str:
     return "ckpt"
 
 
-def resolve_tokenizer(ckpt: Path, explicit: str | None, run_dir: Path | None) -> Path:
+def resolve_tokenizer(ckpt: Path, explicit: str | None, data_dir: Path | None) -> Path:
     candidates = [Path(explicit)] if explicit else [Path(ckpt) / "tokenizer.json"]
-    if run_dir is not None and not explicit:
-        candidates.append(run_dir / "data" / "tokenizer.json")
+    if data_dir is not None and not explicit:
+        candidates.append(data_dir / "tokenizer.json")
     for c in candidates:
         if c.is_file():
             return c
@@ -136,10 +142,14 @@ def evaluate_checkpoint(
     precision: str = "fp32",
     tracker=None,
     label: str = "ckpt",
+    floor_cache: dict | None = None,
 ) -> dict[str, dict]:
-    """{suite: metrics} of one model; sample tables go to the tracker as `samples_<label>_<suite>`."""
+    """{suite: metrics + {"ci": {metric: [low, high]}, "floor": {metric: {floor: value}}}} of one model; sample tables
+    go to the tracker as `samples_<label>_<suite>`. The generative suites' floors do not depend on the model: pass
+    the same `floor_cache` dict for every checkpoint of a run and they are computed once."""
     from eval import suite_code, suite_lm, suite_reasoning
 
+    cache = floor_cache if floor_cache is not None else {}
     problems = load_problems()
     workers = ecfg.sandbox_workers
     gen = ModelGenerator(model, tokenizer, precision=precision, seed=ecfg.seed, batch_size=ecfg.reasoning.batch_size)
@@ -158,15 +168,16 @@ def evaluate_checkpoint(
         if suite in ("bpb", "moe") and batches is None:
             res = SuiteResult({"skipped": "no validation split (outputs/<run>/data/val) for this checkpoint"})
         elif suite == "bpb":
-            res = suite_lm.run_bpb(model, tokenizer, batches[: ecfg.bpb.batches], problems, ecfg.bpb, precision)
+            chosen = batches[: ecfg.bpb.batches]
+            res = suite_lm.run_bpb(model, tokenizer, chosen, problems, ecfg.bpb, precision, data.get("train"))
         elif suite == "moe":
             res = suite_lm.run_moe(model, batches, ecfg.moe, precision)
         elif suite == "fim":
             gen.batch_size = ecfg.fim.batch_size
-            res = suite_code.run_fim(gen, problems, ecfg.fim, ecfg.seed, workers, ecfg.table_rows)
+            res = suite_code.run_fim(gen, problems, ecfg.fim, ecfg.seed, workers, ecfg.table_rows, cache.get(suite))
         elif suite == "humaneval":
             gen.batch_size = ecfg.humaneval.batch_size
-            res = suite_code.run_humaneval(gen, problems, ecfg.humaneval, workers, ecfg.table_rows)
+            res = suite_code.run_humaneval(gen, problems, ecfg.humaneval, workers, ecfg.table_rows, cache.get(suite))
         else:
             gen.batch_size = ecfg.reasoning.batch_size
             r = ecfg.reasoning
@@ -175,8 +186,13 @@ def evaluate_checkpoint(
             res = suite_reasoning.run_reasoning(gen, rows, r, gsm8k, gen.count_tokens, ecfg.table_rows)
             if data.get("reasoning") is None:
                 res.metrics["skipped"] = "no reasoning test split (outputs/<run>/data/reasoning)"
+        if suite in ("fim", "humaneval"):
+            cache[suite] = res.floors
         res.metrics["seconds"] = round(time.perf_counter() - t0, 2)
-        results[suite] = res.metrics
+        results[suite] = res.metrics | {
+            "ci": {k: [round(lo, 6), round(hi, 6)] for k, (lo, hi) in res.intervals.items()},
+            "floor": res.floors,
+        }
         if tracker is not None and res.samples:
             columns = list(res.samples[0])
             tracker.log_table(f"samples_{label}_{suite}", columns, [[row[c] for c in columns] for row in res.samples])
@@ -195,14 +211,18 @@ def summarize(metrics: dict) -> str:
 
 
 def flat_metrics(results: dict[str, dict[str, dict]]) -> dict[str, float | int | str]:
-    """`<label>/<suite>/<metric>` for every scalar (lists such as expert_load stay in eval.json only)."""
-    return {
-        f"{label}/{suite}/{k}": v
-        for label, suites in results.items()
-        for suite, m in suites.items()
-        for k, v in m.items()
-        if isinstance(v, int | float | str)
-    }
+    """`<label>/<suite>/<metric>` for every scalar, with `<metric>/ci_low`, `<metric>/ci_high` and
+    `<metric>/floor_<name>` beside it (lists such as expert_load stay in eval.json only)."""
+    flat: dict[str, float | int | str] = {}
+    for label, suites in results.items():
+        for suite, m in suites.items():
+            key = f"{label}/{suite}"
+            flat |= {f"{key}/{k}": v for k, v in m.items() if isinstance(v, int | float | str)}
+            for k, (lo, hi) in m.get("ci", {}).items():
+                flat |= {f"{key}/{k}/ci_low": lo, f"{key}/{k}/ci_high": hi}
+            for k, floors in m.get("floor", {}).items():
+                flat |= {f"{key}/{k}/floor_{name}": v for name, v in floors.items()}
+    return flat
 
 
 # ---------------------------------------------------------------- the stage
@@ -224,10 +244,11 @@ def run(cfg: Config) -> dict:
         checkpoints = discover_checkpoints(run_dir)
         if not checkpoints:
             raise FileNotFoundError(f"no checkpoint under {run_dir}/{{pretrain,sft,rl,distill}}/ (or pass ckpt=<dir>)")
-    data = {k: run_dir / "data" / k for k in ("val", "reasoning")}
+    data_dir = stage_dir(cfg, "data")  # this run's, or run.data_from's
+    data = {k: data_dir / k for k in ("val", "reasoning", "train")}
     data = {k: (p if p.exists() else None) for k, p in data.items()}
     tokenizers = {
-        label: resolve_tokenizer(p, ecfg.tokenizer, run_dir if run_dir.is_dir() else None)
+        label: resolve_tokenizer(p, ecfg.tokenizer, data_dir if data_dir.is_dir() else None)
         for label, p in checkpoints.items()
     }
     inputs = {f"ckpt_{label}": p for label, p in checkpoints.items()}
@@ -242,12 +263,14 @@ def run(cfg: Config) -> dict:
     with stage:
         for old in stage.dir.glob("samples_*.jsonl"):  # tables of a previous execution
             old.unlink()
-        results = {}
+        results, floor_cache = {}, {}
         for label, path in checkpoints.items():
             seed_everything(ecfg.seed, cfg.run.deterministic)
             model = load_checkpoint(path, cfg.precision, cfg.kernels.backend, device)
             tok = load_tokenizer(tokenizers[label])
-            results[label] = evaluate_checkpoint(model, tok, ecfg, data, cfg.precision, stage.tracker, label)
+            results[label] = evaluate_checkpoint(
+                model, tok, ecfg, data, cfg.precision, stage.tracker, label, floor_cache
+            )
             results[label]["checkpoint"] = {"path": str(path)}
             del model
         out = stage.dir / "eval.json"

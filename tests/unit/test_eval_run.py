@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from data.tokenizer import EOS, FIM_BEGIN, save_tokenizer, train_tokenizer
 from eval.config import BpbEvalConfig, MoEEvalConfig
 from eval.generation import ModelGenerator, Prompt, Sampling
 from eval.run import _ckpt_shorthand, discover_checkpoints, label_of, load_checkpoint, newest_step_dir, run_dir_of
-from eval.suite_lm import code_documents, document_batches, run_bpb, run_moe
+from eval.suite_lm import code_documents, document_batches, rolling_windows, run_bpb, run_moe
 from model.config import ModelConfig
 from model.generate import generate
 from model.transformer import DeepseekV3
@@ -112,28 +113,74 @@ def test_generator_truncates_long_prompts_to_the_context(tokenizer):
 
 
 def test_document_batches_shift_and_mask_padding():
-    ((x, y),) = document_batches([[1, 5, 6, 1], [1, 7, 1]], batch_size=2, pad_id=1)
+    (batch,), owners = document_batches([[1, 5, 6, 1], [1, 7, 1]], batch_size=2, pad_id=1)
+    x, y = batch
     assert x.tolist() == [[1, 5, 6], [1, 7, 1]] and y.tolist() == [[5, 6, 1], [7, 1, -100]]
+    assert owners == [[0, 1]]
+
+
+def test_rolling_windows_score_every_token_once_with_full_context():
+    """A document longer than the context: disjoint predicted spans, each token conditioned on up to `context`
+    tokens before it (lm-eval's rolling windows), the first on the EOS the document follows."""
+    ids = list(range(100, 111))  # ids[0] is the EOS-like prefix; 10 tokens to score
+    windows = rolling_windows(ids, context=4)
+    scored = [t for _, y in windows for t in y if t >= 0]
+    assert scored == ids[1:]
+    for x, y in windows:
+        assert len(x) == len(y) <= 4
+        for pos, t in enumerate(y):
+            if t >= 0:  # the input at pos is the token just before t
+                assert x[pos] == t - 1
+    assert windows[0] == (ids[0:4], ids[1:5]) and windows[1] == (ids[4:8], ids[5:9])
+    assert windows[2] == (ids[6:10], [-100, -100, ids[9], ids[10]])  # the tail keeps a full context
+    assert rolling_windows(ids[:3], context=8) == [(ids[0:2], ids[1:3])]
 
 
 def test_code_bpb_equals_a_hand_computation(tokenizer, problems):
-    """bpb = sum of next-token CE (nats) / (UTF-8 bytes x ln 2), computed here with plain torch per document."""
+    """bpb = sum of next-token CE (nats) over the program's tokens / (UTF-8 bytes x ln 2), computed here with plain
+    torch per document; EOS targets are not scored (the packed windows below end documents with one)."""
     model = micro_model()
     chosen = problems[:3]
-    docs = code_documents(chosen, tokenizer, 512)
+    docs = code_documents(chosen, tokenizer)
+    eos = tokenizer.token_to_id(EOS)
     nats, n_bytes = 0.0, 0
     with torch.no_grad():
         for d in docs:
             ids = torch.tensor(d)[None]
             logits = model(ids[:, :-1]).logits_BTV[0]
             nats += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-            n_bytes += len(tokenizer.decode(d).encode("utf-8"))  # the text scored (cut to the context)
-    val = document_batches(docs, 2, tokenizer.token_to_id(EOS))  # stands in for validation windows
+            n_bytes += len(tokenizer.decode(d[1:]).encode("utf-8"))
+    # the same programs as validation windows, each followed by an EOS target that must not count
+    val, _ = document_batches([d + [eos] for d in docs], 2, eos)
     res = run_bpb(model, tokenizer, val, chosen, BpbEvalConfig(batch_size=2, code_problems=3))
     want = nats / (n_bytes * math.log(2))
     assert res.metrics["code/bpb"] == pytest.approx(want, rel=1e-5), (res.metrics["code/bpb"], want)
-    assert res.metrics["val/bpb"] == pytest.approx(want, rel=1e-5)  # same documents: same figure
+    assert res.metrics["val/bpb"] == pytest.approx(want, rel=1e-5)  # same text, EOS targets excluded: same figure
     assert res.metrics["code/documents"] == 3 and "mixed" in res.metrics["val/mix"]
+    lo, hi = res.intervals["code/bpb"]
+    assert lo <= res.metrics["code/bpb"] <= hi
+    n_tokens = sum(len(d) - 1 for d in docs)
+    uniform = n_tokens * math.log2(VOCAB) / n_bytes  # log2 V bits for every scored token
+    assert res.floors["code/bpb"]["uniform"] == pytest.approx(uniform, rel=1e-9)
+    assert "unigram" not in res.floors["code/bpb"]  # no train split given
+
+
+def test_unigram_floor_from_the_train_split(tmp_path, tokenizer, problems):
+    """The unigram floor is the cross entropy of the scored targets under the train split's token frequencies."""
+    eos = tokenizer.token_to_id(EOS)
+    train = [t for p in problems[50:60] for t in tokenizer.encode(p.prompt).ids + [eos]]
+    w = ShardWriter(tmp_path / "train", VOCAB, eos, tokens_per_shard=4096)
+    w.add(train)
+    w.close(seq_len=32)
+    counts = np.bincount(np.array(train), minlength=VOCAB) + 1.0
+    logp = np.log(counts / counts.sum())
+    docs = code_documents(problems[:2], tokenizer)
+    targets = np.array([t for d in docs for t in d[1:]])
+    want = -logp[targets].sum() / (sum(len(tokenizer.decode(d[1:]).encode()) for d in docs) * math.log(2))
+    val, _ = document_batches(docs, 2, eos)
+    cfg = BpbEvalConfig(code_problems=2)
+    res = run_bpb(micro_model(), tokenizer, val, problems[:2], cfg, train_dir=tmp_path / "train")
+    assert res.floors["code/bpb"]["unigram"] == pytest.approx(want, rel=1e-9)
 
 
 def test_moe_load_and_maxvio(tokenizer):
@@ -152,6 +199,8 @@ def test_moe_load_and_maxvio(tokenizer):
             moe.gate.e_score_correction_bias.copy_(torch.tensor([5.0, 5.0, 0, 0, 0, 0, 0, 0]))
     collapsed = run_moe(model, batches, MoEEvalConfig(batches=2)).metrics
     assert collapsed["maxvio"] == pytest.approx(3.0) and collapsed["maxvio_batch"] == pytest.approx(3.0)
+    bounds = run_moe(model, batches, MoEEvalConfig(batches=2)).floors["maxvio"]
+    assert bounds == {"balanced": 0.0, "collapsed": 3.0}  # E/K - 1 with 8 experts, 2 per token
     dense = micro_model(first_k_dense_replace=2)
     assert "dense" in run_moe(dense, batches, MoEEvalConfig()).metrics["skipped"]
 
@@ -240,10 +289,22 @@ def test_eval_stage_on_a_synthetic_run(run_root):
     assert list(results) == ["pretrain", "student"]
     for label, suites in results.items():
         assert {"bpb", "fim", "humaneval", "reasoning", "moe", "generation"} <= set(suites), label
-        assert 0 < suites["bpb"]["val/bpb"] < 20 and suites["humaneval"]["n_samples"] == 2
+        assert 0 < suites["bpb"]["val/bpb"] < 20 and suites["humaneval"]["n_samples"] == 1
         assert 0 <= suites["reasoning"]["pass@1"] <= 1 and suites["reasoning"]["n_prompts"] == 4
+        # every score carries its interval and its floors
+        for suite, metric in (
+            ("bpb", "code/bpb"),
+            ("fim", "psm/pass@1"),
+            ("humaneval", "pass@1"),
+            ("reasoning", "pass@1"),
+        ):
+            lo, hi = suites[suite]["ci"][metric]
+            assert lo <= suites[suite][metric] <= hi, (label, suite)
+            assert suites[suite]["floor"][metric], (label, suite)
+    assert results["pretrain"]["fim"]["floor"] == results["student"]["fim"]["floor"]  # model-free, computed once
     assert len(results["pretrain"]["moe"]["expert_load"]) == 1 and "skipped" in results["student"]["moe"]
     assert metrics["pretrain/fim/n_tasks"] == 2 and "pretrain/moe/expert_load" not in metrics
+    assert "pretrain/humaneval/pass@1/ci_high" in metrics and "pretrain/humaneval/pass@1/floor_empty" in metrics
     assert (run_root / "r" / "eval" / "manifest.json").is_file()
     assert list((run_root / "r" / "eval").glob("samples_pretrain_*.jsonl"))
     assert run(compose(overrides)).get("skipped") is True  # same config and inputs: nothing to do
@@ -276,3 +337,16 @@ def test_config_defaults_and_validation():
     bad.humaneval.ks = [1, 10]
     with pytest.raises(ValueError, match="ks"):
         bad.validate()
+    bad = EvalConfig()
+    bad.humaneval.n_samples = 4
+    with pytest.raises(ValueError, match="greedy"):
+        bad.validate()
+    bad = EvalConfig()
+    bad.humaneval.max_new_tokens = 0
+    with pytest.raises(ValueError, match="humaneval.max_new_tokens"):
+        bad.validate()
+    bad = EvalConfig()
+    bad.bpb.code_problems = -2
+    with pytest.raises(ValueError, match="code_problems"):
+        bad.validate()
+    assert EvalConfig().humaneval.max_problems == 0  # all 164 problems by default

@@ -15,8 +15,9 @@ from data.fim import fim_prompt
 from data.reasoning import build_test_tasks, task_row
 from eval.config import FimEvalConfig, HumanEvalConfig, ReasoningEvalConfig
 from eval.generation import Prompt, Sampling
-from eval.suite_code import run_fim, run_humaneval, select_fim_tasks, truncate_completion
-from eval.suite_reasoning import load_gsm8k_rows, run_reasoning
+from eval.stats import wilson_interval
+from eval.suite_code import fim_floors, run_fim, run_humaneval, select_fim_tasks, truncate_completion
+from eval.suite_reasoning import copy_prompt_answer, load_gsm8k_rows, run_reasoning
 from rewards.humaneval import load_problems
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -165,3 +166,42 @@ def test_gsm8k_is_scored_when_present_and_skipped_with_a_reason_when_absent():
     assert m["gsm8k/pass@1"] == 1.0 and m["gsm8k/n_prompts"] == 5
     assert load_gsm8k_rows(None)[0] == [] and "not set" in load_gsm8k_rows(None)[1]
     assert "does not exist" in load_gsm8k_rows("/nonexistent/gsm8k.jsonl")[1]
+
+
+# ---------------------------------------------------------------- floors and intervals
+
+
+def test_fim_floor_is_what_an_empty_line_scores(problems):
+    """On the 16 tasks the old default drew (seed 0), one masked line is a comment: leaving it empty passes, so the
+    floor of pass@1 there is 1/16, the 0.06 the report once showed for every checkpoint."""
+    cfg = FimEvalConfig(modes=["psm", "spm"], max_tasks=16)
+    tasks = select_fim_tasks(problems, 16, seed=0)
+    floors = fim_floors(problems, tasks, cfg.modes)
+    assert floors["psm/pass@1"]["empty"] == floors["spm/pass@1"]["empty"] == pytest.approx(1 / 16)
+    assert floors["psm/exact_match"]["empty"] == 0.0
+    res = run_fim(constant(""), problems, cfg)  # the floor is the empty generator's score through the same path
+    assert res.metrics["psm/pass@1"] == floors["psm/pass@1"]["empty"] and res.floors == floors
+    lo, hi = res.intervals["psm/pass@1"]
+    assert (lo, hi) == pytest.approx(wilson_interval(1, 16))
+
+
+def test_humaneval_floor_and_interval(problems):
+    cfg = HumanEvalConfig(max_problems=4, n_samples=1, ks=[1])
+    answers = {p.prompt: p.canonical_solution for p in problems[:4]}
+    res = run_humaneval(oracle(answers), problems, cfg)
+    assert res.floors == {"pass@1": {"empty": 0.0}}  # a docstring-only body returns None: every test fails
+    assert res.intervals["pass@1"] == pytest.approx(wilson_interval(4, 4))
+    passed = run_humaneval(oracle(answers), problems, cfg, floors={"pass@1": {"empty": -1.0}})
+    assert passed.floors == {"pass@1": {"empty": -1.0}}  # a cached floor is reused, not recomputed
+
+
+def test_reasoning_floors_and_intervals(reasoning_rows):
+    answers = {r["prompt"]: r["completion"] for r in reasoning_rows}
+    res = run_reasoning(oracle(answers), reasoning_rows, ReasoningEvalConfig(k=2))
+    assert res.floors["pass@1"]["empty"] == 0.0 and res.floors["format_rate"]["copy_prompt"] == 1.0
+    copy = run_reasoning(
+        lambda ps, s: [[copy_prompt_answer(p.text)] * s.n for p in ps], reasoning_rows, ReasoningEvalConfig(k=2)
+    )
+    assert copy.metrics["pass@1"] == res.floors["pass@1"]["copy_prompt"]  # the floor is that generator's score
+    assert res.intervals["pass@1"] == pytest.approx(wilson_interval(6, 6))
+    assert copy_prompt_answer("What is 12 + 30?") == "<think></think><answer>30</answer>"

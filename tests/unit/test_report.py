@@ -50,8 +50,20 @@ def make_run(root: Path, name: str, precision: str = "bf16", loss0: float = 6.0)
     np.save(run / "pretrain" / "expert_load.npy", np.array([[10.0, 10.0, 10.0, 10.0], [40.0, 0.0, 0.0, 0.0]]))
     eval_json = {
         label: {
-            "bpb": {"val/bpb": bpb, "val/mix": "mixed", "seconds": 1.0},
-            "reasoning": {"pass@1": acc, "gsm8k/skipped": "no data"},
+            "bpb": {
+                "val/bpb": bpb,
+                "code/bpb": 2 * bpb,
+                "val/mix": "mixed",
+                "seconds": 1.0,
+                "ci": {"val/bpb": [bpb - 0.125, bpb + 0.125]},
+                "floor": {"val/bpb": {"uniform": 12.0, "unigram": 6.5}},
+            },
+            "reasoning": {
+                "pass@1": acc,
+                "gsm8k/skipped": "no data",
+                "ci": {"pass@1": [acc / 2, 1.0]},
+                "floor": {"pass@1": {"empty": 0.0, "copy_prompt": 0.0625}},
+            },
             "moe": {"maxvio": 0.5, "expert_load": [[1, 2]]},
             "checkpoint": {"path": f"{label}/step_1"},
             "generation": {"prompts": 3},
@@ -59,6 +71,15 @@ def make_run(root: Path, name: str, precision: str = "bf16", loss0: float = 6.0)
         for label, bpb, acc in (("rl", 1.25, 0.75), ("pretrain", 1.5, 0.125), ("sft", 1.375, 0.5))
     }
     (run / "eval" / "eval.json").write_text(json.dumps(eval_json))
+    summary = {
+        "seeds": [0, 1, 2],
+        "command": "python -m bench.seeds --run r --seeds 0 1 2",
+        "metrics": {
+            "rl_gain_points": {"mean": 10.5, "sd": 2.5, "n": 3, "ci_low": 4.3, "ci_high": 16.7, "values": [8, 10.5, 13]}
+        },
+    }
+    (run / "seeds").mkdir()
+    (run / "seeds" / "summary.json").write_text(json.dumps(summary))
     (run / "pipeline.json").write_text(json.dumps({"stages": {"pretrain": {"wall_s": 121.0, "peak_rss_mb": 900.5}}}))
     return run
 
@@ -89,10 +110,21 @@ def test_report_of_a_complete_run(tmp_path, fp8_csv):
     assert "abc1234def" in text and "torch " in text and "2 CPUs" in text
     assert "| pretrain | 120 | 900.5 |" in text and "| rl | 80 |" in text
     # the metric table: checkpoints in pipeline order, every scalar metric, lists and timings left out
-    assert "| metric | pretrain | sft | rl |" in text
-    assert "| bpb/val/bpb | 1.5 | 1.375 | 1.25 |" in text
-    assert "| reasoning/pass@1 | 0.125 | 0.5 | 0.75 |" in text
-    assert "| reasoning/gsm8k/skipped | no data | no data | no data |" in text
+    assert "| metric | floor | pretrain | sft | rl |" in text
+    assert (
+        "| bpb/val/bpb | uniform 12; unigram 6.5 | 1.5 [1.375, 1.625] | 1.375 [1.25, 1.5] | 1.25 [1.125, 1.375] |"
+        in text
+    )
+    assert (
+        "| reasoning/pass@1 | empty 0; copy_prompt 0.0625 | 0.125 [0.0625, 1] | 0.5 [0.25, 1] | 0.75 [0.375, 1] |"
+        in text
+    )
+    assert "| reasoning/gsm8k/skipped | - | no data | no data | no data |" in text
+    assert "end-of-sequence targets are excluded" in text  # the report says what bits per byte count
+    # post-training's effect on code, against the pretrained base
+    assert "against pretrain's 3: sft 2.75 (0.92x, within 10%); rl 2.5 (0.83x, within 10%)" in text
+    # seeds: mean +- sd (N), the t interval, every seed's value
+    assert "| rl_gain_points | 10.5 +- 2.5 (3) | [4.3, 16.7] | 8, 10.5, 13 |" in text
     assert "expert_load" not in text.split("## Evaluation")[1].split("## Loss")[0]
     assert "seconds" not in text
     assert "bf16run (bf16) against fp8run (fp8)" in text
@@ -105,6 +137,7 @@ def test_report_of_an_empty_run_says_what_is_missing(tmp_path):
     out = write_report(run, compare=tmp_path / "nowhere", wandb_mode="disabled", fp8_csv=tmp_path / "none.csv")
     text = out.read_text()
     for what in (
+        "seeds/summary.json",
         "eval.json",
         "pretrain/metrics.jsonl",
         "rl/metrics.jsonl",

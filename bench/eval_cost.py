@@ -1,0 +1,81 @@
+"""What the eval stage costs per checkpoint at the CPU default, suite by suite, and how long HumanEval bodies are.
+
+    python -m bench.eval_cost --run outputs/<run>                   # the run's tokenizer, a random-init tiny model
+    python -m bench.eval_cost --run outputs/<run> --ckpt outputs/<run>/rl/checkpoints/step_000150
+    python -m bench.eval_cost --run outputs/<run> --suites humaneval --overrides eval.humaneval.max_new_tokens=256
+
+Generation runs until EOS or `max_new_tokens` (stop sequences are applied to the text afterwards), so a model that
+never emits EOS, such as a random-init one, costs the most: without `--ckpt` the figures are the upper bound for a
+tiny-model checkpoint. Also reports the canonical HumanEval bodies' length in the run's tokens (median, 99th
+percentile, max): the room `eval.humaneval.max_new_tokens` must leave to finish a function. Appends one row per
+suite to bench/results/eval_cost.csv, with the machine's load average at the start and end of the suite (on
+a shared machine, a load above the core count slows every figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import append_result
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from data.tokenizer import load_tokenizer
+    from eval.run import evaluate_checkpoint, load_checkpoint
+    from pipeline.config import compose
+    from rewards.humaneval import load_problems
+    from train.runtime import build_model
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", type=Path, required=True, help="a run directory with a data stage")
+    ap.add_argument("--ckpt", type=Path, default=None, help="a checkpoint (default: a random-init model preset)")
+    ap.add_argument("--suites", nargs="*", default=["bpb", "fim", "humaneval", "reasoning", "moe"])
+    ap.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides (eval.*, model=...)")
+    args = ap.parse_args(argv)
+
+    cfg = compose(["wandb.mode=disabled", *args.overrides])
+    tok = load_tokenizer(args.run / "data" / "tokenizer.json")
+    lengths = np.array([len(tok.encode(p.canonical_solution).ids) for p in load_problems()])
+    body = {"body_tokens_median": float(np.median(lengths)), "body_tokens_p99": float(np.percentile(lengths, 99))}
+    body["body_tokens_max"] = int(lengths.max())
+    print(f"canonical HumanEval bodies, in tokens: {body}")
+    torch.manual_seed(0)
+    if args.ckpt is not None:
+        model = load_checkpoint(args.ckpt)
+    else:
+        cfg.model.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        model = build_model(cfg.model, "fp32", "auto", torch.device("cpu")).eval()
+    data = {k: args.run / "data" / k for k in ("val", "reasoning", "train")}
+    rows = []
+    for suite in args.suites:
+        ecfg = cfg.eval
+        for other in ("bpb", "fim", "humaneval", "reasoning", "moe"):
+            getattr(ecfg, other).enabled = other == suite
+        load0 = os.getloadavg()[0]
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        res = evaluate_checkpoint(model, tok, ecfg, data, "fp32")
+        row = {
+            "suite": suite,
+            "model": str(args.ckpt) if args.ckpt else "random-init model preset (upper bound)",
+            "seconds": round(time.perf_counter() - t0, 1),
+            "cpu_s": round(time.process_time() - cpu0, 1),  # this process's CPU time (all threads + sandbox excluded)
+            "generated_tokens": res["generation"]["generated_tokens"],
+            "prompts": res["generation"]["prompts"],
+            "config": str(getattr(ecfg, suite)),
+            "load_avg_start_end": f"{load0:.1f} {os.getloadavg()[0]:.1f}",  # other jobs on the machine inflate it
+            **body,
+        }
+        rows.append(row)
+        append_result("eval_cost", row)
+        print(f"{suite}: {row['seconds']} s, {row['prompts']} prompts, {row['generated_tokens']} generated tokens")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
