@@ -41,8 +41,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import hydra
+from datasets import load_from_disk
 from omegaconf import DictConfig
 
+from data.prepare import stage_outputs
+from data.tokenizer import load_tokenizer
 from distill.config import DistillConfig
 from distill.student import train_student
 from distill.student_base import pretrain_student_base
@@ -54,8 +57,9 @@ from pipeline.io import hash_path
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
 from train.checkpoint import CheckpointManager, read_model_config
-from train.grpo import evaluate_accuracy, load_policy
-from train.runtime import build_model, device_for, dist_info
+from train.parallel.parallelize import world_size_from_env
+from train.policy import evaluate_accuracy, load_policy
+from train.runtime import build_model, device_for, dist_info, require_one_process
 
 STAGE = "distill"
 
@@ -102,10 +106,6 @@ def build_student(
 
 
 def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source: str) -> dict:
-    from datasets import load_from_disk
-
-    from data.tokenizer import load_tokenizer
-
     d = cfg.distill.validate()
     info = dist_info()
     device = device_for(info)
@@ -229,8 +229,7 @@ def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source
 
 
 def run(cfg: Config) -> dict:
-    from data.prepare import stage_outputs
-
+    require_one_process("distill.run", world_size_from_env())
     run_dir = Path(cfg.run.root) / cfg.run.name
     data = stage_outputs(stage_dir(cfg, "data"))
     teacher, source = resolve_teacher(run_dir, cfg.distill)

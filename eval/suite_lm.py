@@ -4,13 +4,13 @@ Bits per byte
 -------------
 Cross entropy per token depends on the tokenizer; per UTF-8 byte it does not, so checkpoints with different
 vocabularies (and published numbers) compare: bpb = mean CE (nats/token) x tokens / (bytes x ln 2), where a token's
-bytes are those of its text (special tokens count 0; `train.pretrain.token_byte_lengths`). Two held-out sets:
+bytes are those of its text (special tokens count 0; `train.lm_eval.token_byte_lengths`). Two held-out sets:
 - `val/`: the first `batches` x `batch_size` windows of the data stage's validation split (documents held out by
   text hash). The split mixes code and prose and its shards do not record which document is which, so this figure
   is the MIXED one (said so in the metrics as `val/mix`).
 - `code/`: HumanEval's 164 programs (prompt + canonical solution; the data stage removed them from the training
   corpus), each scored as one document `EOS program EOS` truncated to the model's context: a held-out code figure.
-The MTP head is not an evaluation target: only the next-token CE counts (`train.pretrain.evaluate`).
+The MTP head is not an evaluation target: only the next-token CE counts (`train.lm_eval.evaluate`).
 
 Expert load and MaxVio
 ----------------------
@@ -35,8 +35,8 @@ from data.tokenizer import EOS
 from eval.config import BpbEvalConfig, MoEEvalConfig
 from eval.generation import SuiteResult
 from rewards.humaneval import Problem
+from train.lm_eval import evaluate, fixed_batches, token_byte_lengths
 from train.metrics import max_violation
-from train.pretrain import evaluate, fixed_batches, token_byte_lengths
 from train.runtime import autocast
 
 Batch = tuple[torch.Tensor, torch.Tensor]

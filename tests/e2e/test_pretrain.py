@@ -89,8 +89,8 @@ def test_nan_steps_are_skipped_then_stop_the_run_with_a_checkpoint(data_run):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.seq_len=4096", "exceeds model.max_position_embeddings"),
-        ("train.micro_batch_size=3", "not divisible by train.micro_batch_size"),
+        ("train.seq_len=4096", "exceeds model.max_position_embeddings"),  # two sections: checked when the stage starts
+        ("train.micro_batch_size=3", "not divisible by micro_batch_size=3"),  # one section: when the config is composed
     ],
 )
 def test_impossible_config_fails_before_training(data_run, override, message):
@@ -98,9 +98,9 @@ def test_impossible_config_fails_before_training(data_run, override, message):
 
     root, overrides = data_run
     clone_run(root, f"bad_{abs(hash(override))}")
-    cfg = compose([*overrides, *TRAIN, f"run.name=bad_{abs(hash(override))}", override])
     with pytest.raises(ValueError, match=message):
-        run(cfg)
+        run(compose([*overrides, *TRAIN, f"run.name=bad_{abs(hash(override))}", override]))
+    assert not (root / f"bad_{abs(hash(override))}" / "pretrain").exists(), "no work may start"
 
 
 def test_golden_loss_curve(data_run):
