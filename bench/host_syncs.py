@@ -7,9 +7,10 @@ On a GPU, every read of a device value by the host (`.item()`, `.tolist()`, `flo
 `.numpy()`, `.to("cpu")`, `nonzero`, boolean-mask indexing, `bincount`, `unique`) waits for the queued kernels:
 a "host sync". A CPU has no queue, so these calls cost nothing here, but their count is the same program property:
 `torch.cuda.set_sync_debug_mode("warn")` is the GPU-side truth, this count is its CPU proxy. A
-`TorchFunctionMode` counts each such call made while the real loop (`train.pretrain.run`) trains the `tiny` preset
-on the e2e tests' synthetic corpus, and attributes it to the first repository frame on the stack (train/, model/,
-kernels/, ... or `torch` for torch's own). Per step = (count over S2 steps - count over S1 steps) / (S2 - S1), so
+`TorchFunctionMode` counts each such call on a tensor that would live on the GPU (tests/dist/host_tensors.py tracks
+which do) made while the real loop (`train.pretrain.run`) trains the `tiny` preset on the e2e tests' synthetic
+corpus, and attributes it to the first repository frame on the stack (train/, model/, kernels/, ... or `torch`
+for torch's own). Per step = (count over S2 steps - count over S1 steps) / (S2 - S1), so
 setup, the final evaluation and checkpoints cancel out (both runs evaluate and save only at their last step).
 
 Rows go to bench/results/host_syncs.csv (one per layout and log_every).
@@ -27,7 +28,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.overrides import TorchFunctionMode
+
+from tests.dist.host_tensors import HostTensorMode, is_host, repo_caller
 
 REPO = Path(__file__).resolve().parents[1]
 _SYNC_METHODS = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"}
@@ -38,19 +40,10 @@ LAYOUTS = {  # name -> (processes, overrides)
 }
 
 
-def _bucket() -> str:
-    """The repository folder of the innermost repository frame that made the call ('torch' if none)."""
-    f = sys._getframe(2)
-    while f is not None:
-        path = Path(f.f_code.co_filename)
-        if REPO in path.parents and ".venv" not in path.parts and path.name != "host_syncs.py":
-            return path.relative_to(REPO).parts[0]
-        f = f.f_back
-    return "torch"
-
-
-class SyncCounter(TorchFunctionMode):
-    """Counts the calls that read a device value on the host, by repository folder of the caller."""
+class SyncCounter(HostTensorMode):
+    """Counts the calls that read a device tensor on the host, by repository folder of the caller. Which tensors are
+    device tensors is tracked by `HostTensorMode` (tests/dist/host_tensors.py): reading a host tensor (an optimizer's
+    step counter, a batch before `.to(device)`) costs no sync on a GPU either."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,15 +53,18 @@ class SyncCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         sync = name in _SYNC_METHODS or name in _SYNC_OPS
-        if name == "to":  # a copy to the host (D2H); the training device is cpu:0 here (see `worker`)
+        if name == "to":  # a copy to the host (D2H)
             dev = kwargs.get("device", next((a for a in args[1:] if isinstance(a, str | torch.device)), None))
-            sync = dev is not None and torch.device(dev) == torch.device("cpu") and not kwargs.get("non_blocking")
+            sync = isinstance(dev, str) and torch.device(dev).type == "cpu" and not kwargs.get("non_blocking")
         if name == "__getitem__" and len(args) > 1:  # a boolean mask index has a data-dependent shape
             idx = args[1] if isinstance(args[1], tuple) else (args[1],)
-            sync = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx)
+            sync = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and not is_host(i) for i in idx)
+        elif sync:
+            sync = bool(args) and isinstance(args[0], torch.Tensor) and not is_host(args[0])
         if sync:
-            self.counts[_bucket()] += 1
-        return func(*args, **kwargs)
+            caller = repo_caller()
+            self.counts[caller.split("/")[0] if caller else "torch"] += 1
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 def _data(root: Path) -> list[str]:
@@ -119,11 +115,6 @@ def count(overrides: list[str], name: str, steps: int, log_every: int) -> Counte
 
 
 def worker(overrides: list[str], layout: str, s1: int, s2: int, log_every: int, out: Path) -> None:
-    import train.runtime
-
-    # the loop's device is `cpu:0` (tensors on it are plain CPU tensors): a `.to(device)` then reads as the host ->
-    # device copy it is on a GPU, and `.to("cpu")` / `.cpu()` as the device -> host copies that are counted
-    train.runtime.device_for = lambda info: torch.device("cpu", 0)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         torch.distributed.init_process_group("gloo")
     extra = LAYOUTS[layout][1]

@@ -241,5 +241,6 @@ class Loop:
             path = self.save(step + 1)
             if self.stop_signum is not None and not last:
                 self.ckpts.wait()
-                print(f"{self.name}: preempted (signal {self.stop_signum}); checkpoint at {path}", flush=True)
+                if self.is_main:
+                    print(f"{self.name}: preempted (signal {self.stop_signum}); checkpoint at {path}", flush=True)
                 raise Preempted(128 + self.stop_signum)
