@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
@@ -38,6 +39,7 @@ from model.hf import export_hf
 from model.moe import update_expert_bias
 from train.lm_eval import Batch, metrics_from_sums
 from train.lm_eval import evaluate as evaluate_lm
+from train.meta_init import init_plan, materialize
 from train.parallel.mesh import ParallelMeshes
 from train.parallel.parallelize import DataParallel, clip_grad_norm_, parallelize, parallelize_pipeline
 from train.parallel.pipeline_parallel import Pipeline, forward_only, gather_full_state_dict, moe_layer_ids, rank_view
@@ -184,10 +186,14 @@ class Pipelined(Single):
         return clip_grad_norm_(self.trained.parameters(), max_norm, self.pp_group)
 
     def expert_bias(self) -> Tensor:
-        """Each pp rank's copy is current for the layers it holds: masked to those and summed over the pp group."""
-        bias_LE = super().expert_bias()
-        held_L1 = torch.tensor([float(i in self.held) for i in self.moe_row], device=self.device)[:, None]
-        bias_LE = bias_LE * held_L1
+        """Each pp rank's copy is current for the layers it holds (the others may not even be materialized): those
+        rows, zeros elsewhere, summed over the pp group."""
+        zeros_E = torch.zeros(self.n_experts, device=self.device)
+        rows = [
+            m.gate.e_score_correction_bias.detach().float() if i in self.held else zeros_E
+            for m, i in zip(self.moe_layers, self.moe_row)
+        ]
+        bias_LE = torch.stack(rows)
         dist.all_reduce(bias_LE, group=self.pp_group)
         return bias_LE
 
@@ -239,12 +245,32 @@ def _cpu_model(state_dict: dict, mcfg: ModelConfig, cfg) -> nn.Module:
     return model
 
 
+def checkpoint_activations(model: nn.Module) -> int:
+    """`train.activation_checkpointing=full`: every decoder layer (main and MTP) keeps only its input for backward
+    and recomputes its forward there (torch's composable `checkpoint`, applied before FSDP as torchtitan does;
+    parameter names unchanged, so checkpoints do not care). Returns the number of layers wrapped."""
+    blocks = [*model.model.layers, *(m.layer for m in model.mtp)]
+    for block in blocks:
+        checkpoint(block)
+    return len(blocks)
+
+
 def build_layout(cfg, mcfg: ModelConfig, meshes: ParallelMeshes | None, accum: int, device: torch.device) -> Single:
     """The model of `mcfg` built identically on every rank (same seed) and laid out as `meshes` says: the step
-    function of the whole run, picked once."""
-    model = build_model(mcfg, cfg.precision, cfg.kernels.backend, device, cfg.kernels.pow2_scale)
+    function of the whole run, picked once. With `train.meta_init` the model is built on the meta device and each
+    rank materializes its own part after parallelization (train/meta_init.py)."""
+    t = cfg.train
+    build_on = torch.device("meta") if t.meta_init else device
+    model = build_model(mcfg, cfg.precision, cfg.kernels.backend, build_on, cfg.kernels.pow2_scale)
+    plan = init_plan(model) if t.meta_init else None
+    if t.activation_checkpointing == "full":
+        checkpoint_activations(model)
     if meshes is None:
-        return Single(model, accum, cfg.precision, device)
-    if meshes.pp.size() > 1:
-        return Pipelined(model, meshes, cfg, accum, device)
-    return Parallel(model, meshes, cfg, accum, device)
+        layout = Single(model, accum, cfg.precision, device)
+    elif meshes.pp.size() > 1:
+        layout = Pipelined(model, meshes, cfg, accum, device)
+    else:
+        layout = Parallel(model, meshes, cfg, accum, device)
+    if plan is not None:
+        materialize(layout.trained, plan, device, cfg.run.seed)
+    return layout

@@ -68,6 +68,9 @@ LAYOUTS_4 = {
     "fsdp4_ep2": {"dp_replicate": 1, "dp_shard": 4, "ep": 2},
     "hsdp2x2_ep2": {"dp_replicate": 2, "dp_shard": 2, "ep": 2},
     "hsdp2x2_ep2_bf16": {"dp_replicate": 2, "dp_shard": 2, "ep": 2, "precision": "bf16"},
+    # built on the meta device, each rank materializing its shards (train/meta_init.py): against a meta-initialized
+    # single process (the draw differs from building on the device, the trajectory must not differ by layout)
+    "hsdp2x2_ep2_meta": {"dp_replicate": 2, "dp_shard": 2, "ep": 2, "train.meta_init": "true"},
 }
 
 
@@ -104,6 +107,7 @@ LAYOUTS_PP_4 = {
     "pp2_fsdp2": {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "pp_schedule": "1f1b", **NO_MTP},
     # bf16 parameters under FSDP's MixedPrecisionPolicy: the hidden state between stages is bf16
     "pp2_fsdp2_bf16": {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "pp_schedule": "1f1b", **NO_MTP, "precision": "bf16"},
+    "pp2_fsdp2_meta": {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "pp_schedule": "1f1b", **NO_MTP, "train.meta_init": "true"},
     "pp2_fsdp2_dualpipev": {
         "pp": 2,
         "dp_replicate": 1,

@@ -10,6 +10,7 @@ Layouts (tests/dist/dist_common.py LAYOUTS_PP_2 / LAYOUTS_PP_4; the micro model 
     pp2_fsdp2_dualpipev   4 ranks, pp=2 x dp_shard=2, DualPipeV (micro_batch_size=1: 4 micro-batches per rank)
     pp2_1f1b_bf16         2 ranks, 1F1B under autocast bf16 (the residual stream between stages stays fp32)
     pp2_fsdp2_bf16        4 ranks, 1F1B x FSDP2 with bf16 parameters (the hidden state between stages is bf16)
+    pp2_fsdp2_meta        4 ranks, 1F1B x FSDP2 built on the meta device (each rank materializes its stage's shards)
 
 Each is compared with the single-process run of its model and micro-batch size (single_mtp, single, single_mb1).
 Checked (fp32): the logged loss, gradient norm (reduced across pp ranks and dp shards) and validation loss of
@@ -19,7 +20,7 @@ within atol 1e-5, rtol 1e-4; the loader's consumed count; and that the resumed p
 against the fp32 reference, loosely (losses rtol 2e-2, as tests/dist/test_hsdp.py), and they must learn. They run
 at debug level DETAIL (tests/dist/layouts_worker.py), under which the schedules check every tensor's dtype and shape
 against the buffers declared between stages (a bf16 hidden state received into an fp32 buffer was NaN on every step).
-Two torchrun launches (2 and 4 processes) plus three single-process runs: about 60 s on 2 cores.
+Two torchrun launches (2 and 4 processes) plus four single-process runs: about 70 s on 2 cores.
 """
 
 import json
@@ -51,12 +52,14 @@ REFERENCE = {  # layout (run directory) -> the single-process run it must follow
     "pp2_resume": "single",
     "pp2_fsdp2": "single",
     "pp2_fsdp2_dualpipev": "single_mb1",
+    "pp2_fsdp2_meta": "single_meta",
 }
 BF16 = [k for k in [*LAYOUTS_PP_2, *LAYOUTS_PP_4] if k.endswith("bf16")]  # against "single", loosely
 SINGLE = {
     "single": ["model.num_nextn_predict_layers=0"],
     "single_mtp": [],
     "single_mb1": ["model.num_nextn_predict_layers=0", "train.micro_batch_size=1"],
+    "single_meta": ["model.num_nextn_predict_layers=0", "train.meta_init=true"],
 }
 
 
