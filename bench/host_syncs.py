@@ -9,8 +9,9 @@ a "host sync". A CPU has no queue, so these calls cost nothing here, but their c
 `torch.cuda.set_sync_debug_mode("warn")` is the GPU-side truth, this count is its CPU proxy. A
 `TorchFunctionMode` counts each such call on a tensor that would live on the GPU (tests/dist/host_tensors.py tracks
 which do) made while the real loop (`train.pretrain.run`) trains the `tiny` preset on the e2e tests' synthetic
-corpus, and attributes it to the first repository frame on the stack (train/, model/, kernels/, ... or `torch`
-for torch's own). Per step = (count over S2 steps - count over S1 steps) / (S2 - S1), so
+corpus, and attributes it to the file of the first repository frame on the stack (or `torch` for torch's own).
+On a CPU the EMA takes its CPU path (a plain lerp after `.to("cpu")`, counted as device -> host copies); on a GPU
+it copies to pinned host memory without blocking (train/ema.py), which this count cannot see: its column is apart. Per step = (count over S2 steps - count over S1 steps) / (S2 - S1), so
 setup, the final evaluation and checkpoints cancel out (both runs evaluate and save only at their last step).
 
 Rows go to bench/results/host_syncs.csv (one per layout and log_every).
@@ -41,7 +42,7 @@ LAYOUTS = {  # name -> (processes, overrides)
 
 
 class SyncCounter(HostTensorMode):
-    """Counts the calls that read a device tensor on the host, by repository folder of the caller. Which tensors are
+    """Counts the calls that read a device tensor on the host, by repository file of the caller. Which tensors are
     device tensors is tracked by `HostTensorMode` (tests/dist/host_tensors.py): reading a host tensor (an optimizer's
     step counter, a batch before `.to(device)`) costs no sync on a GPU either."""
 
@@ -63,7 +64,7 @@ class SyncCounter(HostTensorMode):
             sync = bool(args) and isinstance(args[0], torch.Tensor) and not is_host(args[0])
         if sync:
             caller = repo_caller()
-            self.counts[caller.split("/")[0] if caller else "torch"] += 1
+            self.counts[caller.split(":")[0] if caller else "torch"] += 1
         return super().__torch_function__(func, types, args, kwargs)
 
 

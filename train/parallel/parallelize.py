@@ -75,6 +75,7 @@ def world_size_from_env() -> int:
     """
     slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
     if "WORLD_SIZE" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and slurm_tasks > 1:
+        # deferred on purpose: submitit (the SLURM launcher's dependency) matters only inside a SLURM job
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
