@@ -17,7 +17,7 @@ The prediction comes from the routing: a token is sent once to each other EP ran
 (deduplicated, train/parallel/expert_parallel.py); with S such rows per MoE layer and micro-batch (summed over
 ranks), R ranks per EP group, D hidden, K experts per token, fp32 payloads:
 
-    bytes = 8 * R * (R - 1) * groups               the per-rank row counts (int64)
+    bytes = 16 * R * (R - 1) * groups              the per-rank row and assignment counts (2 x int64)
           + 2 * S * (4 * D + 4 * 2K)               dispatch rows + their metadata, forward and backward (gradients)
           + 2 * S * 4 * D                          combine, forward and backward
 
@@ -197,7 +197,7 @@ def worker(name: str, out: Path, steps: int, seq: int, batch: int) -> None:
     ep = meshes.ep.size() if meshes is not None else 1
     D, K = mcfg.hidden_size, mcfg.num_experts_per_tok
     calls = ep_layers * steps  # MoE layer forwards per rank (one micro-batch per step per rank)
-    predicted = (8 * ep * (ep - 1) * (world // ep) * calls if ep > 1 else 0) + rows * (2 * (4 * D + 8 * K) + 8 * D)
+    predicted = (16 * ep * (ep - 1) * (world // ep) * calls if ep > 1 else 0) + rows * (2 * (4 * D + 8 * K) + 8 * D)
     result = {
         "layout": name if world > 1 else "single",
         "nproc": world,

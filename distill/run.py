@@ -105,6 +105,35 @@ def build_student(
     return model, mcfg
 
 
+def teacher_traces(cfg: Config, paths: dict[str, Path], teacher_source: str, teacher, tok, rows, traces_dir: Path):
+    """The accepted traces and their provenance: an existing trace set with the same key (teacher hash, inputs,
+    sampling settings, seed) is reused, else the teacher samples them now (distill/traces.py)."""
+    d = cfg.distill
+    identity = {
+        "teacher_checkpoint": str(paths["teacher"]),
+        "teacher_source": teacher_source,
+        "teacher_hash": hash_path(paths["teacher"]),
+        "tokenizer_hash": hash_path(paths["tokenizer"]),
+        "reasoning_hash": hash_path(paths["reasoning"]),
+        "precision": cfg.precision,
+    }
+    existing = read_provenance(traces_dir)
+    if existing is not None and trace_key(existing) == trace_key(identity | sampling_settings(d.traces, cfg.run.seed)):
+        traces, provenance = load_traces(traces_dir)
+        print(f"distill: reusing {len(traces)} traces in {traces_dir} (same teacher, inputs and sampling)")
+        return traces, provenance
+    return build_traces(
+        teacher,
+        tok,
+        rows,
+        d.traces,
+        provenance=identity,
+        out_dir=traces_dir,
+        seed=cfg.run.seed,
+        precision=cfg.precision,
+    )
+
+
 def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source: str) -> dict:
     d = cfg.distill.validate()
     info = dist_info()
@@ -127,29 +156,7 @@ def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source
 
     # ---- 1. teacher traces (reused when an identical trace set exists)
     traces_dir = stage.dir / "traces"
-    identity = {
-        "teacher_checkpoint": str(paths["teacher"]),
-        "teacher_source": teacher_source,
-        "teacher_hash": hash_path(paths["teacher"]),
-        "tokenizer_hash": hash_path(paths["tokenizer"]),
-        "reasoning_hash": hash_path(paths["reasoning"]),
-        "precision": cfg.precision,
-    }
-    existing = read_provenance(traces_dir)
-    if existing is not None and trace_key(existing) == trace_key(identity | sampling_settings(d.traces, cfg.run.seed)):
-        traces, provenance = load_traces(traces_dir)
-        print(f"distill: reusing {len(traces)} traces in {traces_dir} (same teacher, inputs and sampling)")
-    else:
-        traces, provenance = build_traces(
-            teacher,
-            tok,
-            train_rows,
-            d.traces,
-            provenance=identity,
-            out_dir=traces_dir,
-            seed=cfg.run.seed,
-            precision=cfg.precision,
-        )
+    traces, provenance = teacher_traces(cfg, paths, teacher_source, teacher, tok, train_rows, traces_dir)
     stats = provenance["stats"]
     print(
         f"distill: {stats['accepted']} traces, acceptance rate {stats['acceptance_rate']:.3f} "

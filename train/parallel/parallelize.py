@@ -22,8 +22,9 @@ What `parallelize` does, in order (world = pp * dp_replicate * dp_shard ranks, s
    buffer and stays fp32 (a bias update of 1e-3 would vanish in bf16 next to values of ~1).
 
 The return value, ``DataParallel``, is what the loop needs besides the model: the loader's rank and world size (the
-data-parallel coordinates; with pipelining, the ranks of one stage share data), and collectives over the
-data-parallel group for the expert loads (so every rank applies the same bias update) and the logged scalars.
+data-parallel coordinates; with pipelining, the ranks of one stage share data) and the data-parallel group, over
+which the loop reduces each step's scalars and expert loads in one all-reduce of a device tensor (train/steps.py),
+so every rank logs, skips and updates the router biases on the same numbers.
 
 Pipeline parallelism (``pp > 1``): ``parallelize_pipeline`` cuts the model into the stages this rank holds
 (train/parallel/pipeline_parallel.py) and, with more than one data-parallel rank per stage (PP x FSDP/HSDP),
@@ -36,7 +37,8 @@ isolated), whole-stage units match. PP x EP is refused.
 
 Gradient clipping: dense and expert gradients are DTensors on different meshes, which torch's
 ``clip_grad_norm_`` cannot stack; ``clip_grad_norm_`` here takes one norm per mesh and combines them. Under PP
-each rank holds other parameters: the squared norms are summed over the pipeline group as well.
+each rank holds other parameters: the squared norms are summed over the pipeline group as well. The clip factor is
+applied on the device (no host read), as torch's own ``clip_grad_norm_`` does.
 """
 
 from __future__ import annotations
