@@ -11,8 +11,9 @@ a "host sync". A CPU has no queue, so these calls cost nothing here, but their c
 which do) made while the real loop (`train.pretrain.run`) trains the `tiny` preset on the e2e tests' synthetic
 corpus, and attributes it to the file of the first repository frame on the stack (or `torch` for torch's own).
 On a CPU the EMA takes its CPU path (a plain lerp after `.to("cpu")`, counted as device -> host copies); on a GPU
-it copies to pinned host memory without blocking (train/ema.py), which this count cannot see: its column is apart. Per step = (count over S2 steps - count over S1 steps) / (S2 - S1), so
-setup, the final evaluation and checkpoints cancel out (both runs evaluate and save only at their last step).
+it copies to pinned host memory without blocking (train/ema.py), which this count cannot see: its column is apart.
+Per step = (count over S2 steps - count over S1 steps) / (S2 - S1), so setup, the final evaluation and checkpoints
+cancel out (both runs evaluate and save only at their last step).
 
 Rows go to bench/results/host_syncs.csv (one per layout and log_every).
 """
