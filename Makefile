@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-fast lint format data pretrain sft rl distill eval report pretrain-dist sweep \
-	wandb-sync fp8-study bench pipeline seeds lm-eval clean
+	wandb-sync fp8-study bench pipeline seeds lm-eval clean gpu-check
 
 help:  ## show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -66,8 +66,9 @@ eval: $(VENV)  ## every checkpoint of the run: BPB, FIM, HumanEval, reasoning, M
 report: $(VENV)  ## report.md + PNG plots into the run directory (RUN: a name under outputs/ or a path)
 	$(PY) -m eval.report run=$(if $(findstring /,$(RUN)),$(RUN),outputs/$(RUN)) $(ARGS)
 
-# train.batch_size (16 by default) must divide by micro_batch_size x data-parallel ranks: 4 x 4 here
-pretrain-dist: $(VENV)  ## pretraining on NPROC local processes with a conf/parallel preset (gloo on CPU)
+# train.batch_size (16) is global; micro-batches of 4 give the pipeline presets (PARALLEL=pp, pp_fsdp) the 4 and 2
+# micro-batches per step their schedules need, and each of 4 data-parallel ranks one micro-batch
+pretrain-dist: $(VENV)  ## pretraining on NPROC local processes with a conf/parallel preset (gloo on CPU, nccl on GPU)
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m train.pretrain \
 		parallel=$(PARALLEL) run.name=$(RUN) train.micro_batch_size=4 $(ARGS)
 
@@ -89,6 +90,9 @@ bench: $(VENV)  ## the side-by-side benchmarks (CPU); results append to bench/re
 	$(PY) -m bench.balance --run $(RUN)
 	$(PY) -m bench.eplb_imbalance
 	$(PY) -m bench.fp8_accumulation
+
+gpu-check: $(VENV)  ## on a GPU machine: gpu tests, 100-step bf16/fp8 pretraining of `small`, syncs, NCCL layouts
+	$(PY) -m bench.gpu_check $(ARGS)
 
 pipeline: $(VENV)  ## every stage in order into outputs/$(RUN)/, resumable
 	$(PY) -m pipeline run.name=$(RUN) $(ARGS)

@@ -7,7 +7,9 @@ all-to-all moves per step against the count predicted from the routing.
 
 Each cell trains the `tiny` model preset (conf/model/tiny.yaml, 16 experts, MTP on) for `--steps` optimizer steps
 on random tokens with a fixed GLOBAL batch (`--batch` sequences of `--seq` tokens, split over the data-parallel
-ranks), through the same `parallelize` the pretraining loop uses; the first step is a warm-up and not timed.
+ranks), through the pretraining loop's own hot path: the step function train/steps.py picks for the layout, the
+gradient clipping, the loop's one reduction and host read per step (train/loop.py), AdamW and the router-bias
+update (no logging, evaluation or checkpoints); the first step is a warm-up and not timed.
 tokens/s = global tokens per step / mean step time.
 
 All-to-all bytes: every ``all_to_all_single`` is counted (bytes a rank sends to OTHER ranks, summed over ranks).
@@ -15,12 +17,12 @@ The prediction comes from the routing: a token is sent once to each other EP ran
 (deduplicated, train/parallel/expert_parallel.py); with S such rows per MoE layer and micro-batch (summed over
 ranks), R ranks per EP group, D hidden, K experts per token, fp32 payloads:
 
-    bytes = 8 * R * (R - 1) * groups               the per-rank row counts (int64)
+    bytes = 16 * R * (R - 1) * groups              the per-rank row and assignment counts (2 x int64)
           + 2 * S * (4 * D + 4 * 2K)               dispatch rows + their metadata, forward and backward (gradients)
           + 2 * S * 4 * D                          combine, forward and backward
 
 Pipeline layouts (``pp_*``): the same global batch, split per data-parallel rank into 4 pipeline micro-batches
-through ``parallelize_pipeline`` (the loop's path), with MTP OFF (``num_nextn_predict_layers=0``: 1F1B and PP x
+(the loop's `Pipelined` step), with MTP OFF (``num_nextn_predict_layers=0``: 1F1B and PP x
 FSDP refuse it), so they do a little less work per token than the other rows (the ``mtp_layers`` column says which).
 
 Honesty notes: 2 cores run 4 processes at once, so CPU "scaling" here shows overheads (communication, sharding,
@@ -45,13 +47,14 @@ from omegaconf import OmegaConf
 
 from bench.common import append_result
 from model.config import ModelConfig
-from model.transformer import DeepseekV3
-from train.config import OptimConfig
+from pipeline.config import Config
+from train.config import OptimConfig, TrainConfig
+from train.loop import Loop
 from train.optim import build_optimizer
 from train.parallel.config import ParallelConfig
 from train.parallel.expert_parallel import ExpertParallelMoE
-from train.parallel.parallelize import clip_grad_norm_, init_parallel, parallelize, parallelize_pipeline
-from train.parallel.pipeline_parallel import rank_view
+from train.parallel.parallelize import init_parallel
+from train.steps import build_layout
 
 REPO = Path(__file__).resolve().parents[1]
 # name -> ParallelConfig fields; dp_shard/dp_replicate -1 fill the world size
@@ -114,31 +117,36 @@ class A2ACounter:
         dist.all_to_all_single = self._orig
 
 
+def step_config(name: str, world: int, seq: int, batch: int):
+    """The pipeline config of one cell: the tiny preset and `name`'s layout; one micro-batch per data-parallel rank
+    (pipelines: PP_MICROBATCHES per rank), MTP off under PP (1F1B and PP x FSDP refuse it)."""
+    pcfg = layout_config(name, world) if world > 1 else ParallelConfig(dp_shard=1)
+    dp = world // pcfg.pp
+    if batch % dp:
+        raise ValueError(f"--batch {batch} is not divisible by {dp} data-parallel ranks")
+    micro = batch // dp // (PP_MICROBATCHES if pcfg.pp > 1 else 1)
+    if micro < 1 or (pcfg.pp > 1 and (batch // dp) % PP_MICROBATCHES):
+        raise ValueError(f"--batch {batch}: {batch // dp} sequences per pipeline do not split into {PP_MICROBATCHES}")
+    mcfg = replace(tiny_config(), num_nextn_predict_layers=0) if pcfg.pp > 1 else tiny_config()
+    train = replace(TrainConfig(), batch_size=batch, micro_batch_size=micro, seq_len=seq, optim=OptimConfig())
+    return replace(Config(), model=mcfg, parallel=pcfg, train=train), micro
+
+
 def worker(name: str, out: Path, steps: int, seq: int, batch: int) -> None:
+    """The pretraining loop's hot path under one layout: the step function train/steps.py picks, gradient clipping,
+    the loop's one reduction and host read per step (train/loop.py), AdamW and the router-bias update; no logging,
+    evaluation or checkpoints."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(1)
-    mcfg = tiny_config()
-    pcfg = layout_config(name, world) if world > 1 else ParallelConfig(dp_shard=1)
+    cfg, micro = step_config(name, world, seq, batch)
+    mcfg, pcfg = cfg.model, cfg.parallel
     meshes = init_parallel(pcfg, torch.device("cpu"), mcfg.n_routed_experts)
     torch.manual_seed(0)
-    pipe, pp_group = None, None
-    if pcfg.pp > 1:
-        mcfg = replace(mcfg, num_nextn_predict_layers=0)
-        model = DeepseekV3(mcfg)
-        local = batch // (world // pcfg.pp)
-        if local % PP_MICROBATCHES:
-            raise ValueError(f"--batch {batch}: {local} sequences per pipeline do not split into {PP_MICROBATCHES}")
-        shape = (local // PP_MICROBATCHES, seq)
-        pipe, dp = parallelize_pipeline(model, meshes, pcfg, PP_MICROBATCHES, shape, torch.device("cpu"))
-        trained, pp_group = rank_view(model, pipe.stages), meshes.pp.get_group()
-    else:
-        model = DeepseekV3(mcfg)
-        dp = parallelize(model, meshes, pcfg)
-        trained = model
-    opt = build_optimizer(trained, OptimConfig())
-    if batch % dp.size:
-        raise ValueError(f"--batch {batch} is not divisible by {dp.size} data-parallel ranks")
-    micro = batch // dp.size
+    accum = batch // (micro * (world // pcfg.pp))
+    layout = build_layout(cfg, mcfg, meshes, accum, torch.device("cpu"))
+    model, dp = layout.model, layout.dp
+    opt = build_optimizer(layout.trained, cfg.train.optim)
+    loop = Loop("bench", cfg.train, None, None, None, reduce=layout.reduce_)
 
     predicted_rows = [0]  # S: rows this rank sends to other ranks, from the routing the gates chose
     for m in model.modules():
@@ -155,27 +163,28 @@ def worker(name: str, out: Path, steps: int, seq: int, batch: int) -> None:
     ep_layers = sum(isinstance(m, ExpertParallelMoE) for m in model.modules())
 
     gen = torch.Generator().manual_seed(1 + dp.rank)
+
+    def batches():
+        while True:
+            tokens = torch.randint(0, mcfg.vocab_size, (micro, seq + 1), generator=gen)
+            yield tokens[:, :-1], tokens[:, 1:]
+
+    it = batches()
     times = []
     with A2ACounter() as counter:
         for step in range(steps + 1):
             if step == 1:  # the warm-up step is neither timed nor counted
                 counter.bytes, predicted_rows[0] = 0, 0
-            tokens = torch.randint(0, mcfg.vocab_size, (micro, seq + 1), generator=gen)
             if world > 1:
                 dist.barrier()
             t0 = time.perf_counter()
-            if pipe is not None:  # gradients left summed over the micro-batches: divide once, as the loop does
-                pipe.schedule.step(tokens[:, :-1], target=tokens[:, 1:], losses=[])
-                for p in trained.parameters():
-                    if p.grad is not None:
-                        p.grad.div_(PP_MICROBATCHES)
-                clip_grad_norm_(trained.parameters(), 1.0, pp_group)
-            else:
-                out_ = model(tokens[:, :-1], tokens[:, 1:])
-                out_.loss.backward()
-                (clip_grad_norm_ if meshes is not None else torch.nn.utils.clip_grad_norm_)(model.parameters(), 1.0)
+            parts, load_LE = layout.forward_backward(it, poison=False)
+            gnorm = layout.clip_grad_norm_(1.0)
+            vals, load_LE = loop.sync(parts, gnorm, load_LE)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if load_LE.numel():
+                layout.update_expert_bias(load_LE, mcfg.bias_update_speed)
             if world > 1:
                 dist.barrier()
             if step > 0:
@@ -188,7 +197,7 @@ def worker(name: str, out: Path, steps: int, seq: int, batch: int) -> None:
     ep = meshes.ep.size() if meshes is not None else 1
     D, K = mcfg.hidden_size, mcfg.num_experts_per_tok
     calls = ep_layers * steps  # MoE layer forwards per rank (one micro-batch per step per rank)
-    predicted = (8 * ep * (ep - 1) * (world // ep) * calls if ep > 1 else 0) + rows * (2 * (4 * D + 8 * K) + 8 * D)
+    predicted = (16 * ep * (ep - 1) * (world // ep) * calls if ep > 1 else 0) + rows * (2 * (4 * D + 8 * K) + 8 * D)
     result = {
         "layout": name if world > 1 else "single",
         "nproc": world,

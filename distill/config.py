@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from train.config import OptimConfig
+from train.config import OptimConfig, check_batches, check_choice, check_positive
 
 KD_MODES = ("none", "online", "topk")
 
@@ -35,6 +35,12 @@ class TraceConfig:
     # when the teacher gets nothing right (an untrained smoke-test teacher), train on the data's reference traces
     # instead of failing; recorded as provenance["fallback"] = "reference". Off for real runs.
     fallback_to_reference: bool = False
+
+    def validate(self) -> None:
+        check_positive(self, "samples_per_prompt", "max_new_tokens", "prompt_batch_size")
+        check_positive(self, "top_k", "n_prompts", "max_per_prompt", "cache_topk", minimum=0)
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
 
 
 @dataclass
@@ -65,28 +71,17 @@ class DistillConfig:
     optim: OptimConfig = field(default_factory=_student_optim)
 
     def validate(self) -> DistillConfig:
-        if self.kd_mode not in KD_MODES:
-            raise ValueError(f"distill.kd_mode must be one of {KD_MODES}, got {self.kd_mode!r}")
+        check_choice(self, "kd_mode", KD_MODES)
         if self.kd_mode == "topk" and self.traces.cache_topk <= 0:
-            raise ValueError("distill.kd_mode=topk needs distill.traces.cache_topk > 0 (the cached teacher logits)")
+            raise ValueError("kd_mode=topk needs traces.cache_topk > 0 (the cached teacher logits), got 0")
         if not 0.0 <= self.kd_weight <= 1.0:
-            raise ValueError(f"distill.kd_weight must be in [0, 1], got {self.kd_weight}")
+            raise ValueError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
         if self.kd_temperature <= 0:
-            raise ValueError(f"distill.kd_temperature must be positive, got {self.kd_temperature}")
-        for name in ("steps", "batch_size", "micro_batch_size", "max_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"distill.{name} must be positive, got {getattr(self, name)}")
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"distill.batch_size={self.batch_size} is not divisible by "
-                f"distill.micro_batch_size={self.micro_batch_size}"
-            )
-        t = self.traces
-        for name in ("samples_per_prompt", "max_new_tokens", "prompt_batch_size"):
-            if getattr(t, name) <= 0:
-                raise ValueError(f"distill.traces.{name} must be positive, got {getattr(t, name)}")
-        if t.temperature < 0 or not 0 < t.top_p <= 1:
-            raise ValueError(
-                f"distill.traces: temperature must be >= 0 and top_p in (0, 1], got {t.temperature}, {t.top_p}"
-            )
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        if self.student_init == "pretrain" and self.student_base_steps <= 0:
+            raise ValueError(f"student_init=pretrain needs student_base_steps >= 1, got {self.student_base_steps}")
+        check_positive(self, "steps", "max_len", "log_every", "ckpt_every", "max_bad_steps", "eval_max_new_tokens")
+        check_positive(self, "eval_every", "eval_n", "keep_last", minimum=0)
+        check_batches(self)
+        self.traces.validate()
         return self

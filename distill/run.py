@@ -41,8 +41,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import hydra
+from datasets import load_from_disk
 from omegaconf import DictConfig
 
+from data.prepare import stage_outputs
+from data.tokenizer import load_tokenizer
 from distill.config import DistillConfig
 from distill.student import train_student
 from distill.student_base import pretrain_student_base
@@ -54,8 +57,9 @@ from pipeline.io import hash_path
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
 from train.checkpoint import CheckpointManager, read_model_config
-from train.grpo import evaluate_accuracy, load_policy
-from train.runtime import build_model, device_for, dist_info
+from train.parallel.parallelize import world_size_from_env
+from train.policy import evaluate_accuracy, load_policy
+from train.runtime import build_model, device_for, dist_info, require_one_process
 
 STAGE = "distill"
 
@@ -101,11 +105,36 @@ def build_student(
     return model, mcfg
 
 
+def teacher_traces(cfg: Config, paths: dict[str, Path], teacher_source: str, teacher, tok, rows, traces_dir: Path):
+    """The accepted traces and their provenance: an existing trace set with the same key (teacher hash, inputs,
+    sampling settings, seed) is reused, else the teacher samples them now (distill/traces.py)."""
+    d = cfg.distill
+    identity = {
+        "teacher_checkpoint": str(paths["teacher"]),
+        "teacher_source": teacher_source,
+        "teacher_hash": hash_path(paths["teacher"]),
+        "tokenizer_hash": hash_path(paths["tokenizer"]),
+        "reasoning_hash": hash_path(paths["reasoning"]),
+        "precision": cfg.precision,
+    }
+    existing = read_provenance(traces_dir)
+    if existing is not None and trace_key(existing) == trace_key(identity | sampling_settings(d.traces, cfg.run.seed)):
+        traces, provenance = load_traces(traces_dir)
+        print(f"distill: reusing {len(traces)} traces in {traces_dir} (same teacher, inputs and sampling)")
+        return traces, provenance
+    return build_traces(
+        teacher,
+        tok,
+        rows,
+        d.traces,
+        provenance=identity,
+        out_dir=traces_dir,
+        seed=cfg.run.seed,
+        precision=cfg.precision,
+    )
+
+
 def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source: str) -> dict:
-    from datasets import load_from_disk
-
-    from data.tokenizer import load_tokenizer
-
     d = cfg.distill.validate()
     info = dist_info()
     device = device_for(info)
@@ -127,29 +156,7 @@ def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source
 
     # ---- 1. teacher traces (reused when an identical trace set exists)
     traces_dir = stage.dir / "traces"
-    identity = {
-        "teacher_checkpoint": str(paths["teacher"]),
-        "teacher_source": teacher_source,
-        "teacher_hash": hash_path(paths["teacher"]),
-        "tokenizer_hash": hash_path(paths["tokenizer"]),
-        "reasoning_hash": hash_path(paths["reasoning"]),
-        "precision": cfg.precision,
-    }
-    existing = read_provenance(traces_dir)
-    if existing is not None and trace_key(existing) == trace_key(identity | sampling_settings(d.traces, cfg.run.seed)):
-        traces, provenance = load_traces(traces_dir)
-        print(f"distill: reusing {len(traces)} traces in {traces_dir} (same teacher, inputs and sampling)")
-    else:
-        traces, provenance = build_traces(
-            teacher,
-            tok,
-            train_rows,
-            d.traces,
-            provenance=identity,
-            out_dir=traces_dir,
-            seed=cfg.run.seed,
-            precision=cfg.precision,
-        )
+    traces, provenance = teacher_traces(cfg, paths, teacher_source, teacher, tok, train_rows, traces_dir)
     stats = provenance["stats"]
     print(
         f"distill: {stats['accepted']} traces, acceptance rate {stats['acceptance_rate']:.3f} "
@@ -228,8 +235,7 @@ def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source
 
 
 def run(cfg: Config) -> dict:
-    from data.prepare import stage_outputs
-
+    require_one_process("distill.run", world_size_from_env())
     run_dir = Path(cfg.run.root) / cfg.run.name
     data = stage_outputs(stage_dir(cfg, "data"))
     teacher, source = resolve_teacher(run_dir, cfg.distill)

@@ -2,8 +2,8 @@
 
 Sequence-level distillation (what DeepSeek-R1 does for its Qwen and Llama students, section 2.4) is plain SFT on
 the teacher's rejection-sampled outputs: the loss is next-token cross-entropy on the response tokens (prompt
-positions masked with -100), batches built exactly as cold-start SFT builds them (`train.sft.encode_rows`,
-`make_batch`, `batch_indices`).
+positions masked with -100), batches built exactly as cold-start SFT builds them (`train.chat.make_batch`,
+`batch_indices`).
 
 Logit distillation (Hinton et al. 2015), a switch here (`kd_mode`), adds the teacher's whole next-token
 distribution at every response position, softened by a temperature T:
@@ -22,30 +22,28 @@ scale independent of T (the gradient of the softened KL shrinks as 1/T^2). Two s
             the storage.
 
 The student needs the teacher's vocabulary (same tokenizer), nothing else: any depth, width, dense or MoE.
-Held-out accuracy (greedy, the RL grader: `train.grpo.evaluate_accuracy`) is measured every `eval_every` steps.
+Held-out accuracy (greedy, the RL grader: `train.policy.evaluate_accuracy`) is measured every `eval_every` steps.
+The loop's skeleton (resume, non-finite steps, checkpoints, logging, preemption) is train/loop.py's.
 
 Legend: B sequences, T positions, V vocabulary, N response positions of a micro-batch, K cached top-k entries.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from distill.config import DistillConfig
 from model.transformer import IGNORE_INDEX
-from train.chat import encode_chat, eos_id
+from train.chat import batch_indices, encode_chat, eos_id, make_batch
 from train.checkpoint import CheckpointManager
-from train.grpo import evaluate_accuracy
-from train.optim import build_optimizer, lr_at
+from train.loop import Loop
+from train.optim import build_optimizer
+from train.policy import evaluate_accuracy
 from train.runtime import autocast
-from train.sft import batch_indices, make_batch
 
 # ------------------------------------------------------------------------------------------------ the KD losses
 
@@ -95,7 +93,7 @@ def encode_traces(tokenizer, traces: list[dict], max_len: int, with_topk: bool) 
 
 
 def micro_batch(examples: list[tuple], pad_id: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Inputs [B, T], targets [B, T] (train.sft.make_batch) and, for cached examples, top-k ids/logits [N, K] of the
+    """Inputs [B, T], targets [B, T] (train.chat.make_batch) and, for cached examples, top-k ids/logits [N, K] of the
     response positions in the same row-major order as `targets != IGNORE_INDEX`."""
     x, y = make_batch([e[:2] for e in examples], pad_id)
     if len(examples[0]) == 2:
@@ -128,8 +126,6 @@ def train_student(
 
     Returns the final metrics (loss, ce_loss, kd_loss, eval_accuracy ...) and the newest checkpoint's path.
     """
-    from train.pretrain import first_nonfinite
-
     d.validate()
     if d.kd_mode == "online" and teacher is None:
         raise ValueError("distill.kd_mode=online needs the teacher model")
@@ -143,23 +139,9 @@ def train_student(
     pad = eos_id(tokenizer)
     opt = build_optimizer(student, d.optim)
     ckpts = CheckpointManager(ckpt_dir, keep_last=d.keep_last)
-    log = tracker.log if tracker is not None else (lambda *a, **k: None)
-
-    start_step, bad_total = 0, 0
-    resumed = None
-    if d.resume == "auto":
-        resumed = ckpts.load_latest_valid(student, opt)
-    elif d.resume != "none":
-        resumed = (Path(d.resume), ckpts.load(Path(d.resume), student, opt))
-    if resumed is not None:
-        path, state = resumed
-        start_step, bad_total = state["step"], state.get("bad_steps", 0)
-        if tracker is not None:
-            tracker.resume_at(start_step)
-        print(f"resumed the student from {path} at step {start_step}")
 
     def save(step: int) -> Path:
-        return ckpts.save(step, student, opt, {"bad_steps": bad_total}, model_config)
+        return ckpts.save(step, student, opt, {"bad_steps": loop.bad_total}, model_config)
 
     def evaluate() -> dict:
         ev = evaluate_accuracy(student, tokenizer, test_rows, max_new_tokens=d.eval_max_new_tokens, precision=precision)
@@ -170,30 +152,29 @@ def train_student(
             "eval_response_len": ev["response_len"],
         }
 
-    accum = d.batch_size // d.micro_batch_size
+    loop = Loop("distill", d, ckpts, tracker, save, is_main=progress)
+    loop.resume(d.resume, student, opt)
+    micro = min(d.micro_batch_size, d.batch_size)
+    accum = d.batch_size // micro
     seen_tokens = 0  # real (unpadded) input positions forwarded and backpropagated in this process, for compute counts
     metrics: dict = {}
-    bad_run = 0
     student.train()
     if teacher is not None:
         teacher.eval().requires_grad_(False)
-    bar = tqdm(range(start_step, d.steps), initial=start_step, total=d.steps, desc="distill", disable=not progress)
-    t_last = time.perf_counter()
-    for step in bar:
-        lr = lr_at(step, d.steps, d.optim)
-        for g in opt.param_groups:
-            g["lr"] = lr
+    for step in loop.steps():
+        lr = loop.set_lr(opt, step, d.optim)
         idx = batch_indices(len(examples), d.batch_size, step, seed)
-        sums = {"loss": 0.0, "ce_loss": 0.0, "kd_loss": 0.0}
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, ce_loss, kd_loss
         n_tok = 0  # response tokens (the loss's targets)
         for a in range(accum):
-            mb = [examples[i] for i in idx[a * d.micro_batch_size : (a + 1) * d.micro_batch_size]]
+            mb = [examples[i] for i in idx[a * micro : (a + 1) * micro]]
             x, y, topk_ids, topk_logits = micro_batch(mb, pad)
             seen_tokens += sum(len(e[0]) - 1 for e in mb)
+            n_tok += int((y != IGNORE_INDEX).sum())  # a host tensor: no device read
             x, y = x.to(device), y.to(device)
             with autocast(precision, device):
                 out = student(x, y)
-            loss = out.loss
+            loss, kd = out.loss, out.loss.new_zeros(())
             if d.kd_mode != "none":
                 resp_BT = y != IGNORE_INDEX
                 s_NV = out.logits_BTV[resp_BT]
@@ -204,48 +185,27 @@ def train_student(
                 else:
                     kd = kd_loss_topk(s_NV, topk_ids.to(device), topk_logits.to(device), d.kd_temperature)
                 loss = (1.0 - d.kd_weight) * out.loss + d.kd_weight * kd
-                sums["kd_loss"] += float(kd.detach()) / accum
             (loss / accum).backward()
-            sums["loss"] += float(loss.detach()) / accum
-            sums["ce_loss"] += float(out.ce_loss.detach()) / accum
-            n_tok += int((y != IGNORE_INDEX).sum())
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), d.optim.grad_clip or float("inf"))
-        culprit = "loss" if not math.isfinite(sums["loss"]) else first_nonfinite(student)
-        if culprit is not None or not torch.isfinite(gnorm):
-            opt.zero_grad(set_to_none=True)
-            bad_run += 1
-            bad_total += 1
-            log({"skipped_step": 1, "bad_steps": bad_total, "bad_tensor": culprit or "grad_norm"}, step=step + 1)
-            if bad_run >= d.max_bad_steps:
-                path = save(step)
-                raise RuntimeError(
-                    f"stopping: {bad_run} consecutive non-finite steps (step {step + 1}, first bad "
-                    f"tensor: {culprit or 'grad_norm'}); checkpoint at {path}"
-                )
+            sums += torch.stack([loss.detach(), out.ce_loss.detach(), kd.detach()]).double() / accum
+        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), d.optim.grad_clip or float("inf"), foreach=True)
+        vals, _ = loop.sync(dict(zip(("loss", "ce_loss", "kd_loss"), sums.unbind())), gnorm)
+        if not loop.finite(step, vals, student, opt):
+            loop.end_step(step, None)
             continue
-        bad_run = 0
         opt.step()
         opt.zero_grad(set_to_none=True)
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
         metrics = {
-            **sums,
+            **{k: vals[k] for k in ("loss", "ce_loss", "kd_loss") if k != "kd_loss" or d.kd_mode != "none"},
             "lr": lr,
-            "grad_norm": float(gnorm),
-            "response_tokens_per_s": n_tok / dt,
+            "grad_norm": vals["grad_norm"],
+            "response_tokens_per_s": n_tok / loop.step_time(),
             "too_long": too_long,
-            "bad_steps": bad_total,
+            "bad_steps": loop.bad_total,
         }
-        if d.kd_mode == "none":
-            metrics.pop("kd_loss")
         last = step + 1 == d.steps
         if test_rows and ((d.eval_every and (step + 1) % d.eval_every == 0) or last):
             metrics |= evaluate()
-        if (step + 1) % d.log_every == 0 or last or "eval_accuracy" in metrics:
-            log(metrics, step=step + 1)
-        bar.set_postfix(loss=f"{sums['loss']:.3f}", eta=f"{(d.steps - step - 1) * dt / 60:.1f}m")
-        if (step + 1) % d.ckpt_every == 0 or last:
-            save(step + 1)
+        loop.end_step(step, metrics, {"loss": f"{vals['loss']:.3f}"}, force_log="eval_accuracy" in metrics)
 
     if not metrics and test_rows:  # resumed from the final checkpoint: nothing trained, still report the accuracy
         metrics = evaluate()
@@ -253,7 +213,7 @@ def train_student(
     final = ckpts.checkpoints()[-1]
     return result | {
         "steps": d.steps,
-        "bad_steps": bad_total,
+        "bad_steps": loop.bad_total,
         "too_long": too_long,
         "n_examples": len(examples),
         "trained_tokens": seen_tokens,

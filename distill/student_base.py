@@ -6,12 +6,12 @@ scratch must learn the tokens, copying numbers from the prompt and arithmetic fr
 default run it reached 2.5% held-out accuracy that way, against 6% after this base pretraining with the same
 distillation (both measured by `python -m distill.run`, see the issue notes).
 
-`distill.student_init=pretrain` (the default) runs `train.pretrain.train` — the same loop, data shards, tokenizer,
-optimizer and schedule as the teacher's pretraining (`cfg.train`), with `distill.student_base_steps` steps — on the
-`distill.student` preset, as a stage of its own, `outputs/<run>/student_base/`: manifest, metrics.jsonl, W&B run in
-the run's group, DCP checkpoints; skipped when its config and inputs are unchanged, resumed after a crash
-(`train.resume=auto`). The distillation stage then lists the base checkpoint among its inputs, so the lineage reads
-data -> student_base -> distill.
+`distill.student_init=pretrain` (the default) runs `train.pretrain_loop.train` — the pretraining stage's loop,
+data shards, tokenizer, optimizer and schedule as the teacher's pretraining (`cfg.train`), with
+`distill.student_base_steps` steps — on the `distill.student` preset, as a stage of its own,
+`outputs/<run>/student_base/`: manifest, metrics.jsonl, W&B run in the run's group, DCP checkpoints; skipped when
+its config and inputs are unchanged, resumed after a crash (`train.resume=auto`). The distillation stage then lists
+the base checkpoint among its inputs, so the lineage reads data -> student_base -> distill.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from data.prepare import stage_outputs
 from model.config import load_preset
 from pipeline.config import Config, stage_dir
 from pipeline.stage import StageRun
+from train.pretrain_loop import train as pretrain_loop
 
 STAGE = "student_base"
 
@@ -30,10 +32,6 @@ def student_base_config(cfg: Config) -> Config:
     """The run's config with the student preset as the model and the base pretraining's step count (no HF export:
     the base is an intermediate, the distilled student is exported)."""
     d = cfg.distill
-    if d.student_base_steps <= 0:
-        raise ValueError(
-            f"distill.student_init=pretrain needs distill.student_base_steps > 0, got {d.student_base_steps}"
-        )
     model = load_preset(d.student)
     steps = d.student_base_steps
     every = {"eval_every": min(cfg.train.eval_every, steps), "ckpt_every": min(cfg.train.ckpt_every, steps)}
@@ -43,9 +41,6 @@ def student_base_config(cfg: Config) -> Config:
 
 def pretrain_student_base(cfg: Config) -> Path:
     """The newest checkpoint of `outputs/<run>/student_base/`, pretrained now unless an identical one exists."""
-    from data.prepare import stage_outputs
-    from train.pretrain import train as pretrain_loop
-
     scfg = student_base_config(cfg)
     data = stage_outputs(stage_dir(cfg, "data"))
     inputs = {"train_shards": data["train"], "val_shards": data["val"], "tokenizer": data["tokenizer"]}

@@ -7,7 +7,7 @@ rule judges correct (and readable) are kept. Here, for each training prompt:
 1. Sample K completions from the teacher (`samples_per_prompt`), with `model.generate.generate`: the prompt is
    rendered with the chat template (train/chat.py), prefilled once into MLA's latent cache and shared by its K
    samples; temperature / top-p / top-k as configured.
-2. Grade every completion with the graders RL optimized (train/grpo.py `score_completions`: the answer checked by
+2. Grade every completion with the graders RL optimized (train/policy.py `score_completions`: the answer checked by
    rule, numeric for arithmetic, the expression verified for Countdown) and the format reward.
 3. Accept a completion when it is correct, in the `<think>...</think><answer>...</answer>` format, and finished
    (the teacher drew the end-of-sentence token before `max_new_tokens`): a truncated trace would teach the student
@@ -45,13 +45,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from datasets import Dataset, load_from_disk
+from tqdm import tqdm
 
 from distill.config import TraceConfig
 from model.generate import generate
 from pipeline.io import atomic_dir, atomic_write_json
 from rewards.graders import arithmetic_steps_valid
-from train.chat import decode_completion, encode_chat, eos_id, render_prompt
-from train.grpo import score_completions
+from train.chat import decode_completion, encode_chat, eos_id, make_batch, render_prompt
+from train.policy import score_completions
 from train.runtime import autocast
 
 # (prompt token ids [B], samples per prompt n, seed) -> B*n completions' token ids, prompt-major (b*n + j)
@@ -118,8 +120,6 @@ def rejection_sample(
     `rows` are reasoning-task rows (prompt, kind, answer, meta, id); returns trace rows (the task's columns with the
     teacher's completion, plus `source_id` and `sample`) and the counts behind the acceptance rate.
     """
-    from tqdm import tqdm
-
     eos = eos_id(tokenizer)
     k = t.samples_per_prompt
     stats = TraceStats(prompts=len(rows))
@@ -181,10 +181,8 @@ def teacher_topk(
     model: torch.nn.Module, tokenizer, traces: list[dict], k: int, batch_size: int = 16, precision: str = "fp32"
 ) -> list[tuple[list[list[int]], list[list[float]]]]:
     """The teacher's top-k (ids, logits) at every response position of each trace: positions t where token t+1 is
-    in the loss mask of `encode_chat(prompt, completion)`, in order (what `train.sft.make_batch` turns into
+    in the loss mask of `encode_chat(prompt, completion)`, in order (what `train.chat.make_batch` turns into
     targets). Logits are raw (temperature 1); the distillation loss applies its own temperature."""
-    from train.sft import make_batch
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -216,8 +214,6 @@ def trace_key(provenance: dict) -> dict:
 def save_traces(out_dir: Path, traces: list[dict], provenance: dict) -> Path:
     """`out_dir/dataset` (datasets.save_to_disk, provenance in its DatasetInfo.description) and
     `out_dir/provenance.json`, published atomically together."""
-    from datasets import Dataset
-
     if not traces:
         raise ValueError(
             "rejection sampling accepted no trace: the teacher answered no training prompt correctly "
@@ -232,8 +228,6 @@ def save_traces(out_dir: Path, traces: list[dict], provenance: dict) -> Path:
 
 
 def load_traces(out_dir: Path) -> tuple[list[dict], dict]:
-    from datasets import load_from_disk
-
     ds = load_from_disk(str(Path(out_dir) / DATASET))
     return ds.to_list(), json.loads((Path(out_dir) / PROVENANCE).read_text())
 

@@ -4,7 +4,7 @@ Bits per byte
 -------------
 Cross entropy per token depends on the tokenizer; per UTF-8 byte it does not, so checkpoints with different
 vocabularies (and published numbers) compare: bpb = sum of next-token CE (nats) / (bytes x ln 2), where a token's
-bytes are those of its text (`train.pretrain.token_byte_lengths`). What is counted: every target token that stands for
+bytes are those of its text (`train.heldout.token_byte_lengths`). What is counted: every target token that stands for
 text. End-of-sequence targets (the separators the data stage puts between documents) are excluded from both the loss
 and the token count, since they stand for no byte of the text; a document's first token is scored conditioned on the
 EOS before it. This is what lm-evaluation-harness's `loglikelihood_rolling` counts for a document (the comparison is
@@ -49,8 +49,8 @@ from eval.config import BpbEvalConfig, MoEEvalConfig
 from eval.generation import SuiteResult
 from eval.stats import bootstrap_interval, bootstrap_ratio_interval
 from rewards.humaneval import Problem
+from train.heldout import fixed_batches, token_byte_lengths
 from train.metrics import max_violation
-from train.pretrain import fixed_batches, token_byte_lengths
 from train.runtime import autocast
 
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -15,14 +15,19 @@ special tokens inside a completion (`<think>`, `</think>`, `<answer>`, `</answer
 Decoding the ids with special tokens kept gives back the template text exactly (`decode_chat`).
 
 SFT (train/sft.py), GRPO (train/grpo.py), distillation and evaluation all use these functions, so every stage sees
-the model's prompts byte for byte the same way.
+the model's prompts byte for byte the same way. SFT and the distilled student also share the batches built from
+such exchanges (`encode_rows`, `make_batch`) and their order (`batch_indices`, also GRPO's prompt order).
 """
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from tokenizers import Tokenizer
+from torch import Tensor
 
 from data.tokenizer import ASSISTANT, BOS, EOS, USER
+from model.transformer import IGNORE_INDEX
 
 
 def special_id(tokenizer: Tokenizer, token: str) -> int:
@@ -71,3 +76,42 @@ def decode_completion(tokenizer: Tokenizer, ids: list[int]) -> str:
     if ids and ids[-1] == eos:
         ids = ids[:-1]
     return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def encode_rows(tokenizer: Tokenizer, rows: list[dict], max_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(ids, loss_mask) of each row's prompt and completion; rows longer than max_len are dropped and counted."""
+    out, dropped = [], 0
+    for r in rows:
+        ids, mask = encode_chat(tokenizer, r["prompt"], r["completion"])
+        if len(ids) > max_len:
+            dropped += 1
+            continue
+        out.append((ids, mask))
+    return out, dropped
+
+
+def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded inputs [B, T] and targets [B, T]: targets[t] = ids[t+1] where that token is in the loss mask,
+    else IGNORE_INDEX (prompt tokens and padding)."""
+    T = max(len(ids) for ids, _ in examples) - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for b, (ids, mask) in enumerate(examples):
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        keep = torch.tensor(mask[1:], dtype=torch.bool)
+        x[b, : len(ids) - 1] = ids_t[:-1]
+        y[b, : len(ids) - 1] = torch.where(keep, ids_t[1:], IGNORE_INDEX)
+    return x, y
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
+    """Example indices of step `step`: consecutive slices of per-epoch permutations (a pure function of its
+    arguments, so a resumed run draws the same examples)."""
+    out, pos = [], step * batch
+    while len(out) < batch:
+        epoch, off = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = min(batch - len(out), n - off)
+        out += perm[off : off + take].tolist()
+        pos += take
+    return out

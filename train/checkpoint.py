@@ -2,7 +2,8 @@
 
 Layout of one checkpoint, `<ckpt_dir>/step_000100/`:
     .metadata, __*_*.distcp     DCP shards: {"model", "optim", "ema"} (any number of ranks can write or read them)
-    trainer_state.json          step, loader state, counters, per-rank RNG states (JSON, no pickle)
+    trainer_state.json          step, loader state, counters (JSON, no pickle)
+    rng_rank<r>.json            each rank's RNG states: Python, NumPy, torch CPU and, on a GPU, its CUDA device's
     model_config.json           the model's config, so a checkpoint alone rebuilds its model
 
 Atomicity: every rank writes into `.tmp-step_000100/`; after a barrier rank 0 writes `trainer_state.json` last and
@@ -10,6 +11,11 @@ renames the directory to `step_000100`. A directory with the final name is there
 `.tmp-*` directory, which is ignored and cleaned. `latest_valid()` walks checkpoints newest first and skips (and
 reports) any that fail to load, so a truncated newest checkpoint falls back to the previous one.
 Because DCP stores each tensor with its global shape, a checkpoint saved on N ranks loads on M (elastic resume).
+
+`async_save=True` (`train.async_checkpoint`): `dcp.async_save` copies the state to host memory and returns, the
+files are written by a background thread while training goes on; the checkpoint is finalized (barrier, trainer
+state, rename) by the next `save` or by `wait()`, so until then it is a `.tmp-*` directory, and a crash before
+that falls back to the previous checkpoint exactly as a crash during a synchronous save does.
 """
 
 from __future__ import annotations
@@ -53,11 +59,14 @@ def _barrier() -> None:
 def rng_state_json() -> dict:
     py = random.getstate()
     np_state = np.random.get_state()
-    return {
+    state = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state().tolist(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()  # this rank's device (torch.cuda.set_device)
+    return state
 
 
 def set_rng_state_json(state: dict) -> None:
@@ -66,12 +75,16 @@ def set_rng_state_json(state: dict) -> None:
     n = state["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 class CheckpointManager:
-    def __init__(self, ckpt_dir: Path, keep_last: int = 2) -> None:
+    def __init__(self, ckpt_dir: Path, keep_last: int = 2, async_save: bool = False) -> None:
         self.dir = Path(ckpt_dir)
         self.keep_last = keep_last
+        self.async_save = async_save
+        self._pending: tuple | None = None  # (future, tmp, final, trainer_state, model_config) of an async save
         if _rank() == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             clean_temporaries(self.dir)
@@ -94,6 +107,7 @@ class CheckpointManager:
         model_config: dict[str, Any],
         ema: dict[str, torch.Tensor] | None = None,
     ) -> Path:
+        self.wait()
         final = self.dir / f"step_{step:06d}"
         tmp = self.dir / f".tmp-step_{step:06d}"
         if _rank() == 0:
@@ -101,20 +115,35 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         _barrier()
         state = self._state(model, optimizer, ema)
+        (tmp / f"rng_rank{_rank()}.json").write_text(json.dumps(rng_state_json()))
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp))
+            self._pending = (future, tmp, final, {**trainer_state, "step": step}, model_config)
+            return final
         dcp.save(state, checkpoint_id=str(tmp))
-        rng_path = tmp / f"rng_rank{_rank()}.json"
-        rng_path.write_text(json.dumps(rng_state_json()))
+        self._finalize(tmp, final, {**trainer_state, "step": step}, model_config)
+        return final
+
+    def wait(self) -> None:
+        """Finish an asynchronous save in flight (every rank calls it): its files, then the rename."""
+        if self._pending is None:
+            return
+        future, tmp, final, trainer_state, model_config = self._pending
+        self._pending = None
+        future.result()
+        self._finalize(tmp, final, trainer_state, model_config)
+
+    def _finalize(self, tmp: Path, final: Path, trainer_state: dict, model_config: dict) -> None:
         _barrier()
         if _rank() == 0:
             atomic_write_json(tmp / "model_config.json", model_config)
-            atomic_write_json(tmp / "trainer_state.json", {**trainer_state, "step": step})
+            atomic_write_json(tmp / "trainer_state.json", trainer_state)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             for old in self.checkpoints()[: -self.keep_last] if self.keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
-        return final
 
     @staticmethod
     def _state(model: nn.Module, optimizer, ema) -> dict:
@@ -137,6 +166,7 @@ class CheckpointManager:
         restore_rng: bool = True,
     ) -> dict[str, Any]:
         """Load a checkpoint in place into model/optimizer/ema; return its trainer_state."""
+        self.wait()
         path = Path(path)
         ts_path = path / "trainer_state.json"
         if not (path / ".metadata").is_file() or not ts_path.is_file():
@@ -165,7 +195,7 @@ class CheckpointManager:
             try:
                 return path, self.load(path, model, optimizer, ema)
             except CheckpointError as e:
-                log.warning("skipping corrupt checkpoint: %s", e)
+                log.warning("skipping corrupt checkpoint %s: %s", path, e)
                 print(f"WARNING: skipping corrupt checkpoint {path}: {e}")
         return None
 

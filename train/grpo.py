@@ -14,8 +14,8 @@ How one step works (Shao et al. 2024, "DeepSeekMath", section 4; DeepSeek-R1 sec
 1. Rollouts. B prompts from the train split, each rendered with the chat template (train/chat.py) and sampled G
    times by `model.generate.generate(..., n_samples=G)`: the prompt is prefilled once into MLA's latent cache and
    shared by its G samples.
-2. Rewards, by rule (rewards/graders.py): `correct` (the `<answer>` is right: numeric match for arithmetic, the
-   Countdown expression checked by `data.reasoning.verify`) plus `format_weight` times `format` (the
+2. Rewards, by rule (rewards/graders.py, through train/policy.py): `correct` (the `<answer>` is right: numeric match
+   for arithmetic, the Countdown expression checked by `data.reasoning.verify`) plus `format_weight` times `format` (the
    `<think>...</think><answer>...</answer>` layout). A grader that raises scores that sample 0 and is counted.
 3. Group-normalized advantages: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), the same for every token of
    sample i. A group whose rewards are all equal has A = 0: it carries no learning signal, so it is dropped from
@@ -68,7 +68,8 @@ Where this departs from DeepSeek-R1's recipe, and why:
 
 Faults: grader exceptions score 0 and are counted (`grader_errors`); a step whose loss or gradient is NaN/Inf is
 skipped and counted, `max_bad_steps` in a row stop the run with a checkpoint; `rl.resume=auto` continues from the
-newest valid checkpoint (model, optimizer, prompt position, RNG).
+newest valid checkpoint (model, optimizer, prompt position, RNG); SIGTERM/SIGUSR1 finish the step, save it and exit
+(the skeleton shared by every training stage: train/loop.py). One process: several ranks are refused.
 
 Legend: B prompts, G samples per prompt, N = B * G sequences, T tokens (prompt + completion, right-padded),
 V vocabulary.
@@ -84,56 +85,30 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
+from datasets import load_from_disk
 from omegaconf import DictConfig
 from torch import Tensor
-from tqdm import tqdm
 
+from data.prepare import stage_outputs
 from data.tokenizer import load_tokenizer
-from model.config import ModelConfig
 from model.generate import generate
+from model.hf import export_hf
 from pipeline.config import Config, stage_dir, to_config
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
-from rewards.graders import get_reward, score_safely, shows_thinking, task_reward
-from train.chat import decode_completion, eos_id, render_prompt
-from train.checkpoint import CheckpointManager, read_model_config
-from train.optim import build_optimizer, lr_at
-from train.post_config import GRPOConfig
-from train.runtime import autocast, build_model, device_for, dist_info
+from rewards.graders import shows_thinking
+from train.chat import batch_indices, decode_completion, eos_id, render_prompt
+from train.checkpoint import CheckpointManager
+from train.loop import Loop, TrainingError, first_nonfinite
+from train.optim import build_optimizer
+from train.parallel.parallelize import world_size_from_env
+from train.policy import Scores, evaluate_accuracy, load_policy, newest_checkpoint, score_completions
+from train.post_config import ADV_NORMS, LOSS_AGGS, GRPOConfig
+from train.runtime import autocast, device_for, dist_info, require_one_process
 
-LOSS_AGGS = ("seq_mean", "token_mean", "seq_sum_norm")
-ADV_NORMS = ("std", "none")
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (too many bad steps); a checkpoint was written before raising."""
-
-
-# ------------------------------------------------------------------------------------------------ rewards
-
-
-@dataclass
-class Scores:
-    reward: list[float]
-    correct: list[float]
-    format: list[float]
-    errors: int  # samples whose grading raised (scored 0)
-
-
-def score_completions(completions: list[str], rows: list[dict], format_weight: float) -> Scores:
-    """reward = correct + format_weight * format for each completion of the matching task row."""
-    correct, err_c = score_safely(
-        task_reward,
-        completions,
-        kinds=[r["kind"] for r in rows],
-        answers=[r["answer"] for r in rows],
-        metas=[r["meta"] for r in rows],
-    )
-    fmt, err_f = score_safely(get_reward("format"), completions)
-    reward = [c + format_weight * f for c, f in zip(correct, fmt)]
-    return Scores(reward, correct, fmt, err_c + err_f)
+__all__ = ["Scores", "TrainingError", "evaluate_accuracy", "load_policy", "newest_checkpoint", "run"]
+prompt_indices = batch_indices  # the prompts of a step: the same resumable per-epoch order as SFT's examples
 
 
 # ------------------------------------------------------------------------------------------------ the objective
@@ -229,9 +204,8 @@ def grpo_update(
     gradient does not depend on the micro-batch size.
     Returns the metrics of the updates (entropy from the first pass; loss, KL and clip fraction from the last) and
     the name of the first non-finite tensor when an update had to be skipped (then the remaining ones are too).
+    The metrics of an update stay on the device until its one host read.
     """
-    from train.pretrain import first_nonfinite
-
     n_seqs, n_tokens = ids_NT.shape[0], int(mask_NT.sum())
     tau = r.temperature if r.temperature > 0 else 1.0  # the policy optimized is the one sampled: pi_tau
     chunks = [slice(i, i + r.micro_batch_size) for i in range(0, n_seqs, r.micro_batch_size)]
@@ -248,149 +222,121 @@ def grpo_update(
         )
     out = dict.fromkeys(UPDATE_METRICS, 0.0)
     for u in range(r.updates_per_batch):
-        sums = dict.fromkeys(UPDATE_METRICS, 0.0)
+        sums = torch.zeros(4, dtype=torch.float64, device=ids_NT.device)  # loss, kl, clip_frac, entropy
         for j, c in enumerate(chunks):
             logp, ent = token_logprobs(model, ids_NT[c], precision, with_entropy=(u == 0), temperature=tau)
             m = mask_NT[c]
             old = old_logp[j] if old_logp is not None else logp.detach()
             loss_NT, clipped = clipped_surrogate(logp, old, adv_N[c], r.clip_eps, r.clip_eps_high)
+            kl = ent_sum = loss_NT.new_zeros(())
             if ref_logp is not None and r.kl_coef > 0:
                 kl_NT = k3_kl(logp, ref_logp[j])
                 loss_NT = loss_NT + r.kl_coef * kl_NT
-                sums["kl"] += float((kl_NT.detach() * m).sum()) / max(1, n_tokens)
+                kl = (kl_NT.detach() * m).sum()
             loss = aggregate(loss_NT, m, r.loss_agg, n_seqs, n_tokens, r.max_new_tokens)
             loss.backward()
-            sums["loss"] += float(loss.detach())
-            sums["clip_frac"] += float((clipped & m).sum()) / max(1, n_tokens)
             if ent is not None:
-                sums["entropy"] += float((ent * m).sum()) / max(1, n_tokens)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r.optim.grad_clip or float("inf"))
-        culprit = "loss" if not math.isfinite(sums["loss"]) else first_nonfinite(model)
-        if culprit is not None or not torch.isfinite(gnorm):
+                ent_sum = (ent * m).sum()
+            per_token = torch.stack([kl, (clipped & m).sum().to(kl.dtype), ent_sum]).double() / max(1, n_tokens)
+            sums += torch.cat([loss.detach().double().reshape(1), per_token])
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r.optim.grad_clip or float("inf"), foreach=True)
+        loss_v, kl_v, clip_v, ent_v, gnorm_v = torch.cat([sums, gnorm.detach().double().reshape(1)]).tolist()
+        if not math.isfinite(loss_v) or not math.isfinite(gnorm_v):
+            culprit = "loss" if not math.isfinite(loss_v) else first_nonfinite(model) or "grad_norm"
             opt.zero_grad(set_to_none=True)
-            return out, culprit or "grad_norm"
+            return out, culprit
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sums["grad_norm"] = float(gnorm)
+        vals = {"loss": loss_v, "kl": kl_v, "clip_frac": clip_v, "entropy": ent_v, "grad_norm": gnorm_v}
         if u == 0:
-            out = sums
+            out = vals
         else:
-            out |= {k: sums[k] for k in ("loss", "kl", "clip_frac", "grad_norm")}
+            out |= {k: vals[k] for k in ("loss", "kl", "clip_frac", "grad_norm")}
     return out, None
-
-
-# ------------------------------------------------------------------------------------------------ evaluation
-
-
-@torch.no_grad()
-def evaluate_accuracy(
-    model,
-    tokenizer,
-    rows: list[dict],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    k: int = 1,
-    batch_size: int = 64,
-    precision: str = "fp32",
-    format_weight: float = 0.0,
-    seed: int = 0,
-) -> dict:
-    """Held-out accuracy with the training reward's grader: greedy (temperature 0, k=1) or pass@1 averaged over k
-    samples. Returns accuracy, format_rate, mean response length (tokens), grader errors and the scored samples."""
-    if temperature == 0 and k != 1:
-        raise ValueError(f"greedy evaluation draws one sample per prompt; got k={k}")
-    device = next(model.parameters()).device
-    eos = eos_id(tokenizer)
-    correct, fmt, thinks, lengths, samples, errors = [], [], [], [], [], 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        prompts = [render_prompt(tokenizer, r["prompt"]) for r in chunk]
-        with autocast(precision, device):
-            out = generate(
-                model,
-                prompts,
-                n_samples=k,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                stop_token_ids=[eos],
-                seed=seed + start,
-            )
-        texts = [decode_completion(tokenizer, t) for t in out.tokens]
-        rep = [r for r in chunk for _ in range(k)]
-        s = score_completions(texts, rep, format_weight)
-        correct += s.correct
-        fmt += s.format
-        thinks += [shows_thinking(t) for t in texts]
-        lengths += [len(t) for t in out.tokens]
-        errors += s.errors
-        samples += [(r["prompt"], c, sc) for r, c, sc in zip(rep, texts, s.correct)]
-    n = max(1, len(correct))
-    return {
-        "accuracy": sum(correct) / n,
-        "format_rate": sum(fmt) / n,
-        "think_rate": sum(thinks) / n,
-        "response_len": sum(lengths) / n,
-        "grader_errors": errors,
-        "n": len(rows),
-        "samples": samples,
-    }
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-
-def newest_checkpoint(ckpt_dir: Path) -> Path:
-    ckpts = CheckpointManager(ckpt_dir, keep_last=0).checkpoints() if Path(ckpt_dir).is_dir() else []
-    if not ckpts:
-        raise FileNotFoundError(f"no checkpoint under {ckpt_dir} (run the upstream stage first)")
-    return ckpts[-1]
-
-
-def load_policy(path: Path, precision: str, backend: str, device: torch.device) -> tuple[torch.nn.Module, ModelConfig]:
-    """A model rebuilt from a checkpoint's model_config.json and weights (no optimizer, RNG untouched)."""
-    mcfg = ModelConfig(**read_model_config(path))
-    model = build_model(mcfg, precision, backend, device)
-    CheckpointManager(Path(path).parent, keep_last=0).load(path, model, restore_rng=False)
-    return model, mcfg
-
-
-def prompt_indices(n_rows: int, batch: int, step: int, seed: int) -> list[int]:
-    """Rows of step `step`: consecutive slices of per-epoch permutations (a pure function of its arguments, so a
-    resumed run draws the same prompts)."""
-    out = []
-    pos = step * batch
-    while len(out) < batch:
-        epoch, off = divmod(pos, n_rows)
-        perm = np.random.default_rng([seed, epoch]).permutation(n_rows)
-        take = min(batch - len(out), n_rows - off)
-        out += perm[off : off + take].tolist()
-        pos += take
-    return out
-
-
-def check_config(r: GRPOConfig) -> None:
-    if r.loss_agg not in LOSS_AGGS:
-        raise ValueError(f"rl.loss_agg must be one of {LOSS_AGGS}, got {r.loss_agg!r}")
-    if r.adv_norm not in ADV_NORMS:
-        raise ValueError(f"rl.adv_norm must be one of {ADV_NORMS}, got {r.adv_norm!r}")
-    if r.group_size < 2:
-        raise ValueError(f"rl.group_size must be >= 2 (advantages are relative to the group), got {r.group_size}")
-    for name in ("steps", "prompts_per_step", "updates_per_batch", "micro_batch_size", "max_new_tokens"):
-        if getattr(r, name) <= 0:
-            raise ValueError(f"rl.{name} must be positive, got {getattr(r, name)}")
-    if r.kl_coef < 0 or r.clip_eps <= 0 or r.clip_eps_high <= 0:
-        raise ValueError("rl.kl_coef must be >= 0 and rl.clip_eps, rl.clip_eps_high > 0")
 
 
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
-    from datasets import load_from_disk
+@dataclass
+class Rollouts:
+    """One step's batch: B prompts x G samples, their scores and group advantages (host tensors)."""
 
+    rows: list[dict]  # the B prompt rows, each repeated G times in `rep_rows`
+    rep_rows: list[dict]
+    prompts: list[list[int]]
+    tokens: list[list[int]]  # N = B * G completions' ids, prompt-major
+    texts: list[str]
+    scores: Scores
+    rewards_BG: Tensor
+    adv_BG: Tensor
+    degenerate_B: Tensor
+    generated_tokens: int
+    gen_s: float  # seconds spent sampling (the rest of `sample_rollouts` is decoding and grading)
+
+
+def sample_rollouts(model, tok, rows: list[dict], r: GRPOConfig, precision: str, seed: int) -> Rollouts:
+    """Steps 1-2 of the module docstring: G samples per prompt (one prefill each), rewards, advantages."""
+    eos = eos_id(tok)
+    prompts = [render_prompt(tok, row["prompt"]) for row in rows]
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    with autocast(precision, device):
+        gen = generate(
+            model,
+            prompts,
+            n_samples=r.group_size,
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            stop_token_ids=[eos],
+            seed=seed,
+        )
+    gen_s = time.perf_counter() - t0
+    rep_rows = [row for row in rows for _ in range(r.group_size)]
+    texts = [decode_completion(tok, t) for t in gen.tokens]
+    sc = score_completions(texts, rep_rows, r.format_weight)
+    rewards_BG = torch.tensor(sc.reward, dtype=torch.float32).view(len(rows), r.group_size)
+    adv_BG, degenerate_B = group_advantages(rewards_BG, r.adv_norm)
+    return Rollouts(
+        rows,
+        rep_rows,
+        prompts,
+        gen.tokens,
+        texts,
+        sc,
+        rewards_BG,
+        adv_BG,
+        degenerate_B,
+        gen.num_generated_tokens,
+        gen_s,
+    )
+
+
+def rollout_metrics(ro: Rollouts, eos: int) -> dict:
+    n = len(ro.texts)
+    return {
+        "reward_mean": float(ro.rewards_BG.mean()),
+        "reward_std": float(ro.rewards_BG.std()),
+        "accuracy": sum(ro.scores.correct) / n,
+        "format_rate": sum(ro.scores.format) / n,
+        "think_rate": sum(map(shows_thinking, ro.texts)) / n,
+        "response_len": sum(len(t) for t in ro.tokens) / n,
+        "truncated_frac": sum(1 for t in ro.tokens if not t or t[-1] != eos) / n,
+        "degenerate_frac": float(ro.degenerate_B.float().mean()),
+    }
+
+
+def sample_table(step: int, ro: Rollouts, n_rows: int) -> list[list]:
+    n = len(ro.texts)
+    picks = range(0, n, max(1, n // n_rows))
+    return [[step, ro.rep_rows[i]["prompt"], ro.texts[i], ro.scores.reward[i], ro.scores.correct[i]] for i in picks][
+        :n_rows
+    ]
+
+
+def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     r = cfg.rl
-    check_config(r)
     info = dist_info()
     device = device_for(info)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
@@ -410,146 +356,71 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     opt = build_optimizer(model, r.optim)
     ckpts = CheckpointManager(stage.dir / "checkpoints", keep_last=r.keep_last)
     tracker = stage.tracker
-    counters = {"grader_errors": 0, "degenerate_groups": 0, "bad_steps": 0, "skipped_batches": 0}
+    counters = {"grader_errors": 0, "degenerate_groups": 0, "skipped_batches": 0}
 
     def evaluate(tag: str) -> dict:
-        ev = evaluate_accuracy(
-            model,
-            tok,
-            test_rows,
-            max_new_tokens=r.max_new_tokens,
-            precision=cfg.precision,
-            format_weight=r.format_weight,
-        )
-        return {
-            f"{tag}_accuracy": ev["accuracy"],
-            f"{tag}_format_rate": ev["format_rate"],
-            f"{tag}_think_rate": ev["think_rate"],
-            f"{tag}_response_len": ev["response_len"],
-        }
+        kw = {"max_new_tokens": r.max_new_tokens, "precision": cfg.precision, "format_weight": r.format_weight}
+        ev = evaluate_accuracy(model, tok, test_rows, **kw)
+        return {f"{tag}_{k}": ev[k] for k in ("accuracy", "format_rate", "think_rate", "response_len")}
 
-    start_step = 0
-    resumed = None
-    if r.resume == "auto":
-        resumed = ckpts.load_latest_valid(model, opt)
-    elif r.resume != "none":
-        resumed = (Path(r.resume), ckpts.load(Path(r.resume), model, opt))
-    initial: dict = {}
-    if resumed is not None:
-        path, state = resumed
-        start_step = state["step"]
-        counters.update(state.get("counters", {}))
-        initial = state.get("initial_eval", {})
-        tracker.resume_at(start_step)
-        print(f"resumed from {path} at step {start_step}")
-    elif test_rows:
+    def save(step: int) -> Path:
+        state = {"counters": counters, "bad_steps": loop.bad_total, "initial_eval": initial, "init": str(paths["init"])}
+        return ckpts.save(step, model, opt, state, asdict(mcfg))
+
+    loop = Loop("grpo", r, ckpts, tracker, save, is_main=info.is_main)
+    state = loop.resume(r.resume, model, opt)
+    counters.update({k: v for k, v in state.get("counters", {}).items() if k in counters})
+    initial: dict = state.get("initial_eval", {})
+    if not state and test_rows:
         initial = evaluate("eval")
         tracker.log(initial, step=0)
 
-    def save(step: int) -> Path:
-        state = {"counters": counters, "initial_eval": initial, "init": str(paths["init"])}
-        return ckpts.save(step, model, opt, state, asdict(mcfg))
-
     model.train()
-    bad_run = 0
     metrics: dict = {}
-    bar = tqdm(range(start_step, r.steps), initial=start_step, total=r.steps, desc="grpo", disable=not info.is_main)
-    for step in bar:
-        lr = lr_at(step, r.steps, r.optim)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        # ---- 1. rollouts
+    for step in loop.steps():
+        lr = loop.set_lr(opt, step, r.optim)
         t0 = time.perf_counter()
         rows = [train_rows[i] for i in prompt_indices(len(train_rows), r.prompts_per_step, step, cfg.run.seed)]
-        prompts = [render_prompt(tok, row["prompt"]) for row in rows]
-        with autocast(cfg.precision, device):
-            gen = generate(
-                model,
-                prompts,
-                n_samples=r.group_size,
-                max_new_tokens=r.max_new_tokens,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                stop_token_ids=[eos],
-                seed=cfg.run.seed * 1_000_003 + step,
-            )
-        t_gen = time.perf_counter() - t0
-        # ---- 2. rewards and advantages
-        rep_rows = [row for row in rows for _ in range(r.group_size)]
-        texts = [decode_completion(tok, t) for t in gen.tokens]
-        sc = score_completions(texts, rep_rows, r.format_weight)
-        counters["grader_errors"] += sc.errors
-        rewards_BG = torch.tensor(sc.reward, dtype=torch.float32).view(len(rows), r.group_size)
-        adv_BG, degenerate_B = group_advantages(rewards_BG, r.adv_norm)
-        counters["degenerate_groups"] += int(degenerate_B.sum())
-        keep = (~degenerate_B).repeat_interleave(r.group_size).nonzero().flatten().tolist()
-        t1 = time.perf_counter()
+        ro = sample_rollouts(model, tok, rows, r, cfg.precision, seed=cfg.run.seed * 1_000_003 + step)
+        t_gen = ro.gen_s
+        counters["grader_errors"] += ro.scores.errors
+        counters["degenerate_groups"] += int(ro.degenerate_B.sum())
+        keep = (~ro.degenerate_B).repeat_interleave(r.group_size).nonzero().flatten().tolist()  # host tensors
+        ro_time = time.perf_counter() - t0
         # ---- 3. policy updates on the non-degenerate groups
         upd = dict.fromkeys(UPDATE_METRICS, 0.0)
         if keep:
             ids_NT, mask_NT = pack_sequences(
-                [prompts[i // r.group_size] for i in keep], [gen.tokens[i] for i in keep], pad_id=eos
+                [ro.prompts[i // r.group_size] for i in keep], [ro.tokens[i] for i in keep], pad_id=eos
             )
-            ids_NT, mask_NT = ids_NT.to(device), mask_NT.to(device)
-            adv_N = adv_BG.flatten()[keep].to(device)
-            upd, culprit = grpo_update(model, ref, opt, ids_NT, mask_NT, adv_N, r, cfg.precision)
-            if culprit is not None:
-                bad_run += 1
-                counters["bad_steps"] += 1
-                tracker.log(
-                    {"skipped_step": 1, "bad_steps": counters["bad_steps"], "bad_tensor": culprit}, step=step + 1
-                )
-                if bad_run >= r.max_bad_steps:
-                    path = save(step)
-                    raise TrainingError(
-                        f"stopping: {bad_run} consecutive non-finite updates (step {step + 1}, "
-                        f"first bad tensor: {culprit}); checkpoint at {path}"
-                    )
-            else:
-                bad_run = 0
+            adv_N = ro.adv_BG.flatten()[keep].to(device)
+            upd, culprit = grpo_update(model, ref, opt, ids_NT.to(device), mask_NT.to(device), adv_N, r, cfg.precision)
+            loop.record(step, culprit, opt)
         else:
             counters["skipped_batches"] += 1
-        t2 = time.perf_counter()
+        t_learn = time.perf_counter() - t0 - ro_time
 
         # ---- 4. metrics, samples, checkpoints
-        n = len(texts)
         metrics = {
-            "reward_mean": float(rewards_BG.mean()),
-            "reward_std": float(rewards_BG.std()),
-            "accuracy": sum(sc.correct) / n,
-            "format_rate": sum(sc.format) / n,
-            "think_rate": sum(map(shows_thinking, texts)) / n,
-            "response_len": sum(len(t) for t in gen.tokens) / n,
-            "truncated_frac": sum(1 for t in gen.tokens if not t or t[-1] != eos) / n,
+            **rollout_metrics(ro, eos),
             **upd,
             "lr": lr,
-            "rollout_tokens_per_s": gen.num_generated_tokens / max(t_gen, 1e-9),
+            "rollout_tokens_per_s": ro.generated_tokens / max(t_gen, 1e-9),
             "gen_time_s": t_gen,
-            "reward_time_s": t1 - t0 - t_gen,
-            "learn_time_s": t2 - t1,
-            "gen_time_frac": t_gen / max(t2 - t0, 1e-9),
-            "degenerate_frac": float(degenerate_B.float().mean()),
+            "reward_time_s": ro_time - t_gen,
+            "learn_time_s": t_learn,
+            "gen_time_frac": t_gen / max(ro_time + t_learn, 1e-9),
             **counters,
+            "bad_steps": loop.bad_total,
         }
         last = step + 1 == r.steps
         if last and test_rows:
             metrics |= evaluate("eval")
-        if (step + 1) % r.log_every == 0 or last:
-            tracker.log(metrics, step=step + 1)
         if r.table_every and ((step + 1) % r.table_every == 0 or last):
-            table = [
-                [step + 1, rep_rows[i]["prompt"], texts[i], sc.reward[i], sc.correct[i]]
-                for i in range(0, n, max(1, n // r.table_rows))
-            ][: r.table_rows]
-            tracker.log_table("samples", ["step", "prompt", "completion", "reward", "correct"], table, step=step + 1)
-        bar.set_postfix(
-            reward=f"{metrics['reward_mean']:.3f}",
-            acc=f"{metrics['accuracy']:.2f}",
-            len=f"{metrics['response_len']:.0f}",
-            gen=f"{metrics['gen_time_frac']:.0%}",
-        )
-        if (step + 1) % r.ckpt_every == 0 or last:
-            save(step + 1)
+            columns = ["step", "prompt", "completion", "reward", "correct"]
+            tracker.log_table("samples", columns, sample_table(step + 1, ro, r.table_rows), step=step + 1)
+        postfix = {"reward": f"{metrics['reward_mean']:.3f}", "acc": f"{metrics['accuracy']:.2f}"}
+        loop.end_step(step, metrics, postfix | {"gen": f"{metrics['gen_time_frac']:.0%}"})
 
     final = ckpts.checkpoints()[-1]
     result = {k: metrics[k] for k in ("reward_mean", "accuracy", "format_rate", "response_len") if k in metrics}
@@ -558,19 +429,18 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     if "eval_accuracy" in initial:
         result["eval_accuracy_initial"] = initial["eval_accuracy"]
         result["eval_think_rate_initial"] = initial.get("eval_think_rate")
-    result |= {**counters, "steps": r.steps, "checkpoint": str(final)}
+    result |= {**counters, "bad_steps": loop.bad_total, "steps": r.steps, "checkpoint": str(final)}
     if info.is_main:
         plot_curves(tracker.metrics_path, stage.dir / "curves.png")
         tracker.log_figure("curves", stage.dir / "curves.png")
     if r.export_hf and info.is_main:
-        from model.hf import export_hf
-
         export_hf(model, stage.dir / "hf", tokenizer_path=paths["tokenizer"])
     return result
 
 
 def plot_curves(metrics_path: Path, png: Path) -> None:
     """Reward, accuracy, the rate of samples that reason and response length per step."""
+    # deferred on purpose: matplotlib (and its backend choice) only matters for this figure at the end of the run
     import matplotlib
 
     matplotlib.use("Agg")
@@ -597,8 +467,7 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
 
 
 def run(cfg: Config) -> dict:
-    from data.prepare import stage_outputs
-
+    require_one_process("train.grpo", world_size_from_env())
     data = stage_outputs(stage_dir(cfg, "data"))
     init = newest_checkpoint(stage_dir(cfg, "sft") / "checkpoints") if cfg.rl.init == "auto" else Path(cfg.rl.init)
     info = dist_info()

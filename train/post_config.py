@@ -1,14 +1,18 @@
 """Typed configuration of reasoning post-training: cold-start SFT (`conf/sft/`) and GRPO (`conf/rl/`).
 
 OmegaConf structured configs (plain dataclasses, `Optional`, nested dataclasses), merged into `pipeline.config.Config`
-as `cfg.sft` and `cfg.rl`; a misspelt key fails when the config is composed.
+as `cfg.sft` and `cfg.rl`; a misspelt key fails when the config is composed, and so does a value `validate()`
+refuses (an enum, a range, a rule between two fields).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from train.config import OptimConfig
+from train.config import OptimConfig, check_batches, check_choice, check_positive
+
+LOSS_AGGS = ("seq_mean", "token_mean", "seq_sum_norm")
+ADV_NORMS = ("std", "none")
 
 
 def _sft_optim() -> OptimConfig:
@@ -38,6 +42,12 @@ class SFTConfig:
     table_every: int = 100  # greedy samples of a few prompts as a W&B table every N steps (0 disables)
     table_rows: int = 4
     optim: OptimConfig = field(default_factory=_sft_optim)
+
+    def validate(self) -> None:
+        check_positive(self, "steps", "max_len", "log_every", "ckpt_every", "max_bad_steps", "eval_max_new_tokens")
+        check_positive(self, "table_rows")
+        check_positive(self, "n_train", "keep_last", "eval_n", "table_every", minimum=0)
+        check_batches(self)
 
 
 @dataclass
@@ -69,3 +79,16 @@ class GRPOConfig:
     export_hf: bool = True
     eval_n: int = 500  # held-out prompts scored (greedy) at the start and the end; 0 disables
     optim: OptimConfig = field(default_factory=_rl_optim)
+
+    def validate(self) -> None:
+        check_choice(self, "loss_agg", LOSS_AGGS)
+        check_choice(self, "adv_norm", ADV_NORMS)
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+        check_positive(self, "steps", "prompts_per_step", "updates_per_batch", "micro_batch_size", "max_new_tokens")
+        check_positive(self, "log_every", "ckpt_every", "max_bad_steps", "table_rows")
+        check_positive(self, "n_train", "keep_last", "eval_n", "table_every", "kl_coef", "format_weight", minimum=0)
+        if self.clip_eps <= 0 or self.clip_eps_high <= 0:
+            raise ValueError(f"clip_eps and clip_eps_high must be > 0, got {self.clip_eps}, {self.clip_eps_high}")
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")

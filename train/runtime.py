@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.config import ModelConfig
+from model.transformer import DeepseekV3
 
 
 @dataclass
@@ -40,6 +41,16 @@ def dist_info() -> DistInfo:
     return DistInfo()
 
 
+def require_one_process(stage: str, world_size: int) -> None:
+    """Post-training stages run in one process: under torchrun each rank would train its own copy, unsynchronised."""
+    if world_size > 1:
+        raise ValueError(
+            f"{stage} runs in one process, but it was launched on {world_size} (WORLD_SIZE={world_size}): its loop has"
+            f" no data parallelism (every rank would train its own copy with no gradient exchange). Run it with"
+            f" `python -m {stage}` (only pretraining, `python -m train.pretrain`, runs under torchrun)"
+        )
+
+
 def device_for(info: DistInfo) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
@@ -56,11 +67,14 @@ def autocast(precision: str, device: torch.device):
 def build_model(
     mcfg: ModelConfig, precision: str, kernels_backend: str, device: torch.device, pow2_scale: bool = False
 ) -> nn.Module:
-    """The single-device model with FP32 master weights, the FP8 path applied from outside when asked."""
-    from model.transformer import DeepseekV3
-
+    """The single-device model with FP32 master weights, the FP8 path applied from outside when asked. On the meta
+    device nothing is allocated (train/meta_init.py materialises it after sharding)."""
     mcfg.validate()
-    model = DeepseekV3(mcfg).to(device)
+    if device.type == "meta":
+        with torch.device("meta"):
+            model = DeepseekV3(mcfg)
+    else:
+        model = DeepseekV3(mcfg).to(device)
     if precision == "fp8":
         from kernels.fp8_linear import convert_to_fp8
 

@@ -24,111 +24,57 @@ right-padded: causal attention means a padded position never influences a real o
 One optimizer step = `batch_size` examples drawn without replacement from a per-epoch permutation, split into
 micro-batches; the gradient norm is clipped; non-finite steps are skipped and counted (as in pretraining); the
 MoE bias update of DeepSeek-V3's auxiliary-loss-free balancing continues. At the end, held-out accuracy (greedy,
-the same grader as RL: train/grpo.py `evaluate_accuracy`) is measured and recorded in the manifest.
+the same grader as RL: train/policy.py `evaluate_accuracy`) is measured and recorded in the manifest. The loop's
+skeleton (resume, non-finite steps, checkpoints, logging, preemption) is train/loop.py's.
+
+One process: several ranks are refused (each would train on its own copy with no gradient exchange).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
+from datasets import load_from_disk
 from omegaconf import DictConfig
-from torch import Tensor
-from tqdm import tqdm
 
+from data.prepare import stage_outputs
 from data.tokenizer import load_tokenizer
 from model.config import ModelConfig
+from model.hf import export_hf
 from model.moe import update_expert_bias
 from model.transformer import IGNORE_INDEX
 from pipeline.config import Config, stage_dir, to_config
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
-from train.chat import encode_chat, eos_id
+from train.chat import batch_indices, encode_rows, eos_id, make_batch
 from train.checkpoint import CheckpointManager, read_model_config
-from train.grpo import evaluate_accuracy, newest_checkpoint
-from train.optim import build_optimizer, lr_at
-from train.post_config import SFTConfig
-from train.runtime import autocast, build_model, device_for, dist_info
+from train.loop import Loop, TrainingError
+from train.optim import build_optimizer
+from train.parallel.parallelize import world_size_from_env
+from train.policy import evaluate_accuracy, newest_checkpoint
+from train.runtime import autocast, build_model, device_for, dist_info, require_one_process
 
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (too many bad steps); a checkpoint was written before raising."""
-
-
-def encode_rows(tokenizer, rows: list[dict], max_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """(ids, loss_mask) of each row's prompt and completion; rows longer than max_len are dropped and counted."""
-    out, dropped = [], 0
-    for r in rows:
-        ids, mask = encode_chat(tokenizer, r["prompt"], r["completion"])
-        if len(ids) > max_len:
-            dropped += 1
-            continue
-        out.append((ids, mask))
-    return out, dropped
-
-
-def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-padded inputs [B, T] and targets [B, T]: targets[t] = ids[t+1] where that token is in the loss mask,
-    else IGNORE_INDEX (prompt tokens and padding)."""
-    T = max(len(ids) for ids, _ in examples) - 1
-    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
-    for b, (ids, mask) in enumerate(examples):
-        ids_t = torch.tensor(ids, dtype=torch.long)
-        keep = torch.tensor(mask[1:], dtype=torch.bool)
-        x[b, : len(ids) - 1] = ids_t[:-1]
-        y[b, : len(ids) - 1] = torch.where(keep, ids_t[1:], IGNORE_INDEX)
-    return x, y
-
-
-def batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
-    """Example indices of step `step`: consecutive slices of per-epoch permutations (resumable by step alone)."""
-    out, pos = [], step * batch
-    while len(out) < batch:
-        epoch, off = divmod(pos, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        take = min(batch - len(out), n - off)
-        out += perm[off : off + take].tolist()
-        pos += take
-    return out
-
-
-def check_config(s: SFTConfig, world_size: int, max_pos: int) -> None:
-    if s.steps <= 0:
-        raise ValueError(f"sft.steps must be positive, got {s.steps}")
-    if s.batch_size % (s.micro_batch_size * world_size):
-        raise ValueError(
-            f"sft.batch_size={s.batch_size} is not divisible by sft.micro_batch_size="
-            f"{s.micro_batch_size} x {world_size} ranks"
-        )
-    if s.max_len > max_pos:
-        raise ValueError(f"sft.max_len={s.max_len} exceeds model.max_position_embeddings={max_pos}")
+__all__ = ["TrainingError", "batch_indices", "make_batch", "run"]
 
 
 def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
-    from datasets import load_from_disk
-
-    from train.pretrain import first_nonfinite
-
     s = cfg.sft
     info = dist_info()
     device = device_for(info)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     tok = load_tokenizer(paths["tokenizer"])
     vocab = tok.get_vocab_size(with_added_tokens=True)
-    if "init" in paths:
-        mcfg = ModelConfig(**read_model_config(paths["init"]))
-    else:
-        mcfg = replace(cfg.model, vocab_size=vocab)
+    mcfg = ModelConfig(**read_model_config(paths["init"])) if "init" in paths else replace(cfg.model, vocab_size=vocab)
     if mcfg.vocab_size < vocab:
         raise ValueError(f"the checkpoint's vocab_size {mcfg.vocab_size} is smaller than the tokenizer's {vocab}")
-    check_config(s, info.world_size, mcfg.max_position_embeddings)
+    if s.max_len > mcfg.max_position_embeddings:
+        raise ValueError(
+            f"sft.max_len={s.max_len} exceeds model.max_position_embeddings={mcfg.max_position_embeddings}"
+        )
     model = build_model(mcfg, cfg.precision, cfg.kernels.backend, device)
     if "init" in paths:
         CheckpointManager(paths["init"].parent, keep_last=0).load(paths["init"], model, restore_rng=False)
@@ -144,99 +90,64 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     test_rows = ds["test"].to_list()[: s.eval_n]
     eos = eos_id(tok)
 
-    start_step, bad_total = 0, 0
-    resumed = None
-    if s.resume == "auto":
-        resumed = ckpts.load_latest_valid(model, opt)
-    elif s.resume != "none":
-        resumed = (Path(s.resume), ckpts.load(Path(s.resume), model, opt))
-    if resumed is not None:
-        path, state = resumed
-        start_step, bad_total = state["step"], state.get("bad_steps", 0)
-        tracker.resume_at(start_step)
-        print(f"resumed from {path} at step {start_step}")
-
     def save(step: int) -> Path:
-        return ckpts.save(step, model, opt, {"bad_steps": bad_total}, asdict(mcfg))
+        return ckpts.save(step, model, opt, {"bad_steps": loop.bad_total}, asdict(mcfg))
 
+    loop = Loop("sft", s, ckpts, tracker, save, is_main=info.is_main)
+    loop.resume(s.resume, model, opt)
     moe_layers = list(model.moe_layers())
-    accum = s.batch_size // (s.micro_batch_size * info.world_size)
+    micro = min(s.micro_batch_size, s.batch_size)
+    accum = s.batch_size // micro
     metrics: dict = {}
-    bad_run = 0
     model.train()
-    bar = tqdm(range(start_step, s.steps), initial=start_step, total=s.steps, desc="sft", disable=not info.is_main)
-    t_last = time.perf_counter()
-    for step in bar:
-        lr = lr_at(step, s.steps, s.optim)
-        for g in opt.param_groups:
-            g["lr"] = lr
+    for step in loop.steps():
+        lr = loop.set_lr(opt, step, s.optim)
         idx = batch_indices(len(examples), s.batch_size, step, cfg.run.seed)
-        sums = {"loss": 0.0, "ce": 0.0, "mtp": 0.0}
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, ce, mtp: means over the micro-batches
+        load_LE = torch.zeros(len(moe_layers), mcfg.n_routed_experts, device=device)
         n_tok = 0
-        load = None
         for a in range(accum):
-            x, y = make_batch([examples[i] for i in idx[a * s.micro_batch_size : (a + 1) * s.micro_batch_size]], eos)
+            x, y = make_batch([examples[i] for i in idx[a * micro : (a + 1) * micro]], eos)
             with autocast(cfg.precision, device):
                 out = model(x.to(device), y.to(device))
             (out.loss / accum).backward()
-            sums["loss"] += float(out.loss.detach()) / accum
-            sums["ce"] += float(out.ce_loss.detach()) / accum
-            sums["mtp"] += float(out.mtp_loss.detach()) / accum if out.mtp_loss is not None else 0.0
-            n_tok += int((y != IGNORE_INDEX).sum())
+            mtp = out.mtp_loss if out.mtp_loss is not None else out.loss.new_zeros(())
+            sums += torch.stack([out.loss.detach(), out.ce_loss.detach(), mtp.detach()]).double() / accum
+            n_tok += int((y != IGNORE_INDEX).sum())  # a host tensor: no device read
             if moe_layers:
-                l_LE = out.expert_load_LE.detach().float()[: len(moe_layers)]
-                load = l_LE if load is None else load + l_LE
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.optim.grad_clip or float("inf"))
-        culprit = "loss" if not math.isfinite(sums["loss"]) else first_nonfinite(model)
-        if culprit is not None or not torch.isfinite(gnorm):
-            opt.zero_grad(set_to_none=True)
-            bad_run += 1
-            bad_total += 1
-            tracker.log(
-                {"skipped_step": 1, "bad_steps": bad_total, "bad_tensor": culprit or "grad_norm"}, step=step + 1
-            )
-            if bad_run >= s.max_bad_steps:
-                path = save(step)
-                raise TrainingError(
-                    f"stopping: {bad_run} consecutive non-finite steps (step {step + 1}, first bad "
-                    f"tensor: {culprit or 'grad_norm'}); checkpoint at {path}"
-                )
+                load_LE += out.expert_load_LE.detach().float()[: len(moe_layers)]
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.optim.grad_clip or float("inf"), foreach=True)
+        vals, _ = loop.sync(dict(zip(("loss", "ce", "mtp"), sums.unbind())), gnorm)
+        if not loop.finite(step, vals, model, opt):
+            loop.end_step(step, None)
             continue
-        bad_run = 0
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if load is not None and mcfg.moe_balance == "aux_free":
-            for layer, l_E in zip(moe_layers, load):
-                update_expert_bias(layer, l_E, mcfg.bias_update_speed)
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
+        if moe_layers and mcfg.moe_balance == "aux_free":
+            for layer, load_E in zip(moe_layers, load_LE):
+                update_expert_bias(layer, load_E, mcfg.bias_update_speed)
         metrics = {
-            "loss": sums["loss"],
-            "ce_loss": sums["ce"],
-            "mtp_loss": sums["mtp"],
+            "loss": vals["loss"],
+            "ce_loss": vals["ce"],
+            "mtp_loss": vals["mtp"],
             "lr": lr,
-            "grad_norm": float(gnorm),
-            "response_tokens_per_s": n_tok / dt,
+            "grad_norm": vals["grad_norm"],
+            "response_tokens_per_s": n_tok / loop.step_time(),
             "too_long": too_long,
-            "bad_steps": bad_total,
+            "bad_steps": loop.bad_total,
         }
-        last = step + 1 == s.steps
-        if (step + 1) % s.log_every == 0 or last:
-            tracker.log(metrics, step=step + 1)
-        if s.table_every and test_rows and ((step + 1) % s.table_every == 0 or last):
+        if s.table_every and test_rows and ((step + 1) % s.table_every == 0 or step + 1 == s.steps):
             ev = evaluate_accuracy(
                 model, tok, test_rows[: s.table_rows], max_new_tokens=s.eval_max_new_tokens, precision=cfg.precision
             )
             table = [[step + 1, p, c, sc] for p, c, sc in ev["samples"]]
             tracker.log_table("samples", ["step", "prompt", "completion", "correct"], table, step=step + 1)
             model.train()
-        bar.set_postfix(loss=f"{sums['ce']:.3f}", eta=f"{(s.steps - step - 1) * dt / 60:.1f}m")
-        if (step + 1) % s.ckpt_every == 0 or last:
-            save(step + 1)
+        loop.end_step(step, metrics, {"loss": f"{vals['ce']:.3f}"})
 
     final = ckpts.checkpoints()[-1]
     result = {k: metrics[k] for k in ("loss", "ce_loss") if k in metrics}
-    result |= {"steps": s.steps, "bad_steps": bad_total, "too_long": too_long, "checkpoint": str(final)}
+    result |= {"steps": s.steps, "bad_steps": loop.bad_total, "too_long": too_long, "checkpoint": str(final)}
     if test_rows and info.is_main:
         ev = evaluate_accuracy(model, tok, test_rows, max_new_tokens=s.eval_max_new_tokens, precision=cfg.precision)
         result |= {
@@ -247,15 +158,12 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
         }
         tracker.log({k: v for k, v in result.items() if k.startswith("eval_")}, step=s.steps)
     if s.export_hf and info.is_main:
-        from model.hf import export_hf
-
         export_hf(model, stage.dir / "hf", tokenizer_path=paths["tokenizer"])
     return result
 
 
 def run(cfg: Config) -> dict:
-    from data.prepare import stage_outputs
-
+    require_one_process("train.sft", world_size_from_env())
     data = stage_outputs(stage_dir(cfg, "data"))
     paths = {"tokenizer": data["tokenizer"], "reasoning": data["reasoning"]}
     if cfg.sft.init == "auto":

@@ -68,6 +68,9 @@ LAYOUTS_4 = {
     "fsdp4_ep2": {"dp_replicate": 1, "dp_shard": 4, "ep": 2},
     "hsdp2x2_ep2": {"dp_replicate": 2, "dp_shard": 2, "ep": 2},
     "hsdp2x2_ep2_bf16": {"dp_replicate": 2, "dp_shard": 2, "ep": 2, "precision": "bf16"},
+    # built on the meta device, each rank materializing its shards (train/meta_init.py): against a meta-initialized
+    # single process (the draw differs from building on the device, the trajectory must not differ by layout)
+    "hsdp2x2_ep2_meta": {"dp_replicate": 2, "dp_shard": 2, "ep": 2, "train.meta_init": "true"},
 }
 
 
@@ -80,6 +83,7 @@ LAYOUTS_PP_2 = {
     "pp2_dualpipev_mtp": {"pp": 2, "dp_replicate": 1, "dp_shard": 1, "pp_schedule": "dualpipev"},
     # resume: steps 1-2 under 1F1B (rank 0 holds layers 0-1), steps 3-4 under DualPipeV (rank 0 holds 0 and 3); the
     # run is extended (train.steps 2 -> 4), so the second piece names the checkpoint it continues
+    "pp2_1f1b_bf16": {"pp": 2, "dp_replicate": 1, "dp_shard": 1, "pp_schedule": "1f1b", **NO_MTP, "precision": "bf16"},
     "pp2_resume_a": {
         "pp": 2,
         "dp_replicate": 1,
@@ -101,6 +105,9 @@ LAYOUTS_PP_2 = {
 }
 LAYOUTS_PP_4 = {
     "pp2_fsdp2": {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "pp_schedule": "1f1b", **NO_MTP},
+    # bf16 parameters under FSDP's MixedPrecisionPolicy: the hidden state between stages is bf16
+    "pp2_fsdp2_bf16": {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "pp_schedule": "1f1b", **NO_MTP, "precision": "bf16"},
+    "pp2_fsdp2_meta": {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "pp_schedule": "1f1b", **NO_MTP, "train.meta_init": "true"},
     "pp2_fsdp2_dualpipev": {
         "pp": 2,
         "dp_replicate": 1,
@@ -139,9 +146,14 @@ def clone_run(root: Path, name: str) -> None:
     shutil.copytree(root / "base" / "data", root / name / "data")
 
 
-def torchrun(nproc: int, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(
+    nproc: int, args: list[str], timeout: int = 240, debug_detail: bool = False
+) -> subprocess.CompletedProcess:
+    """`args` under torchrun on `nproc` local processes; `debug_detail`: TORCH_DISTRIBUTED_DEBUG=DETAIL (the
+    pipelining schedules then check every tensor against the buffers declared between stages)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    environ = {**env(), "TORCH_DISTRIBUTED_DEBUG": "DETAIL"} if debug_detail else env()
+    proc = subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, f"torchrun {' '.join(args)} failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}"
     return proc
 

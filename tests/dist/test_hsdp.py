@@ -12,6 +12,9 @@ sequences the single process did (the checkpoint's global `consumed` count).
 HSDP + EP with precision=bf16 (FSDP MixedPrecisionPolicy: bf16 parameters for compute, fp32 gradient reduction)
 against the fp32 reference: losses within 2e-2 relative (bf16 keeps 8 mantissa bits; four steps of drift), and the
 checkpoint holds fp32 master weights, fp32 AdamW moments and the fp32 router bias.
+
+HSDP + EP built on the meta device (`train.meta_init`: each rank materializes only its shards) against a
+meta-initialized single process, with the same tolerances as the other layouts.
 """
 
 import json
@@ -45,24 +48,31 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hsdp")
     overrides = [*prepare_data(root), *MICRO_MODEL, *MICRO_TRAIN, *STEPS]
-    for name in ["single", *LAYOUTS_4]:
+    for name in ["single", "single_meta", *LAYOUTS_4]:
         clone_run(root, name)
     run(compose([*overrides, "run.name=single"]))
+    run(compose([*overrides, "run.name=single_meta", "train.meta_init=true"]))
     torchrun(4, [str(REPO / "tests/dist/layouts_worker.py"), json.dumps(overrides), *LAYOUTS_4])
     return root
 
 
 @pytest.mark.parametrize("layout", [k for k in LAYOUTS_4 if not k.endswith("bf16")])
 def test_layout_matches_single_process(runs, layout):
-    want, got = metrics(runs / "single"), metrics(runs / layout)
+    ref = "single_meta" if layout.endswith("meta") else "single"
+    want, got = metrics(runs / ref), metrics(runs / layout)
     bad = compare_steps(got, want)
     ckpt = "pretrain/checkpoints/step_000004"
-    p_want, m_want, s_want = load_checkpoint(runs / "single" / ckpt)
+    p_want, m_want, s_want = load_checkpoint(runs / ref / ckpt)
     p_got, m_got, s_got = load_checkpoint(runs / layout / ckpt)
     bad += compare_tensors(p_got, p_want, atol=1e-5, rtol=1e-4)
     bad += compare_tensors(m_got, m_want, atol=1e-5, rtol=1e-4)
     assert s_got["loader"] == s_want["loader"] and s_got["loader"]["consumed"] == 4 * 8, (s_got, s_want)
     assert not bad, f"{layout}: {len(bad)} mismatches\n" + "\n".join(bad[:30])
+
+
+def test_meta_init_draws_its_own_weights(runs):
+    """Not vacuous: the meta-initialized runs start from other weights than the device-built ones."""
+    assert metrics(runs / "single_meta")[1]["loss"] != metrics(runs / "single")[1]["loss"]
 
 
 def test_hsdp_ep_bf16_mixed_precision(runs):

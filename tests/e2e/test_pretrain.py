@@ -89,8 +89,8 @@ def test_nan_steps_are_skipped_then_stop_the_run_with_a_checkpoint(data_run):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.seq_len=4096", "exceeds model.max_position_embeddings"),
-        ("train.micro_batch_size=3", "not divisible by train.micro_batch_size"),
+        ("train.seq_len=4096", "exceeds model.max_position_embeddings"),  # two sections: checked when the stage starts
+        ("train.micro_batch_size=3", "not divisible by micro_batch_size=3"),  # one section: when the config is composed
     ],
 )
 def test_impossible_config_fails_before_training(data_run, override, message):
@@ -98,9 +98,9 @@ def test_impossible_config_fails_before_training(data_run, override, message):
 
     root, overrides = data_run
     clone_run(root, f"bad_{abs(hash(override))}")
-    cfg = compose([*overrides, *TRAIN, f"run.name=bad_{abs(hash(override))}", override])
     with pytest.raises(ValueError, match=message):
-        run(cfg)
+        run(compose([*overrides, *TRAIN, f"run.name=bad_{abs(hash(override))}", override]))
+    assert not (root / f"bad_{abs(hash(override))}" / "pretrain").exists(), "no work may start"
 
 
 def test_golden_loss_curve(data_run):
@@ -117,3 +117,36 @@ def test_golden_loss_curve(data_run):
     golden = json.loads(GOLDEN.read_text())["losses"]
     for step, (got, want) in enumerate(zip(losses, golden), 1):
         assert abs(got - want) <= 2e-4 * abs(want), f"step {step}: loss {got} vs golden {want}"
+
+
+def test_sigterm_finishes_the_step_saves_it_and_the_resumed_run_loses_nothing(data_run):
+    """Preemption (train/loop.py): SIGTERM between two checkpoints (every 3 steps) makes the run finish its step,
+    checkpoint exactly that step and exit with 143 (128 + SIGTERM) without a manifest; the relaunch resumes there and
+    the whole trajectory equals the uninterrupted one."""
+    root, overrides = data_run
+    for name in ("straight_t", "preempted"):
+        clone_run(root, name)
+    base = [*overrides, *TRAIN]
+    subprocess.run(_pretrain_cmd([*base, "run.name=straight_t"]), check=True, env=_env(), capture_output=True)
+    metrics = root / "preempted" / "pretrain" / "metrics.jsonl"
+    proc = subprocess.Popen(
+        _pretrain_cmd([*base, "run.name=preempted"]), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+        if steps and max(steps) >= 4:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    stage = root / "preempted" / "pretrain"
+    last = max(_losses(root / "preempted"))
+    assert 4 <= last < 10 and f"preempted (signal {int(signal.SIGTERM)})" in out, out[-3000:]
+    ckpts = sorted(p.name for p in (stage / "checkpoints").glob("step_*"))
+    assert ckpts[-1] == f"step_{last:06d}", (ckpts, last)  # the step it was working on, not the last multiple of 3
+    assert not (stage / "manifest.json").exists()
+    r = subprocess.run(_pretrain_cmd([*base, "run.name=preempted"]), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0 and f"resumed from {stage / 'checkpoints' / ckpts[-1]} at step {last}" in r.stdout
+    assert _losses(root / "preempted") == _losses(root / "straight_t")

@@ -99,3 +99,38 @@ def test_ema_tracks_and_swaps_without_touching_live_weights():
     assert torch.equal(m.weight, live)
     with pytest.raises(ValueError, match="ema_decay"):
         EMA(m, 1.0)
+
+
+def test_async_save_is_finalized_by_wait_and_round_trips(tmp_path):
+    m, opt = _model_opt(0)
+    mgr = CheckpointManager(tmp_path, keep_last=0, async_save=True)
+    path = mgr.save(3, m, opt, {"bad_steps": 0}, {"hidden_size": 8})
+    saved = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():  # training goes on while the files are written: the checkpoint holds the state saved
+        for p in m.parameters():
+            p.add_(1.0)
+    mgr.wait()
+    assert mgr.checkpoints() == [path] and not list(tmp_path.glob(".tmp-*"))
+    m2, opt2 = _model_opt(1)
+    assert CheckpointManager(tmp_path).load(path, m2, opt2) == {"bad_steps": 0, "step": 3}
+    assert all(torch.equal(saved[k], v) for k, v in m2.state_dict().items())
+
+
+def test_cuda_rng_state_is_saved_and_restored_when_there_is_a_gpu(monkeypatch):
+    """On a GPU each rank's CUDA generator goes into rng_rank<r>.json (emulated: torch.cuda's RNG calls faked)."""
+    import json
+
+    import torch.cuda as cuda
+
+    from train.checkpoint import rng_state_json, set_rng_state_json
+
+    state = {"rng": torch.arange(16, dtype=torch.uint8)}
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(cuda, "get_rng_state", lambda: state["rng"].clone())
+    monkeypatch.setattr(cuda, "set_rng_state", lambda t: state.__setitem__("rng", t.clone()))
+    saved = json.loads(json.dumps(rng_state_json()))  # as written to the file
+    assert saved["cuda"] == list(range(16))
+    state["rng"] = torch.zeros(16, dtype=torch.uint8)
+    set_rng_state_json(saved)
+    assert torch.equal(state["rng"], torch.arange(16, dtype=torch.uint8))

@@ -181,3 +181,14 @@ def test_sft_stage_runs_skips_and_resumes(tmp_path):
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == [1, 2, 3, 4], steps
     assert (run / "sft" / "samples.jsonl").is_file()
+
+
+@pytest.mark.parametrize("module", ["train.sft", "train.grpo", "distill.run"])
+def test_post_training_refuses_several_processes(tmp_path, monkeypatch, module):
+    """Under torchrun each rank would train its own copy with no gradient exchange: refused before any work."""
+    import importlib
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=rf"{module} runs in one process, but it was launched on 2 \(WORLD_SIZE=2\)"):
+        importlib.import_module(module).run(compose(micro_overrides(tmp_path)))
+    assert not (tmp_path / "micro").exists()

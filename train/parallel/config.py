@@ -22,12 +22,21 @@ Pipeline parallelism (``pp > 1``, train/parallel/pipeline_parallel.py) has two m
   ``-1`` (default) puts all of a step's micro-batches, ``batch_size / (micro_batch_size * dp ranks)``, into one
   round; a positive value must divide that count (the step then runs several rounds and accumulates).
 
-The presets in ``conf/parallel/*.yaml`` are flat mappings of these fields.
+``grad_sync``: ``last`` (default) reduces gradients over the data-parallel ranks once per optimizer step, in the
+last accumulation micro-batch's backward (FSDP2 keeps the unsharded gradients of the micro-batches before it:
+DDP's memory for gradients); ``every`` reduce-scatters after every micro-batch (ZeRO-3's gradient memory, ``accum``
+times the traffic). Pipeline stages always reduce in the last micro-batch's backward.
+
+The presets in ``conf/parallel/*.yaml`` are flat mappings of these fields. ``validate()`` checks what does not
+depend on the world size (at compose time); ``train.parallel.mesh.validate_layout`` the rest, at launch.
 """
 
 from dataclasses import dataclass, replace
 
-__all__ = ["ParallelConfig"]
+__all__ = ["GRAD_SYNCS", "PP_SCHEDULES", "ParallelConfig"]
+
+PP_SCHEDULES = ("1f1b", "dualpipev")
+GRAD_SYNCS = ("last", "every")
 
 
 @dataclass
@@ -40,6 +49,25 @@ class ParallelConfig:
     pp_microbatches: int = -1  # micro-batches per schedule round; -1: every micro-batch of the step
     fp8_dispatch: bool = False  # EP dispatch sends activations as e4m3 + a per-token scale (DeepSeek-V3 sec. 3.3)
     bf16_combine: bool = False  # EP combine sends expert outputs in bfloat16 (DeepSeek-V3); else in their dtype
+    grad_sync: str = "last"  # "last": reduce gradients once, after the last micro-batch | "every" micro-batch
+
+    def validate(self) -> None:
+        """The rules that hold whatever the world size (each message starts with the field it names)."""
+        for name in ("dp_replicate", "dp_shard", "ep", "pp"):
+            value = getattr(self, name)
+            if value < 1 and not (value == -1 and name in ("dp_replicate", "dp_shard")):
+                raise ValueError(f"{name} must be >= 1 (or -1 for dp_replicate/dp_shard), got {value}")
+        if self.dp_replicate == -1 and self.dp_shard == -1:
+            raise ValueError("at most one of dp_replicate, dp_shard may be -1 (fill the rest), got both")
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ValueError(f"pp_schedule must be one of {PP_SCHEDULES}, got {self.pp_schedule!r}")
+        if self.pp_microbatches < 1 and self.pp_microbatches != -1:
+            raise ValueError(f"pp_microbatches must be >= 1 (or -1: every micro-batch), got {self.pp_microbatches}")
+        for flag in ("fp8_dispatch", "bf16_combine"):
+            if getattr(self, flag) and self.ep == 1:
+                raise ValueError(f"{flag}=true needs parallel.ep > 1 (without EP there is no all-to-all), got ep=1")
+        if self.grad_sync not in GRAD_SYNCS:
+            raise ValueError(f"grad_sync must be one of {GRAD_SYNCS}, got {self.grad_sync!r}")
 
     def resolved(self, world_size: int) -> "ParallelConfig":
         """A copy with the ``-1`` size replaced by the number of ranks left over. Raises ValueError when two

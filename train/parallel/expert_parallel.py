@@ -161,24 +161,35 @@ class ExpertParallelMoE(DeepseekMoE):
         self.last_dispatch_rows = 0  # rows this rank sent in its last forward (token x destination rank), for logs
 
     def _routed(self, x_ND: Tensor, topk_idx_NK: Tensor, topk_weight_NK: Tensor, shared):
-        """Dispatch, expert compute, combine; ``shared()`` runs while the dispatch is in flight."""
+        """Dispatch, expert compute, combine; ``shared()`` runs while the dispatch is in flight. One host read: the
+        exchanged counts (rows and (row, slot) assignments per rank), which the uneven all-to-alls need as Python
+        ints; every other size follows from them (``nonzero_static``, scatter-adds instead of ``bincount``)."""
         N, K = topk_idx_NK.shape
         R, L, D = self.ep, self.n_local, x_ND.shape[-1]
         dev = x_ND.device
-        # the (token, slot) assignments to compute: all of them, or those within capacity (as the local layer)
-        order_M, _, dropped = dispatch_order(topk_idx_NK, topk_weight_NK, self.n_routed_experts, self.capacity(N))
-        kept_NK = torch.zeros(N * K, dtype=torch.bool, device=dev).index_fill_(0, order_M, True).view(N, K)
+        # the (token, slot) assignments to compute: all of them (dropless), or those within capacity
+        if self.capacity(N) is None:
+            kept_NK, dropped = torch.ones(N, K, dtype=torch.bool, device=dev), 0
+        else:
+            order_M, _, dropped = dispatch_order(topk_idx_NK, topk_weight_NK, self.n_routed_experts, self.capacity(N))
+            kept_NK = torch.zeros(N * K, dtype=torch.bool, device=dev).index_fill_(0, order_M, True).view(N, K)
         dest_NK = topk_idx_NK // L
 
-        # one row per (token, destination rank), ordered by rank then token
-        n_A, k_A = kept_NK.nonzero(as_tuple=True)
-        visits_RN = torch.zeros(R, N, dtype=torch.bool, device=dev)
-        visits_RN[dest_NK[n_A, k_A], n_A] = True
-        r_S, n_S = visits_RN.nonzero(as_tuple=True)
-        send_counts_R = visits_RN.sum(dim=1)
-        recv_counts_R = torch.empty_like(send_counts_R)
-        dist.all_to_all_single(recv_counts_R, send_counts_R, group=self.group)
-        send_splits, recv_splits = send_counts_R.tolist(), recv_counts_R.tolist()
+        # one row per (token, destination rank), ordered by rank then token; counts of rows and of assignments
+        token_NK = torch.arange(N, device=dev)[:, None].expand(N, K)
+        visits_RN = torch.zeros(R * N, dtype=torch.int32, device=dev)
+        visits_RN = visits_RN.scatter_reduce_(0, (dest_NK * N + token_NK).flatten(), kept_NK.flatten().int(), "amax")
+        visits_RN = visits_RN.view(R, N).bool()
+        assigned_R = torch.zeros(R, dtype=torch.long, device=dev).scatter_add_(
+            0, dest_NK.flatten(), kept_NK.flatten().long()
+        )
+        send_R2 = torch.stack([visits_RN.sum(dim=1), assigned_R], dim=1)
+        recv_R2 = torch.empty_like(send_R2)
+        dist.all_to_all_single(recv_R2, send_R2, group=self.group)
+        send_counts, recv_counts = torch.stack([send_R2, recv_R2]).tolist()  # the host read
+        send_splits, recv_splits = [c[0] for c in send_counts], [c[0] for c in recv_counts]
+        n_assigned = sum(c[1] for c in recv_counts)  # (row, slot) pairs this rank computes
+        r_S, n_S = torch.nonzero_static(visits_RN, size=sum(send_splits)).unbind(1)
         self.last_dispatch_rows = len(n_S)
         # with each row, per slot: the local expert wanted on that rank (-1: none) and its gate weight (0)
         here_SK = (dest_NK[n_S] == r_S.unsqueeze(-1)) & kept_NK[n_S]
@@ -196,8 +207,11 @@ class ExpertParallelMoE(DeepseekMoE):
         Q = x_QD.shape[0]
         local_C = local_QK.reshape(-1)
         valid_C = local_C >= 0
-        order_C = torch.argsort(local_C.masked_fill(~valid_C, L), stable=True)[: int(valid_C.sum())]
-        offsets_L1 = F.pad(torch.cumsum(torch.bincount(local_C[valid_C], minlength=L), 0), (1, 0))
+        order_C = torch.argsort(local_C.masked_fill(~valid_C, L), stable=True)[:n_assigned]
+        counts_L = torch.zeros(L + 1, dtype=torch.long, device=dev).scatter_add_(
+            0, local_C.masked_fill(~valid_C, L), torch.ones_like(local_C)
+        )[:L]
+        offsets_L1 = F.pad(torch.cumsum(counts_L, 0), (1, 0))
         y_CD = self.experts(x_QD[order_C // K], offsets_L1)  # a module call: FSDP hooks run
         y_CD = y_CD * w_QK.reshape(-1)[order_C].unsqueeze(-1)  # fp32 gates: the combine is fp32
         y_QD = y_CD.new_zeros(Q * K, D).index_copy(0, order_C, y_CD).view(Q, K, D).sum(dim=1)

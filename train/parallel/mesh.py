@@ -37,8 +37,9 @@ from train.parallel.config import ParallelConfig
 
 __all__ = ["ParallelMeshes", "build_mesh", "validate_layout"]
 
-_BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
-PP_SCHEDULES = ("1f1b", "dualpipev")  # = train.parallel.pipeline_parallel.SCHEDULES (kept import-free here)
+# CUDA: NCCL for the training tensors, and gloo for the few CPU-side collectives of torch's own (async DCP's
+# coordination, object collectives) in the same device-mapped group, as torchtitan creates it
+_BACKENDS = {"cpu": "gloo", "cuda": "cuda:nccl,cpu:gloo"}
 
 
 def validate_layout(cfg: ParallelConfig, world_size: int, n_routed_experts: int | None = None) -> ParallelConfig:
@@ -49,10 +50,10 @@ def validate_layout(cfg: ParallelConfig, world_size: int, n_routed_experts: int 
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    for name in ("dp_replicate", "dp_shard", "ep", "pp"):
-        value = getattr(cfg, name)
-        if value < 1 and not (value == -1 and name in ("dp_replicate", "dp_shard")):
-            raise ValueError(f"parallel.{name} must be >= 1 (or -1 for dp_replicate/dp_shard), got {value}")
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ValueError(f"parallel.{e}") from None
     res = cfg.resolved(world_size)
     product = res.pp * res.dp_replicate * res.dp_shard
     if product != world_size:
@@ -67,19 +68,13 @@ def validate_layout(cfg: ParallelConfig, world_size: int, n_routed_experts: int 
         )
     if n_routed_experts is not None and res.ep > 1 and n_routed_experts % res.ep != 0:
         raise ValueError(f"parallel.ep={res.ep} must divide n_routed_experts={n_routed_experts}")
-    if res.pp_schedule not in PP_SCHEDULES:
-        raise ValueError(f"parallel.pp_schedule must be one of {PP_SCHEDULES}, got {res.pp_schedule!r}")
-    if res.pp_microbatches < 1 and res.pp_microbatches != -1:
-        raise ValueError(f"parallel.pp_microbatches must be >= 1 (or -1: every micro-batch), got {res.pp_microbatches}")
-    for flag in ("fp8_dispatch", "bf16_combine"):
-        if getattr(res, flag) and res.ep == 1:
-            raise ValueError(f"parallel.{flag}=true needs parallel.ep > 1 (without EP there is no all-to-all)")
     return res
 
 
 def build_mesh(cfg: ParallelConfig, world_size: int, device_type: str) -> DeviceMesh:
-    """The dense mesh ``("pp", "dp_replicate", "dp_shard")``; initializes the default process group (gloo on CPU,
-    nccl on CUDA) when the caller has not. Under torchrun, ``world_size`` is ``int(os.environ["WORLD_SIZE"])``."""
+    """The dense mesh ``("pp", "dp_replicate", "dp_shard")``; initializes the default process group (gloo on CPU;
+    on CUDA nccl, device-mapped with gloo for CPU tensors) when the caller has not. Under torchrun, ``world_size``
+    is ``int(os.environ["WORLD_SIZE"])``."""
     if device_type not in _BACKENDS:
         raise ValueError(f"device_type must be one of {tuple(_BACKENDS)}, got {device_type!r}")
     res = validate_layout(cfg, world_size)

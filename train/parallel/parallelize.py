@@ -22,8 +22,9 @@ What `parallelize` does, in order (world = pp * dp_replicate * dp_shard ranks, s
    buffer and stays fp32 (a bias update of 1e-3 would vanish in bf16 next to values of ~1).
 
 The return value, ``DataParallel``, is what the loop needs besides the model: the loader's rank and world size (the
-data-parallel coordinates; with pipelining, the ranks of one stage share data), and collectives over the
-data-parallel group for the expert loads (so every rank applies the same bias update) and the logged scalars.
+data-parallel coordinates; with pipelining, the ranks of one stage share data) and the data-parallel group, over
+which the loop reduces each step's scalars and expert loads in one all-reduce of a device tensor (train/steps.py),
+so every rank logs, skips and updates the router biases on the same numbers.
 
 Pipeline parallelism (``pp > 1``): ``parallelize_pipeline`` cuts the model into the stages this rank holds
 (train/parallel/pipeline_parallel.py) and, with more than one data-parallel rank per stage (PP x FSDP/HSDP),
@@ -36,7 +37,8 @@ isolated), whole-stage units match. PP x EP is refused.
 
 Gradient clipping: dense and expert gradients are DTensors on different meshes, which torch's
 ``clip_grad_norm_`` cannot stack; ``clip_grad_norm_`` here takes one norm per mesh and combines them. Under PP
-each rank holds other parameters: the squared norms are summed over the pipeline group as well.
+each rank holds other parameters: the squared norms are summed over the pipeline group as well. The clip factor is
+applied on the device (no host read), as torch's own ``clip_grad_norm_`` does.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def world_size_from_env() -> int:
     """
     slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
     if "WORLD_SIZE" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and slurm_tasks > 1:
+        # deferred on purpose: submitit (the SLURM launcher's dependency) matters only inside a SLURM job
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -83,30 +86,12 @@ def world_size_from_env() -> int:
 
 @dataclass
 class DataParallel:
-    """Data-parallel coordinates of this rank and the collectives the loop uses over them.
-
-    With one process (or no data parallelism) ``group`` is None and every collective is the identity, so the loop
-    reads the same with or without ``torchrun``.
-    """
+    """Data-parallel coordinates of this rank (the loader reads by them) and the group over which the loop reduces
+    its per-step scalars and expert loads (train/steps.py). With one process ``group`` is None."""
 
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
-
-    def all_reduce_sum(self, t: Tensor) -> Tensor:
-        """In place: the sum over data-parallel ranks (a copy-free identity on one rank)."""
-        if self.group is not None and self.size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-        return t
-
-    def mean_scalars(self, values: dict[str, float]) -> dict[str, float]:
-        """The mean of each scalar over data-parallel ranks, in one all-reduce (for logging and NaN agreement)."""
-        if self.group is None or self.size == 1:
-            return values
-        keys = list(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-        return {k: float(v) / self.size for k, v in zip(keys, t.tolist())}
 
 
 def init_parallel(cfg: ParallelConfig, device: torch.device, n_routed_experts: int) -> ParallelMeshes | None:
@@ -187,6 +172,7 @@ def parallelize_pipeline(
                     fully_shard(layer, **kw)
             fully_shard(stage, **kw)
 
+    compute = torch.bfloat16 if mixed_precision else torch.float32
     pipe = build_pipeline(
         model,
         cfg.pp_schedule,
@@ -197,6 +183,8 @@ def parallelize_pipeline(
         scale_grads=False,
         data_parallel=dp_size > 1,
         shard_fn=shard_fn,
+        hidden_dtype=compute if dp_size > 1 else torch.float32,  # bf16 parameters under FSDP's mixed precision
+        logits_dtype=compute,
     )
     return pipe, DataParallel(rank=meshes.dp.get_local_rank(), size=dp_size, group=meshes.dp.get_group())
 
@@ -211,6 +199,8 @@ def clip_grad_norm_(parameters, max_norm: float, pp_group: dist.ProcessGroup | N
     ``pp_group``: the pipeline group, whose ranks hold disjoint parameters; their squared norms are summed over it.
     """
     groups: dict[object, list[Tensor]] = defaultdict(list)
+    parameters = list(parameters)
+    device = next((p.device for p in parameters), torch.device("cpu"))
     for p in parameters:
         if p.grad is not None:
             g = p.grad
@@ -219,14 +209,12 @@ def clip_grad_norm_(parameters, max_norm: float, pp_group: dist.ProcessGroup | N
     for grads in groups.values():
         n = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         norms.append((n.full_tensor() if isinstance(n, DTensor) else n).float())
-    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=device)
     if pp_group is not None:
         sq = total.double().square()
         dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=pp_group)
         total = sq.sqrt().float()
-    coef = float(max_norm) / (float(total) + 1e-6)
-    if coef < 1.0:
-        for grads in groups.values():
-            for g in grads:
-                g.mul_(coef)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # on the device: no host read (torch's clip does the same)
+    for grads in groups.values():
+        torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], coef)
     return total

@@ -61,11 +61,14 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
 
 from model.attention import build_attention_mask
 from model.moe import DeepseekMoE
 from model.transformer import DeepseekV3, cross_entropy
+from train.heldout import ce_sums
+from train.parallel.config import PP_SCHEDULES
 
 __all__ = [
     "SCHEDULES",
@@ -83,7 +86,7 @@ __all__ = [
     "stages_of_rank",
 ]
 
-SCHEDULES = ("1f1b", "dualpipev")
+SCHEDULES = PP_SCHEDULES
 
 
 def stage_layer_ranges(n_layers: int, n_stages: int) -> list[range]:
@@ -219,15 +222,21 @@ class PipelineLoss:
     """The last stage's loss per micro-batch: CE + mtp_weight * MTP + alpha * (balance losses summed over every
     MoE layer), as ``DeepseekV3.forward`` computes it. Records the detached parts of each micro-batch (``records``:
     dicts of loss, ce, mtp, balance, tokens) for the trainer's logging; ``poison=True`` multiplies the loss by NaN
-    (the loop's ``train.inject_nan_at_step``)."""
+    (the loop's ``train.inject_nan_at_step``). With ``eval_bytes_V`` set (validation, no grad) it records only the
+    CE and bits-per-byte sums of ``train.heldout.ce_sums`` (``{"eval_sums": [4]}``)."""
 
     def __init__(self, alpha: float, mtp_weight: float = 0.0, mtp_stage: PipelineStageModule | None = None) -> None:
         self.alpha, self.mtp_weight, self.mtp_stage = alpha, mtp_weight, mtp_stage
         self.records: list[dict[str, Tensor]] = []
         self.poison = False
+        self.eval_bytes_V: Tensor | None = None  # UTF-8 bytes per token id, while validating
 
     def __call__(self, output: tuple[Tensor, ...], targets_BT: Tensor) -> Tensor:
         logits_BTV, balance_1 = output[0], output[1]
+        if self.eval_bytes_V is not None and not torch.is_grad_enabled():
+            sums = ce_sums(logits_BTV, targets_BT, self.eval_bytes_V)
+            self.records.append({"eval_sums": sums})
+            return sums[0] / sums[1].clamp(min=1)
         ce = cross_entropy(logits_BTV, targets_BT)
         balance = balance_1.sum()
         loss, mtp = ce, torch.zeros(())
@@ -305,6 +314,8 @@ def build_pipeline(
     scale_grads: bool = True,
     data_parallel: bool = False,
     shard_fn=None,
+    hidden_dtype: torch.dtype = torch.float32,
+    logits_dtype: torch.dtype = torch.float32,
 ) -> Pipeline:
     """Cut ``model`` into the stages this rank holds and build the schedule over them.
 
@@ -313,6 +324,10 @@ def build_pipeline(
     ``shard_fn(stage_module)``, if given, is applied to each stage module before its ``PipelineStage`` is built
     (FSDP2 for PP x DP: train.parallel.parallelize.fully_shard_stage). ``scale_grads=False`` leaves the gradients
     summed over micro-batches (the trainer divides once; needed with MTP, whose embedding is in two stages).
+    ``hidden_dtype`` / ``logits_dtype``: the dtypes the stages really output, which the static buffers between
+    stages must declare (the schedules check them only under TORCH_DISTRIBUTED_DEBUG=DETAIL, and a bf16 hidden state
+    received into an fp32 buffer is garbage): under autocast the residual stream stays fp32 and the head's output
+    is bf16; under FSDP2's bf16 MixedPrecisionPolicy the parameters are bf16, so the hidden state is too.
 
     ``schedule.step(tokens_BT, target=targets_BT, losses=[])`` on every rank of the pipeline runs one batch
     (forward and backward of all micro-batches; stage 0 feeds the tokens, the last stage takes the targets); then
@@ -332,10 +347,10 @@ def build_pipeline(
         raise ValueError("MTP under PP needs scale_grads=False (the embedding's gradient would be scaled twice)")
     Bm, T = microbatch_shape
     hidden = (
-        torch.empty(Bm, T, cfg.hidden_size, device=device, requires_grad=True),
+        torch.empty(Bm, T, cfg.hidden_size, device=device, dtype=hidden_dtype, requires_grad=True),
         torch.empty(1, device=device, requires_grad=True),
     )
-    logits = (torch.empty(Bm, T, cfg.vocab_size, device=device, requires_grad=True), hidden[1])
+    logits = (torch.empty(Bm, T, cfg.vocab_size, device=device, dtype=logits_dtype, requires_grad=True), hidden[1])
     if mtp:
         logits = (*logits, hidden[0])
     tokens = torch.empty(Bm, T, dtype=torch.long, device=device)
@@ -382,8 +397,6 @@ def gather_full_state_dict(view: nn.Module, sharded: bool) -> dict[str, Tensor] 
     """The whole model's state dict on global rank 0 (None elsewhere): each rank's parts (FSDP shards gathered to
     full tensors first), collected with ``gather_object``. Every rank must call it."""
     if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         sd = get_model_state_dict(view, options=StateDictOptions(full_state_dict=True))
     else:
         sd = view.state_dict()
