@@ -26,9 +26,13 @@ class Log:
     def __init__(self, path):
         self.rows = []
         self.metrics_path = path  # (never written here)
+        self.resumed_at = None
 
     def log(self, row, step):
         self.rows.append((step, row))
+
+    def resume_at(self, step):  # the tracker drops what was logged after the checkpoint (pipeline.tracking)
+        self.resumed_at = step
 
 
 def _setup(tmp_path, **cadence):
@@ -98,6 +102,7 @@ def test_a_preemption_signal_finishes_the_step_checkpoints_it_and_exits(tmp_path
     # the resumed loop continues from that step and is not preempted again
     model2, opt2, ckpts2, _, loop2 = _setup(tmp_path, ckpt_every=100)
     assert loop2.resume("auto", model2, opt2)["step"] == 2 and loop2.start == 2
+    assert loop2.tracker.resumed_at == 2
     _train(loop2, model2, opt2)
     assert _steps(ckpts2) == [2, 6]
 
