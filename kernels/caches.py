@@ -5,11 +5,11 @@ K-major transpose that Dgrad reads. With gradient accumulation over k micro-batc
 transposed once per optimizer step instead of k times (and once per evaluation, not per batch). An entry is
 valid while the weight is the very Parameter the layer was built with, at the same ``_version``, address,
 dtype and scale format: optimizer steps, ``load_state_dict`` and any in-place ``copy_`` bump ``_version``,
-``module.to(...)`` moves the address. A weight that is *not* the layer's own Parameter is quantized afresh on
-every call: that is what FSDP2 hands a layer during forward (an all-gathered tensor whose version counter it
-deliberately preserves while refilling it, so a cache keyed on it would go stale after a step), and what a user
-gets after replacing the Parameter. (Writing through ``param.data`` bypasses the version counter and is not
-seen; nothing in this repository does.)
+``module.to(...)`` moves the address (the cache holds the old storage, so no new one can reuse its address).
+A weight that is *not* the layer's own Parameter is quantized afresh on every call: that is what FSDP2 hands a
+layer during forward (an all-gathered tensor whose version counter it deliberately preserves while refilling
+it, so a cache keyed on it would go stale after a step), and what a user gets after replacing the Parameter.
+(Writing through ``param.data`` bypasses the version counter and is not seen; nothing in this repository does.)
 
 ``ActQuantCache`` is shared by the projections that read the same input: ``gate_proj``/``up_proj`` of an MLP,
 ``q_a_proj``/``kv_a_proj_with_mqa`` (or ``q_proj``) of MLA, and the gate and up GEMMs of the routed experts.
@@ -39,6 +39,7 @@ class WeightCache:
     def __init__(self, owner: torch.Tensor) -> None:
         self._owner = weakref.ref(owner)
         self._key: tuple | None = None
+        self._storage: torch.UntypedStorage | None = None  # held, so that no new storage can take its address
         self._q: Quantized | None = None
         self._qT: Quantized | None = None
         self.quantizations = 0  # how many times the weight was quantized (tests read it)
@@ -57,7 +58,9 @@ class WeightCache:
         with torch.no_grad():
             q = quant(w, fmt)
         self.quantizations += 1
-        self._key, self._q, self._qT = key, (q if key is not None else None), None
+        cached = key is not None
+        self._key, self._q, self._qT = key, (q if cached else None), None
+        self._storage = w.untyped_storage() if cached else None
         return q
 
     def transposed(self, q: Quantized) -> Quantized:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from kernels import reference as ref
-from kernels.accumulation import INTERPRETER, AccumulationModel, model_for
+from kernels.accumulation import HOPPER, INTERPRETER, AccumulationModel, emulate_gemm, model_for
 
 BF16_UNIT = 2.0**-8  # half an ulp of bf16, relative
 
@@ -50,11 +50,6 @@ def bf16_bound(c64: torch.Tensor) -> torch.Tensor:
     return BF16_UNIT * c64.abs() * 1.01
 
 
-def model_name(device: torch.device | str) -> str:
-    model: AccumulationModel = model_for(device)
-    return model.name
-
-
 def grouped_bounds(x_MK, w_ENK, dy_MN, offsets_E1, device, vs_reference: bool = True) -> dict[str, torch.Tensor]:
     """Per-element bounds for y, dx, dw of ``fp8_grouped_mm`` (fp32 scales), expert by expert."""
     x_MK, w_ENK, dy_MN, bounds = x_MK.cpu(), w_ENK.cpu(), dy_MN.cpu(), offsets_E1.tolist()
@@ -72,3 +67,35 @@ def grouped_bounds(x_MK, w_ENK, dy_MN, offsets_E1, device, vs_reference: bool = 
             dx[lo:hi] = gemm_bound(dy64[lo:hi], w64[e].T, device, vs_reference=vs_reference)
             dw[e] = gemm_bound(dyT64[:, lo:hi], xT64[:, lo:hi], device, vs_reference=vs_reference)
     return {"y": y, "dx": dx, "dw": dw}
+
+
+def emulated_ops(model: AccumulationModel = HOPPER):
+    """The torch backend's kernel set with every GEMM summed as ``model`` says (``emulate_gemm``, on the CPU):
+    what the model predicts a GPU run of the Triton kernels computes, for tolerances of whole training steps."""
+    from kernels.fp8_linear import _Ops, ops_for
+
+    def gemm(a_q, a_s, b_q, b_s, *, b_blockwise, out_dtype=torch.float32):
+        c = emulate_gemm(a_q.cpu(), a_s.cpu(), b_q.cpu(), b_s.cpu(), b_blockwise=b_blockwise, model=model)
+        return c.to(a_q.device, out_dtype)
+
+    def grouped(a_q, a_s, b_q, b_s, offsets_E1, out_dtype=torch.float32):
+        bounds = offsets_E1.tolist()
+        out = torch.zeros(a_q.shape[0], b_q.shape[1], device=a_q.device)
+        for e in range(b_q.shape[0]):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                out[lo:hi] = gemm(a_q[lo:hi], a_s[lo:hi], b_q[e], b_s[e], b_blockwise=True)
+        return out.to(out_dtype)
+
+    def wgrad(aT_q, aT_s, bT_q, bT_s, offsets_E1):
+        bounds = offsets_E1.tolist()
+        out = torch.zeros(len(bounds) - 1, aT_q.shape[0], bT_q.shape[0], device=aT_q.device)
+        for e in range(len(bounds) - 1):
+            seg = aT_q.clone()
+            seg.view(torch.uint8)[:, : bounds[e]] = 0  # the kernel's in-register mask: global token tiles kept
+            seg.view(torch.uint8)[:, bounds[e + 1] :] = 0
+            out[e] = gemm(seg, aT_s, bT_q, bT_s, b_blockwise=False)
+        return out
+
+    torch_ops = ops_for("torch")
+    return _Ops(torch_ops.act_quant, torch_ops.act_quant_t, torch_ops.weight_quant, gemm, grouped, wgrad)

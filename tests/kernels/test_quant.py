@@ -76,7 +76,7 @@ def test_cast_matches_torch_bit_for_bit(device):
     want = x.clamp(-448.0, 448.0).to(FP8)  # torch's RNE cast, saturated (torch's own cast turns >=480 into NaN)
     assert_same_fp8(quant.cast_to_e4m3(x.to(device), native=False), want, x)  # the bit-built path
     assert_same_fp8(quant.cast_to_e4m3(x.to(device)), want, x)  # the default path of this machine (the switch)
-    assert quant.NATIVE == (device == "cuda")
+    assert quant.NATIVE is (device == "cuda")
     # the reference helper is the same thing
     assert_same_fp8(ref.cast_to_e4m3(x), want, x)
 
