@@ -336,6 +336,7 @@ def act_quant_t(
     With ``s_MKt`` (fp32 or ue8m0), ``x_MK`` is an e4m3 activation with 1x128 scales, dequantized on load (fused).
     ``q_KM`` is a view of a [K, Mp] buffer whose padding columns are zero.
     """
+    in_ue8m0 = False
     if s_MKt is None:
         x_MK = _rows_contiguous("x_MK", x_MK, _FLOAT_INPUTS)
     else:
@@ -363,7 +364,7 @@ def act_quant_t(
             Mp,
             s.stride(0),
             HAS_IN_SCALE=s_MKt is not None,
-            IN_UE8M0=s_MKt is not None and in_ue8m0,
+            IN_UE8M0=in_ue8m0,
             UE8M0=fmt == "ue8m0",
             NATIVE=_native(native),
             TILE_M=TILE,

@@ -108,6 +108,23 @@ def test_wgrad_masks_the_neighbours_tokens(device):
         assert_within(dw[e], a64[:, lo:hi] @ b64[:, lo:hi].T, gemm_bound(a64[:, lo:hi], b64[:, lo:hi], device), f"{e}")
 
 
+def test_grouped_addresses_past_2_31(device):
+    """int64 row offsets: token rows 2^24 bytes apart (the last 2.2e9 bytes from the first), two experts."""
+    M, N, K, stride = 130, 64, 128, 1 << 24
+    counts = [60, 70]
+    x_q, x_s = ref.act_quant_ref(torch.randn(M, K, generator=torch.Generator().manual_seed(13)))
+    w_q, w_s = ref.weight_quant_ref(torch.randn(2, N, K, generator=torch.Generator().manual_seed(14)))
+    big = torch.empty((M - 1) * stride + K, dtype=torch.uint8, device=device)  # untouched pages cost nothing
+    x_far = big.as_strided((M, K), (stride, 1)).view(torch.float8_e4m3fn)
+    x_far.copy_(x_q.to(device))
+    offsets = offsets_of(counts)
+    y = grouped_gemm.grouped_fp8_gemm_nt(x_far, x_s.to(device), w_q.to(device), w_s.to(device), offsets.to(device))
+    x64, w64 = dequant(x_q, x_s, False), dequant(w_q, w_s, True)
+    expert_M = torch.repeat_interleave(torch.arange(2), torch.tensor(counts))
+    y64 = torch.einsum("mk,mnk->mn", x64, w64[expert_M])
+    assert_within(y, y64, per_row_bound(x64, w64[expert_M], device), "far rows")
+
+
 def test_tile_schedule_never_crosses_experts_and_marks_spare_tiles():
     offsets = offsets_of([3, 0, 130, 7, 0])
     expert_T, row_T = grouped_gemm.tile_schedule(offsets, 64, M=140)
