@@ -48,7 +48,8 @@ class WeightCache:
     def _key_of(self, w: torch.Tensor, fmt: str) -> tuple | None:
         if self._owner() is not w or not _cacheable(w):
             return None  # not the layer's own Parameter (e.g. FSDP2's all-gathered copy): never cached
-        return (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape), fmt)
+        # results made under inference_mode are inference tensors, which autograd may not save: a separate key
+        return (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape), fmt, torch.is_inference_mode_enabled())
 
     def quantized(self, w: torch.Tensor, fmt: str, quant: Callable[[torch.Tensor, str], Quantized]) -> Quantized:
         """``quant(w, fmt)``, reused while ``w`` is unchanged."""
@@ -87,11 +88,15 @@ class _Entry:
 
     def __init__(self, key_tensor: torch.Tensor, extra: tuple, value: Any, on_free: Callable[[Any], None]) -> None:
         self.ref = weakref.ref(key_tensor, on_free)
-        self.key = (key_tensor._version, tuple(key_tensor.shape), key_tensor.dtype, *extra)
+        self.key = _entry_key(key_tensor, extra)
         self.value = value
 
     def matches(self, t: torch.Tensor, extra: tuple) -> bool:
-        return self.ref() is t and self.key == (t._version, tuple(t.shape), t.dtype, *extra)
+        return self.ref() is t and self.key == _entry_key(t, extra)
+
+
+def _entry_key(t: torch.Tensor, extra: tuple) -> tuple:
+    return (t._version, tuple(t.shape), t.dtype, torch.is_inference_mode_enabled(), *extra)
 
 
 def _cacheable(t: torch.Tensor) -> bool:

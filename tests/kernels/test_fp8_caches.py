@@ -152,3 +152,19 @@ def test_deepcopy_gives_fresh_caches_bound_to_the_copied_weights():
     with torch.no_grad():
         twin.weight.mul_(-1.0)
     assert torch.equal(twin(x), -layer(x))
+
+
+def test_inference_mode_results_never_reach_training():
+    """Generation runs under inference_mode (GRPO rollouts, then a training step on the same weights): what the
+    cache made there are inference tensors, which autograd cannot save, so training gets its own quantization."""
+    torch.manual_seed(7)
+    layer = FP8Linear(64, 32, bias=False, backend="torch")
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        y_inf = layer(x)
+        layer(x)  # cached within inference mode
+    assert layer.weight_cache.quantizations == 1
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    y.sum().backward()  # would raise if an inference tensor had been saved
+    assert layer.weight_cache.quantizations == 2 and torch.equal(y.detach(), y_inf)
