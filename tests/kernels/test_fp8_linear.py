@@ -126,7 +126,7 @@ def test_fp8_linear_ue8m0_scales_and_shape_errors():
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_scale_format_per_tensor_class(backend, device):
     """Each class gets its own format: act ue8m0, weight fp32, grad ue8m0 here; every GEMM matches the reference
-    fed with exactly those quantizations (torch backend: bit for bit)."""
+    fed with exactly those quantizations (torch backend on the CPU: bit for bit; else within the model's bound)."""
     formats = ScaleFormats(act="ue8m0", weight="fp32", grad="ue8m0")
     g = torch.Generator().manual_seed(4)
     x = torch.randn(7, 200, generator=g).to(device).requires_grad_()
@@ -157,7 +157,7 @@ def test_scale_format_per_tensor_class(backend, device):
         ),
     }
     for name in want:
-        if backend == "torch":
+        if backend == "torch" and device == "cpu":  # the very computation of the reference
             assert torch.equal(got[name].cpu(), want[name]), name
         else:
             a64, b64 = (t.double() for t in operands[name])
