@@ -17,7 +17,8 @@ What is emulated, for C = A @ B^T with A, B random (M x K and N x K):
   accumulator update is not published: G is a free parameter of this emulation. The default G=4 is
   *calibrated*: it lands near the report's ~2% at K=4096 (G=1, one rounding per product, gives ~6-8%);
 - ``promoted``: 1x128 / 128x128 tile-scaled e4m3 inputs (our kernels' format); the same limited accumulator
-  over each 128-deep slice, then scaled and added into an FP32 accumulator (``kernels/fp8_gemm.py``);
+  over each 128-deep slice, then scaled and added into an FP32 accumulator (``kernels/fp8_gemm.py``). This is
+  ``kernels.accumulation.emulate_gemm``, the model the kernel tests take their GPU tolerances from;
 - ``fp32``: the same tile-scaled inputs with plain FP32 accumulation (the promotion's ideal).
 
 Errors are measured against the exact (float64) product of the *quantized* inputs, so they isolate the
@@ -42,7 +43,8 @@ from pathlib import Path
 import torch
 
 from bench.common import commit as git_commit
-from kernels.reference import act_quant_ref, cast_to_e4m3, weight_quant_ref
+from kernels.accumulation import INTERPRETER, AccumulationModel, emulate_gemm, limited_sum
+from kernels.reference import act_dequant_ref, act_quant_ref, cast_to_e4m3, weight_dequant_ref, weight_quant_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV_PATH = ROOT / "bench" / "results" / "fp8_accumulation.csv"
@@ -63,23 +65,6 @@ FIELDS = [
     "max_rel_err",
     "norm_rel_err",
 ]
-
-
-def truncate_to_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Keep ``bits`` significant bits of fp32 ``x`` (the implicit one included), truncating toward zero."""
-    drop = 24 - bits
-    mask = ~((1 << drop) - 1)
-    return (x.view(torch.int32) & mask).view(torch.float32)
-
-
-def limited_sum(a_MK: torch.Tensor, b_NK: torch.Tensor, bits: int, group: int = 1) -> torch.Tensor:
-    """sum_k a[:, k] b[:, k] with a ``bits``-bit accumulator, updated once per ``group`` products (each group
-    summed exactly first; products of e4m3 values are exact in fp32)."""
-    acc_MN = torch.zeros(a_MK.shape[0], b_NK.shape[0])
-    for k in range(0, a_MK.shape[1], group):
-        partial_MN = a_MK[:, k : k + group] @ b_NK[:, k : k + group].T
-        acc_MN = truncate_to_bits(acc_MN + partial_MN, bits)
-    return acc_MN
 
 
 def per_tensor_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,19 +90,10 @@ def run_once(
 
     # tile-scaled inputs (our kernels): limited precision inside each 128 slice, promotion to fp32
     (qa_t, sa_t), (qb_t, sb_t) = act_quant_ref(a), weight_quant_ref(b)
-    qa_t, qb_t = qa_t.float(), qb_t.float()
-    exact = torch.zeros(M, N, dtype=torch.float64)
-    promoted = torch.zeros(M, N)
-    fp32 = torch.zeros(M, N)
-    for kt in range(K // 128):
-        sl = slice(kt * 128, (kt + 1) * 128)
-        scale_MN = sa_t[:, kt, None] * sb_t.repeat_interleave(128, dim=0)[:N, kt][None, :]
-        partial = qa_t[:, sl].double() @ qb_t[:, sl].double().T
-        exact += partial * scale_MN.double()
-        promoted += limited_sum(qa_t[:, sl], qb_t[:, sl], bits, group) * scale_MN
-        fp32 += (qa_t[:, sl] @ qb_t[:, sl].T) * scale_MN
-    out["promoted"] = errors(promoted, exact)
-    out["fp32"] = errors(fp32, exact)
+    exact = act_dequant_ref(qa_t, sa_t).double() @ weight_dequant_ref(qb_t, sb_t).double().T
+    model = AccumulationModel("bench", bits=bits, group=group)
+    out["promoted"] = errors(emulate_gemm(qa_t, sa_t, qb_t, sb_t, b_blockwise=True, model=model), exact)
+    out["fp32"] = errors(emulate_gemm(qa_t, sa_t, qb_t, sb_t, b_blockwise=True, model=INTERPRETER), exact)
     out["quant_vs_exact"] = errors(exact.float(), a.double() @ b.double().T)
     return out
 

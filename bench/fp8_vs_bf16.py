@@ -10,6 +10,10 @@ below 0.25% against BF16; this script reports ours (final step and the mean over
 appends it to bench/results/fp8_vs_bf16.csv. The per-step curves go to outputs/<run>_fp8study_curve.csv for the report.
 On a CPU the FP8 path runs the PyTorch reference of the kernels (same quantization numerics as the Triton kernels;
 `kernels.backend=triton` with TRITON_INTERPRET=1 runs the kernels themselves, much slower).
+
+Like for like. Both runs train under BF16 autocast; the FP8 layers write their outputs in the autocast dtype, BF16,
+as the BF16 run's `nn.Linear` does and as DeepSeek-V3's FP8 GEMMs do (`kernels.fp8_linear.compute_dtype`). Rows
+measured before that change (no `fp8_outputs` column) compared FP8 layers with FP32 outputs against BF16 ones.
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     vals = [r for r in curve if "val_rel_diff" in r]
     result = {
         "steps": args.steps,
+        "fp8_outputs": "bf16",  # the autocast dtype (earlier rows: fp32)
+        "overrides": " ".join(args.overrides),
         "final_loss_rel_diff": round(curve[-1]["rel_diff"], 5),
         "tail_mean_abs_rel_diff": round(sum(abs(r["rel_diff"]) for r in tail) / len(tail), 5),
         "final_val_rel_diff": round(vals[-1]["val_rel_diff"], 5) if vals else None,

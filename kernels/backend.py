@@ -1,6 +1,6 @@
 """Which implementation of the FP8 kernels runs: the Triton kernels or their pure-PyTorch references.
 
-`kernels.backend=auto|triton|torch`:
+`kernels.backend=auto|triton|torch|torchao`:
 
 - ``auto``: Triton when CUDA is available, else the PyTorch reference (the CPU default).
 - ``triton``: the Triton kernels. Without CUDA they only run under the Triton interpreter, which Triton
@@ -9,6 +9,9 @@
   ``kernels.quant`` / ``kernels.fp8_gemm`` / ``kernels.grouped_gemm`` are imported. Every other module of
   this package imports them lazily, only once this check has passed.
 - ``torch``: the references in ``kernels/reference.py``; same quantization bits, FP32 accumulation.
+- ``torchao``: not ours: the linear layers run torchao's float8 training with row-wise scales (what torchtitan's
+  float8 converter uses), the comparison a GPU user would otherwise pick (``kernels/comparison.py``); the routed
+  experts keep our kernels (``auto``). Only ``convert_to_fp8`` takes it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "torchao")
 _TRITON_MODULES = ("kernels.quant", "kernels.fp8_gemm", "kernels.grouped_gemm")
 
 
@@ -28,15 +31,15 @@ def interpreting() -> bool:
 
 
 def resolve_backend(name: str) -> str:
-    """Map ``auto|triton|torch`` to the backend that will run: ``"triton"`` or ``"torch"``.
+    """Map ``auto|triton|torch|torchao`` to the backend that will run: ``"triton"``, ``"torch"`` or ``"torchao"``.
 
     Raises ValueError for an unknown name, and RuntimeError when Triton is asked for on a machine without
     CUDA and the interpreter is not (or was not, when the kernels were imported) switched on.
     """
     if name not in BACKENDS:
         raise ValueError(f"kernels.backend must be one of {BACKENDS}, got {name!r}")
-    if name == "torch":
-        return "torch"
+    if name in ("torch", "torchao"):
+        return name
     if name == "auto":
         return "triton" if torch.cuda.is_available() else "torch"
     if torch.cuda.is_available():

@@ -6,8 +6,8 @@ Quantization follows DeepSeek-V3 (report section 3.3, "fine-grained quantization
 - weights in 128x128 blocks: one scale per block;
 - e4m3 (``torch.float8_e4m3fn``, max 448) for every GEMM input, saturating at +-448;
 - online scaling: the scale comes from the tensor being quantized right now, no history;
-- optional power-of-two scales (``pow2``): the scale rounded up to a power of two, so that scaling and
-  unscaling are exact.
+- the scale format (``kernels/formats.py``): ``fp32`` scales, or ``ue8m0``: the scale rounded up to a power of
+  two and stored as its biased exponent in one byte (``decode_scale`` turns either into fp32).
 
 Shapes that are not multiples of 128 are zero-padded to whole tiles: the padding does not move the max-abs
 and multiplies to zero, so a 96-wide matrix behaves as if its last tile held 32 columns of zeros.
@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.formats import SCALE_FORMATS
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 TILE = 128
@@ -42,15 +44,33 @@ def cast_to_e4m3(y: torch.Tensor) -> torch.Tensor:
     return y.float().clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def scale_from_amax(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
-    """fp32 scale ``max(amax, eps) / 448``, rounded up to a power of two when ``pow2`` (NaN kept)."""
+def scale_dtype(fmt: str) -> torch.dtype:
+    """How a scale tensor of format ``fmt`` is stored: float32, or uint8 exponents for ue8m0."""
+    if fmt not in SCALE_FORMATS:
+        raise ValueError(f"scale format must be one of {SCALE_FORMATS}, got {fmt!r}")
+    return torch.uint8 if fmt == "ue8m0" else torch.float32
+
+
+def scale_from_amax(amax: torch.Tensor, fmt: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (fp32 scale to divide by, the scale as stored in format ``fmt``); NaN kept.
+
+    fp32: ``max(amax, eps) / 448``. ue8m0: that value rounded up to a power of two on the bit pattern (add an
+    all-ones mantissa, keep the exponent: exact, no log2), stored as its exponent byte (NaN and Inf -> 255).
+    """
     s = amax.float().clamp(min=AMAX_EPS) / FP8_MAX
-    if pow2:
-        # Round up on the bit pattern (exact, no log2): add all-ones mantissa, keep only the exponent.
-        bits = s.view(torch.int32)
-        up = ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
-        s = torch.where(s.isnan(), s, up)
-    return s
+    if scale_dtype(fmt) == torch.float32:
+        return s, s
+    bits = s.view(torch.int32)
+    up = torch.where(s.isnan(), s, ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32))
+    return up, ((up.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+
+
+def decode_scale(s: torch.Tensor) -> torch.Tensor:
+    """fp32 value of a stored scale: fp32 as is, a ue8m0 exponent byte ``e`` as ``2^(e - 127)`` (255: NaN)."""
+    if s.dtype != torch.uint8:
+        return s.float()
+    e = s.to(torch.int32)
+    return torch.where(e == 255, float("nan"), (e << 23).view(torch.float32))
 
 
 def _pad_last(x: torch.Tensor, multiple: int = TILE) -> torch.Tensor:
@@ -58,51 +78,52 @@ def _pad_last(x: torch.Tensor, multiple: int = TILE) -> torch.Tensor:
     return F.pad(x, (0, pad)) if pad else x
 
 
-def act_quant_ref(x_MK: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``x_MK`` in 1x128 tiles -> (q_MK e4m3, s_MKt fp32)."""
+def act_quant_ref(x_MK: torch.Tensor, fmt: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x_MK`` in 1x128 tiles -> (q_MK e4m3, s_MKt in format ``fmt``)."""
     M, K = x_MK.shape
     xp = _pad_last(x_MK.float()).view(M, cdiv(K, TILE), TILE)
-    s_MKt = scale_from_amax(xp.abs().amax(dim=-1), pow2)
-    q = cast_to_e4m3(xp / s_MKt[..., None])
+    s32_MKt, s_MKt = scale_from_amax(xp.abs().amax(dim=-1), fmt)
+    q = cast_to_e4m3(xp / s32_MKt[..., None])
     return q.view(M, cdiv(K, TILE) * TILE)[:, :K].contiguous(), s_MKt
 
 
 def act_dequant_ref(q_MK: torch.Tensor, s_MKt: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of ``act_quant_ref``: ``q * s`` per 1x128 tile (in fp32, then cast to ``dtype``)."""
     K = q_MK.shape[-1]
-    s_MK = s_MKt.repeat_interleave(TILE, dim=-1)[..., :K]
+    s_MK = decode_scale(s_MKt).repeat_interleave(TILE, dim=-1)[..., :K]
     return (q_MK.float() * s_MK).to(dtype)
 
 
 def act_quant_t_ref(
-    x_MK: torch.Tensor, s_MKt: torch.Tensor | None = None, pow2: bool = False
+    x_MK: torch.Tensor, s_MKt: torch.Tensor | None = None, fmt: str = "fp32"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x_MK`` along the token dim (128x1 tiles) and return it transposed: (q_KM, s_KMt).
 
     This is the Wgrad operand: ``dW = dY^T @ X`` reduces over tokens, so both operands need their
     scale tiles along M. With ``s_MKt`` given, ``x_MK`` is the saved e4m3 activation (1x128 tiles) and is
-    dequantized first: DeepSeek-V3's dequantize -> transpose -> re-quantize of the cached FP8 activation.
+    dequantized first (its scales in either format): DeepSeek-V3's dequantize -> transpose -> re-quantize of the
+    cached FP8 activation. The output's scales are in format ``fmt``.
     """
     x = act_dequant_ref(x_MK, s_MKt) if s_MKt is not None else x_MK.float()
-    return act_quant_ref(x.t(), pow2)
+    return act_quant_ref(x.t(), fmt)
 
 
-def weight_quant_ref(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``w_NK`` (or stacked experts ``w_ENK``) in 128x128 blocks -> (q, s_[E]NtKt)."""
+def weight_quant_ref(w: torch.Tensor, fmt: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``w_NK`` (or stacked experts ``w_ENK``) in 128x128 blocks -> (q, s_[E]NtKt in format ``fmt``)."""
     squeeze = w.dim() == 2
     w_ENK = w.unsqueeze(0) if squeeze else w
     E, N, K = w_ENK.shape
     Nt, Kt = cdiv(N, TILE), cdiv(K, TILE)
     wp = F.pad(w_ENK.float(), (0, Kt * TILE - K, 0, Nt * TILE - N)).view(E, Nt, TILE, Kt, TILE)
-    s_ENtKt = scale_from_amax(wp.abs().amax(dim=(2, 4)), pow2)
-    q = cast_to_e4m3(wp / s_ENtKt[:, :, None, :, None]).view(E, Nt * TILE, Kt * TILE)[:, :N, :K].contiguous()
+    s32_ENtKt, s_ENtKt = scale_from_amax(wp.abs().amax(dim=(2, 4)), fmt)
+    q = cast_to_e4m3(wp / s32_ENtKt[:, :, None, :, None]).view(E, Nt * TILE, Kt * TILE)[:, :N, :K].contiguous()
     return (q[0], s_ENtKt[0]) if squeeze else (q, s_ENtKt)
 
 
 def weight_dequant_ref(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of ``weight_quant_ref`` for ``[N, K]`` or ``[E, N, K]`` (also on transposed views)."""
     N, K = q.shape[-2:]
-    s_full = s.repeat_interleave(TILE, dim=-2).repeat_interleave(TILE, dim=-1)[..., :N, :K]
+    s_full = decode_scale(s).repeat_interleave(TILE, dim=-2).repeat_interleave(TILE, dim=-1)[..., :N, :K]
     return (q.float() * s_full).to(dtype)
 
 

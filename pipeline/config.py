@@ -18,6 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 from data.config import DataConfig
 from distill.config import DistillConfig
 from eval.config import EvalConfig
+from kernels.backend import BACKENDS
+from kernels.formats import SCALE_FORMATS, ScaleFormats
 from model.config import ModelConfig
 from train.config import TrainConfig
 from train.parallel.config import ParallelConfig
@@ -55,8 +57,38 @@ class WandbConfig:
 
 @dataclass
 class KernelsConfig:
-    backend: str = "auto"  # auto | triton | torch
-    pow2_scale: bool = False
+    """The FP8 kernels (`precision=fp8`): which implementation runs, and how the scales are stored.
+
+    `scale_format` sets every tensor class; `act_scale_format`, `weight_scale_format`, `grad_scale_format`
+    override one class each (kernels/formats.py: fp32 as DeepSeek-V3, ue8m0 as DeepSeek-V3.1).
+    """
+
+    backend: str = "auto"  # auto | triton | torch | torchao (kernels/backend.py)
+    scale_format: str = "fp32"  # fp32 | ue8m0
+    act_scale_format: str | None = None  # activations X; None: scale_format
+    weight_scale_format: str | None = None  # weights W
+    grad_scale_format: str | None = None  # output gradients dY
+    pow2_scale: bool = False  # deprecated alias of scale_format=ue8m0 (kept while train/ passes it)
+
+    def scale_formats(self) -> ScaleFormats:
+        base = "ue8m0" if self.pow2_scale else self.scale_format
+        act, weight, grad = (self.act_scale_format, self.weight_scale_format, self.grad_scale_format)
+        return ScaleFormats(act or base, weight or base, grad or base)
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"kernels.backend must be one of {BACKENDS}, got {self.backend!r}")
+        for key in ("scale_format", "act_scale_format", "weight_scale_format", "grad_scale_format"):
+            value = getattr(self, key)
+            if value not in (*SCALE_FORMATS, *((None,) if key != "scale_format" else ())):
+                raise ValueError(f"kernels.{key} must be one of {SCALE_FORMATS}, got {value!r}")
+        if self.pow2_scale and self.scale_format != "fp32":
+            raise ValueError("kernels.pow2_scale=true is the old spelling of kernels.scale_format=ue8m0: set one")
+        if self.backend == "torchao" and self.scale_formats() != ScaleFormats():
+            raise ValueError(
+                f"kernels.scale_format ({self.scale_formats()}) applies to our kernels; kernels.backend=torchao uses "
+                "torchao's row-wise recipe, which picks its own (power-of-two) scales"
+            )
 
 
 @dataclass
@@ -112,8 +144,6 @@ def _validate_sections(section: Any, key: str) -> None:
 def _check(cfg: Config) -> None:
     if cfg.precision not in ("fp32", "bf16", "fp8"):
         raise ConfigError(f"precision must be fp32, bf16 or fp8, got {cfg.precision!r}")
-    if cfg.kernels.backend not in ("auto", "triton", "torch"):
-        raise ConfigError(f"kernels.backend must be auto, triton or torch, got {cfg.kernels.backend!r}")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode must be offline, online or disabled, got {cfg.wandb.mode!r}")
     for f in fields(cfg):

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kernels.formats import ScaleFormats
 from model.config import ModelConfig
 from model.transformer import DeepseekV3
 
@@ -65,10 +66,18 @@ def autocast(precision: str, device: torch.device):
 
 
 def build_model(
-    mcfg: ModelConfig, precision: str, kernels_backend: str, device: torch.device, pow2_scale: bool = False
+    mcfg: ModelConfig,
+    precision: str,
+    kernels_backend: str,
+    device: torch.device,
+    scale_formats: ScaleFormats | str | bool = "fp32",
 ) -> nn.Module:
-    """The single-device model with FP32 master weights, the FP8 path applied from outside when asked. On the meta
-    device nothing is allocated (train/meta_init.py materialises it after sharding)."""
+    """The single-device model with FP32 master weights, the FP8 path applied from outside when asked.
+
+    ``scale_formats``: the FP8 scale format per tensor class (``KernelsConfig.scale_formats()``); a bool is the
+    old ``kernels.pow2_scale`` (True: ue8m0 for every class).
+    On the meta device nothing is allocated (train/meta_init.py materialises it after sharding).
+    """
     mcfg.validate()
     if device.type == "meta":
         with torch.device("meta"):
@@ -78,5 +87,7 @@ def build_model(
     if precision == "fp8":
         from kernels.fp8_linear import convert_to_fp8
 
-        convert_to_fp8(model, backend=kernels_backend, pow2_scale=pow2_scale)
+        if isinstance(scale_formats, bool):
+            scale_formats = "ue8m0" if scale_formats else "fp32"
+        convert_to_fp8(model, backend=kernels_backend, scale_formats=scale_formats)
     return model

@@ -1,9 +1,11 @@
 """Optimizer steps of a tiny DeepSeek-V3 with every FP8 GEMM on the Triton kernels (interpreted on CPU), against
 the same steps on the PyTorch references and against the high-precision model.
 
-Both FP8 runs quantize to the same bits and differ only in FP32 accumulation order. Tolerances (relative):
-per-step loss 1e-5 between backends; first-step gradients 1e-4 per parameter (Frobenius); after the steps,
-each parameter's difference between backends <= 1e-3 of its update; FP8 vs FP32 loss within 2%.
+Both FP8 runs quantize to the same bits and differ only in accumulation. Tolerances (relative), in the
+interpreter: per-step loss 1e-5 between backends; first-step gradients 1e-4 per parameter (Frobenius); after the
+steps, each parameter's difference between backends <= 1e-3 of its update. On a GPU, 4x what the accumulation
+model predicts for the same steps (every GEMM emulated with a 14-bit accumulator, kernels/accumulation.py).
+FP8 vs FP32 loss within 2%.
 A second test checks convergence: FP8 (torch backend) tracks FP32 over 20 steps.
 The tiny model has no MTP module here only to keep the interpreter's launch count (the cost) down; MTP's
 eh_proj and layer are covered by tests/kernels/test_fp8_linear.py on the torch backend.
@@ -17,6 +19,7 @@ import torch
 from kernels.fp8_linear import convert_to_fp8, fp8_modules
 from model.config import ModelConfig
 from model.transformer import DeepseekV3
+from tests.kernels.gemm_bounds import emulated_ops
 
 STEPS = 2
 
@@ -65,33 +68,81 @@ def train(
     return losses, first_grads
 
 
+def differences(run_a, run_b, start: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Largest per-step loss, first-step gradient and final-parameter differences between two runs of train()."""
+    (loss_a, grad_a, m_a), (loss_b, grad_b, m_b) = run_a, run_b
+    out = {"loss": max(abs(a - b) / abs(b) for a, b in zip(loss_a, loss_b)), "grad": 0.0, "param": 0.0}
+    for (name, p_a), p_b in zip(m_a.named_parameters(), m_b.parameters()):
+        g_err = ((grad_a[name] - grad_b[name]).norm() / grad_b[name].norm().clamp(min=1e-30)).item()
+        update = (p_b.detach().cpu() - start[name]).norm()
+        p_err = ((p_a.detach().cpu() - p_b.detach().cpu()).norm() / update.clamp(min=1e-30)).item()
+        out["grad"], out["param"] = max(out["grad"], g_err), max(out["param"], p_err)
+    return out
+
+
+def fp8_run(base: DeepseekV3, batches, backend: str, device) -> tuple:
+    model = convert_to_fp8(copy.deepcopy(base).to(device), backend=backend)
+    return (*train(model, [b.to(device) for b in batches]), model)
+
+
+def hopper_prediction(base: DeepseekV3, batches) -> dict[str, float]:
+    """How far the accumulation model says a GPU run drifts from the FP32-accumulating torch backend: the same
+    steps on the CPU with every GEMM emulated (tests/kernels/gemm_bounds.py: emulated_ops)."""
+    import kernels.fp8_linear as fl
+
+    emulated, ops_for = emulated_ops(), fl.ops_for
+    start = {n: p.detach().clone() for n, p in base.named_parameters()}
+    reference = fp8_run(base, batches, "torch", "cpu")
+    fl.ops_for = lambda backend: emulated if backend == "torch" else ops_for(backend)
+    try:
+        predicted = fp8_run(base, batches, "torch", "cpu")
+    finally:
+        fl.ops_for = ops_for
+    return differences(predicted, reference, start)
+
+
+# triton vs torch in the interpreter: the same bits, FP32 sums in another order
+INTERPRETER_TOL = {"loss": 1e-5, "grad": 1e-4, "param": 1e-3}
+
+
 @pytest.mark.slow
 def test_tiny_model_trains_the_same_on_triton_and_torch_backends(device):
+    """Interpreter: within INTERPRETER_TOL. GPU: within 4x what the Hopper accumulation model predicts for these
+    very steps (``hopper_prediction``), and no tighter than the interpreter's tolerance."""
     torch.manual_seed(0)
     base = DeepseekV3(tiny_config())
     g = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, 128, (2, 13), generator=g).to(device) for _ in range(STEPS)]
-    runs = {}
-    for backend in ("triton", "torch", None):
-        model = copy.deepcopy(base).to(device)
-        if backend is not None:
-            convert_to_fp8(model, backend=backend)
-            # 2 layers x 5 attention projections, 3 dense-MLP and 3 shared-expert linears, 1 routed-experts block
-            assert len(fp8_modules(model)) == 17
-        runs[backend] = (*train(model, batches), model)
-    (loss_tri, grad_tri, m_tri), (loss_tor, grad_tor, m_tor) = runs["triton"], runs["torch"]
-    loss_hp = runs[None][0]
-    print("losses: triton", loss_tri, "torch", loss_tor, "fp32", loss_hp)
-    for a, b, c in zip(loss_tri, loss_tor, loss_hp):
-        assert abs(a - b) <= 1e-5 * abs(b), (loss_tri, loss_tor)
-        assert abs(b - c) <= 0.02 * abs(c), (loss_tor, loss_hp)
-    start = {n: p.to(device) for n, p in base.named_parameters()}
-    for (name, p_tri), p_tor in zip(m_tri.named_parameters(), m_tor.parameters()):
-        g_err = ((grad_tri[name] - grad_tor[name]).norm() / grad_tor[name].norm().clamp(min=1e-30)).item()
-        assert g_err <= 1e-4, f"{name}: first-step gradient rel err {g_err:.3e}"
-        update = (p_tor - start[name]).norm()
-        p_err = ((p_tri - p_tor).norm() / update.clamp(min=1e-30)).item()
-        assert p_err <= 1e-3, f"{name}: parameters differ by {p_err:.3e} of their update"
+    batches = [torch.randint(0, 128, (2, 13), generator=g) for _ in range(STEPS)]
+    start = {n: p.detach().clone() for n, p in base.named_parameters()}
+    tri, tor = fp8_run(base, batches, "triton", device), fp8_run(base, batches, "torch", device)
+    # 2 layers x 5 attention projections, 3 dense-MLP and 3 shared-expert linears, 1 routed-experts block
+    assert len(fp8_modules(tri[2])) == 17
+    loss_hp = train(copy.deepcopy(base).to(device), [b.to(device) for b in batches])[0]
+    print("losses: triton", tri[0], "torch", tor[0], "fp32", loss_hp)
+    for b, c in zip(tor[0], loss_hp):
+        assert abs(b - c) <= 0.02 * abs(c), (tor[0], loss_hp)
+    tol = dict(INTERPRETER_TOL)
+    if device == "cuda":
+        predicted = hopper_prediction(base, batches)
+        tol = {k: max(v, 4 * predicted[k]) for k, v in tol.items()}
+    diff = differences(tri, tor, start)
+    for key, value in diff.items():
+        assert value <= tol[key], f"triton vs torch: {key} differs by {value:.3e} > {tol[key]:.3e}"
+
+
+@pytest.mark.slow
+def test_hopper_prediction_exceeds_the_interpreter_tolerance():
+    """The reason the GPU tolerance differs: under the 14-bit model the gradients and updates drift further from
+    FP32 accumulation than the interpreter's tolerance allows (the old tolerances would fail on a GPU for the wrong
+    reason), while the loss stays far below what FP8 itself costs (2%)."""
+    torch.manual_seed(0)
+    base = DeepseekV3(tiny_config())
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (2, 13), generator=g) for _ in range(STEPS)]
+    predicted = hopper_prediction(base, batches)
+    print("predicted GPU drift", predicted)
+    assert predicted["grad"] > INTERPRETER_TOL["grad"] and predicted["param"] > INTERPRETER_TOL["param"]
+    assert predicted["loss"] < 2e-3
 
 
 @pytest.mark.slow
