@@ -146,7 +146,9 @@ def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source
     test_rows = ds["test"].to_list()[: d.eval_n]
     if not train_rows:
         raise ValueError(f"the reasoning train split at {paths['reasoning']} is empty")
-    teacher, tcfg = load_policy(paths["teacher"], cfg.precision, cfg.kernels.backend, device)
+    teacher, tcfg = load_policy(
+        paths["teacher"], cfg.precision, cfg.kernels.backend, device, cfg.kernels.scale_formats()
+    )
     if d.kd_mode != "none" and tcfg.vocab_size != vocab:
         raise ValueError(
             f"logit distillation needs the teacher's vocabulary ({tcfg.vocab_size}) to equal the "

@@ -56,6 +56,7 @@ from pipeline.io import atomic_write_json
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
 from rewards.humaneval import load_problems
+from train.policy import load_policy
 
 STAGE = "eval"
 SUITES = ("bpb", "fim", "humaneval", "reasoning", "moe")
@@ -119,8 +120,6 @@ def load_checkpoint(path: Path, precision: str = "fp32", backend: str = "auto", 
     path = Path(path)
     device = device or torch.device("cpu")
     if (path / "model_config.json").is_file():
-        from train.grpo import load_policy
-
         model, _ = load_policy(path, precision, backend, device)
     elif (path / "config.json").is_file():
         from model.hf import import_hf

@@ -68,10 +68,9 @@ class KernelsConfig:
     act_scale_format: str | None = None  # activations X; None: scale_format
     weight_scale_format: str | None = None  # weights W
     grad_scale_format: str | None = None  # output gradients dY
-    pow2_scale: bool = False  # deprecated alias of scale_format=ue8m0 (kept while train/ passes it)
 
     def scale_formats(self) -> ScaleFormats:
-        base = "ue8m0" if self.pow2_scale else self.scale_format
+        base = self.scale_format
         act, weight, grad = (self.act_scale_format, self.weight_scale_format, self.grad_scale_format)
         return ScaleFormats(act or base, weight or base, grad or base)
 
@@ -82,8 +81,6 @@ class KernelsConfig:
             value = getattr(self, key)
             if value not in (*SCALE_FORMATS, *((None,) if key != "scale_format" else ())):
                 raise ValueError(f"kernels.{key} must be one of {SCALE_FORMATS}, got {value!r}")
-        if self.pow2_scale and self.scale_format != "fp32":
-            raise ValueError("kernels.pow2_scale=true is the old spelling of kernels.scale_format=ue8m0: set one")
         if self.backend == "torchao" and self.scale_formats() != ScaleFormats():
             raise ValueError(
                 f"kernels.scale_format ({self.scale_formats()}) applies to our kernels; kernels.backend=torchao uses "

@@ -348,7 +348,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     if not train_rows:
         raise ValueError(f"no train rows of kinds {r.kinds or 'any'} in {paths['reasoning']}")
 
-    model, mcfg = load_policy(paths["init"], cfg.precision, cfg.kernels.backend, device)
+    model, mcfg = load_policy(paths["init"], cfg.precision, cfg.kernels.backend, device, cfg.kernels.scale_formats())
     ref = None
     if r.kl_coef > 0:
         ref = copy.deepcopy(model).eval()

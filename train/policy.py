@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.formats import ScaleFormats
 from model.config import ModelConfig
 from model.generate import generate
 from rewards.graders import get_reward, score_safely, shows_thinking, task_reward
@@ -108,9 +109,11 @@ def newest_checkpoint(ckpt_dir: Path) -> Path:
     return ckpts[-1]
 
 
-def load_policy(path: Path, precision: str, backend: str, device: torch.device) -> tuple[torch.nn.Module, ModelConfig]:
+def load_policy(
+    path: Path, precision: str, backend: str, device: torch.device, scale_formats: ScaleFormats | str = "fp32"
+) -> tuple[torch.nn.Module, ModelConfig]:
     """A model rebuilt from a checkpoint's model_config.json and weights (no optimizer, RNG untouched)."""
     mcfg = ModelConfig(**read_model_config(path))
-    model = build_model(mcfg, precision, backend, device)
+    model = build_model(mcfg, precision, backend, device, scale_formats)
     CheckpointManager(Path(path).parent, keep_last=0).load(path, model, restore_rng=False)
     return model, mcfg

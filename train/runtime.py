@@ -70,12 +70,12 @@ def build_model(
     precision: str,
     kernels_backend: str,
     device: torch.device,
-    scale_formats: ScaleFormats | str | bool = "fp32",
+    scale_formats: ScaleFormats | str = "fp32",
 ) -> nn.Module:
     """The single-device model with FP32 master weights, the FP8 path applied from outside when asked.
 
-    ``scale_formats``: the FP8 scale format per tensor class (``KernelsConfig.scale_formats()``); a bool is the
-    old ``kernels.pow2_scale`` (True: ue8m0 for every class).
+    ``scale_formats``: the FP8 scale format per tensor class (``KernelsConfig.scale_formats()``), or one format
+    for every class.
     On the meta device nothing is allocated (train/meta_init.py materialises it after sharding).
     """
     mcfg.validate()
@@ -87,7 +87,5 @@ def build_model(
     if precision == "fp8":
         from kernels.fp8_linear import convert_to_fp8
 
-        if isinstance(scale_formats, bool):
-            scale_formats = "ue8m0" if scale_formats else "fp32"
         convert_to_fp8(model, backend=kernels_backend, scale_formats=scale_formats)
     return model

@@ -75,7 +75,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
         raise ValueError(
             f"sft.max_len={s.max_len} exceeds model.max_position_embeddings={mcfg.max_position_embeddings}"
         )
-    model = build_model(mcfg, cfg.precision, cfg.kernels.backend, device)
+    model = build_model(mcfg, cfg.precision, cfg.kernels.backend, device, cfg.kernels.scale_formats())
     if "init" in paths:
         CheckpointManager(paths["init"].parent, keep_last=0).load(paths["init"], model, restore_rng=False)
     opt = build_optimizer(model, s.optim)

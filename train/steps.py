@@ -240,7 +240,7 @@ class Pipelined(Single):
 
 
 def _cpu_model(state_dict: dict, mcfg: ModelConfig, cfg) -> nn.Module:
-    model = build_model(mcfg, cfg.precision, cfg.kernels.backend, torch.device("cpu"))
+    model = build_model(mcfg, cfg.precision, cfg.kernels.backend, torch.device("cpu"), cfg.kernels.scale_formats())
     model.load_state_dict(state_dict)
     return model
 
@@ -261,7 +261,7 @@ def build_layout(cfg, mcfg: ModelConfig, meshes: ParallelMeshes | None, accum: i
     rank materializes its own part after parallelization (train/meta_init.py)."""
     t = cfg.train
     build_on = torch.device("meta") if t.meta_init else device
-    model = build_model(mcfg, cfg.precision, cfg.kernels.backend, build_on, cfg.kernels.pow2_scale)
+    model = build_model(mcfg, cfg.precision, cfg.kernels.backend, build_on, cfg.kernels.scale_formats())
     plan = init_plan(model) if t.meta_init else None
     if t.activation_checkpointing == "full":
         checkpoint_activations(model)

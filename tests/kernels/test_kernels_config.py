@@ -17,7 +17,6 @@ from train.runtime import build_model
         (["kernels.act_scale_format=fp16"], "kernels.act_scale_format"),
         (["kernels.weight_scale_format=bf16"], "kernels.weight_scale_format"),
         (["kernels.grad_scale_format=int8"], "kernels.grad_scale_format"),
-        (["kernels.pow2_scale=true", "kernels.scale_format=ue8m0"], "kernels.pow2_scale"),
         (["kernels.backend=torchao", "kernels.weight_scale_format=ue8m0"], "kernels.scale_format"),
     ],
 )
@@ -30,7 +29,7 @@ def test_scale_formats_per_tensor_class():
     assert compose([]).kernels.scale_formats() == ScaleFormats()
     cfg = compose(["kernels.scale_format=ue8m0", "kernels.grad_scale_format=fp32"]).kernels
     assert cfg.scale_formats() == ScaleFormats(act="ue8m0", weight="ue8m0", grad="fp32")
-    assert compose(["kernels.pow2_scale=true"]).kernels.scale_formats() == ScaleFormats.all("ue8m0")
+    assert compose(["kernels.scale_format=ue8m0"]).kernels.scale_formats() == ScaleFormats.all("ue8m0")
     assert compose(["kernels.backend=torchao"]).kernels.backend == "torchao"
 
 
@@ -39,6 +38,6 @@ def test_build_model_passes_the_formats(tmp_path):
     model = build_model(cfg.model, "fp8", cfg.kernels.backend, torch.device("cpu"), cfg.kernels.scale_formats())
     layers = fp8_modules(model).values()
     assert layers and all(m.scale_formats == ScaleFormats(act="ue8m0") for m in layers)
-    legacy = build_model(cfg.model, "fp8", "torch", torch.device("cpu"), True)  # train/pretrain.py's pow2_scale
-    assert all(m.scale_formats == ScaleFormats.all("ue8m0") for m in fp8_modules(legacy).values())
-    assert any(isinstance(m, FP8Linear) for m in legacy.modules())
+    one = build_model(cfg.model, "fp8", "torch", torch.device("cpu"), "ue8m0")  # one format for every class
+    assert all(m.scale_formats == ScaleFormats.all("ue8m0") for m in fp8_modules(one).values())
+    assert any(isinstance(m, FP8Linear) for m in one.modules())
