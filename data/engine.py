@@ -6,10 +6,11 @@
     exact_find       1          datatrove ExactFindDedups
     unique           N          RankFileReader(filtered/) -> datatrove ExactDedupFilter -> TokenizerSample
                                 -> JsonlWriter(unique/) -> MinhashSignatures
-    tokenizer        1          TrainTokenizer (bounded sample -> tokenizer.json, split rule)
     minhash_buckets  bands      datatrove MinhashDedupBuckets
     minhash_verify   bands      VerifyPairs (estimated Jaccard >= threshold)
     minhash_cluster  1          datatrove MinhashDedupCluster
+    tokenizer        1          TrainTokenizer (bounded sample of the surviving train documents -> tokenizer.json,
+                                the split rule)
     pack             N          RankFileReader(unique/) -> datatrove MinhashDedupFilter -> TokenizePack
     merge            1          MergeParts (parts -> train/, val/, stats.json)
 
@@ -90,8 +91,6 @@ def build_stages(dcfg: DataConfig, work: Path, contamination: Contamination | No
     if near:
         unique.append(MinhashSignatures(f"{w}/minhash/sigs", mcfg))
     stages.append(Stage("unique", unique, n))
-    tok = dcfg.tokenizer
-    stages.append(Stage("tokenizer", [TrainTokenizer(w, tok.vocab_size, tok.min_frequency, dcfg.pack.val_fraction)], 1))
 
     pack = [RankFileReader(f"{w}/unique")]
     if near:
@@ -107,6 +106,10 @@ def build_stages(dcfg: DataConfig, work: Path, contamination: Contamination | No
         ]
         writer = RejectWriter(rejects, "near", "near_duplicate")
         pack.append(MinhashDedupFilter(f"{m}/remove", exclusion_writer=writer))
+    tok = dcfg.tokenizer
+    removed = f"{w}/minhash/remove" if near else ""
+    train = TrainTokenizer(w, tok.vocab_size, tok.min_frequency, dcfg.pack.val_fraction, removed=removed)
+    stages.append(Stage("tokenizer", [train], 1))
     pack.append(TokenizePack(w, dcfg.fim, dcfg.pack, dcfg.seed))
     stages.append(Stage("pack", pack, n))
     stages.append(Stage("merge", [MergeParts(w, dcfg.pack.seq_len, dcfg.report_examples)], 1))

@@ -232,7 +232,7 @@ def merge_parts(parts: list[Path], out_dir: Path, seq_len: int) -> dict:
     parts = [p for p, ix in zip(parts, indexes) if ix["n_tokens"]]
     indexes = [ix for ix in indexes if ix["n_tokens"]]
     if not indexes:
-        raise ValueError(f"{out_dir.name}: no document was packed (every one was removed, see stats.json)")
+        raise ValueError(f"{out_dir.name}: no document was packed (the removed ones are counted in the stage's log)")
     shards, starts, offset, dropped, fim_modes = [], [], 0, 0, {"psm": 0, "spm": 0}
     for k, (part, ix) in enumerate(zip(parts, indexes)):
         keep = ix["n_tokens"]

@@ -100,8 +100,9 @@ class RankFileReader(JsonlReader):
 class TokenizerSample(PipelineStep):
     """Pass-through that keeps the documents with the smallest sample keys (a hash of the text independent of the
     split hash) within `budget` bytes: a uniform sample, the same whatever the task layout, written to
-    `{folder}/{rank}.jsonl` with each text's split hash, and the task's smallest and largest split hash
-    (`{rank}.meta.json`) so that TrainTokenizer can keep both splits non-empty and train on train documents only."""
+    `{folder}/{rank}.jsonl` with each text's split hash and its position in this task's stream. Every document's
+    split hash goes to `{rank}.hashes` (float64, in stream order), so that TrainTokenizer can keep both splits
+    non-empty whatever near-dedup removes after this step."""
 
     name = "🎲 tokenizer sample"
 
@@ -110,63 +111,90 @@ class TokenizerSample(PipelineStep):
         self.folder, self.budget = folder, budget
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        heap: list[tuple[int, float, int, str]] = []  # (-key, split hash, bytes, text): the largest key pops first
-        total, lo, hi = 0, None, None
-        for doc in data:
-            h = split_hash(doc.text)
-            lo, hi = min(h, lo if lo is not None else h), max(h, hi if hi is not None else h)
-            n = len(doc.text.encode("utf-8"))
-            key = int.from_bytes(hashlib.blake2b(doc.text.encode("utf-8"), digest_size=8, person=b"bpesample").digest())
-            heapq.heappush(heap, (-key, h, n, doc.text))
-            total += n
-            while total > self.budget and heap:
-                total -= heapq.heappop(heap)[2]
-            yield doc
+        import numpy as np
+
         os.makedirs(self.folder, exist_ok=True)
+        heap: list[tuple[int, float, int, int, str]] = []  # (-key, split hash, position, bytes, text)
+        total = 0
+        with open(os.path.join(self.folder, f"{rank:05d}.hashes"), "wb") as hashes:
+            for idx, doc in enumerate(data):
+                h = split_hash(doc.text)
+                hashes.write(np.float64(h).tobytes())
+                n = len(doc.text.encode("utf-8"))
+                digest = hashlib.blake2b(doc.text.encode("utf-8"), digest_size=8, person=b"bpesample").digest()
+                heapq.heappush(heap, (-int.from_bytes(digest), h, idx, n, doc.text))
+                total += n
+                while total > self.budget and heap:
+                    total -= heapq.heappop(heap)[3]
+                yield doc
         with open(os.path.join(self.folder, f"{rank:05d}.jsonl"), "w", encoding="utf-8") as f:
-            for _, h, _, text in sorted(heap, reverse=True):
-                f.write(json.dumps({"hash": h, "text": text}) + "\n")
-        with open(os.path.join(self.folder, f"{rank:05d}.meta.json"), "w") as f:
-            json.dump({"min_hash": lo, "max_hash": hi, "sample_bytes": total}, f)
+            for _, h, idx, _, text in sorted(heap, reverse=True):
+                f.write(json.dumps({"hash": h, "idx": idx, "text": text}) + "\n")
+
+
+def _removed_positions(folder: Path | None, rank: int):
+    """Positions in task `rank`'s stream that near-dedup removes (datatrove's `{rank:06d}.remove`: uint32s)."""
+    import numpy as np
+
+    if folder is None or not (folder / f"{rank:06d}.remove").is_file():
+        return np.zeros(0, dtype=np.int64)
+    return np.fromfile(folder / f"{rank:06d}.remove", dtype="<u4").astype(np.int64)
+
+
+def surviving_hash_range(folder: Path, removed: Path | None) -> tuple[float, float] | None:
+    """(smallest, largest) split hash of the documents that survive near-dedup, or None when none does."""
+    import numpy as np
+
+    lo, hi = None, None
+    for p in sorted(folder.glob("*.hashes")):
+        h = np.memmap(p, dtype=np.float64, mode="r") if p.stat().st_size else np.zeros(0)
+        keep = np.ones(len(h), dtype=bool)
+        keep[_removed_positions(removed, int(p.name[:5]))] = False
+        if keep.any():
+            lo = min(lo if lo is not None else 1.0, float(h[keep].min()))
+            hi = max(hi if hi is not None else 0.0, float(h[keep].max()))
+    return None if lo is None else (lo, hi)
 
 
 class TrainTokenizer(PipelineStep):
-    """One task: BPE on every task's sample (at most max_train_bytes in all) -> `{work}/tokenizer.json`; and the
-    split rule `{work}/split.json`: val = text hash below val_fraction, except that the document with the smallest
-    hash goes to val when no hash is below it, and the one with the largest to train when every hash is."""
+    """One task, after near-dedup has decided: BPE on every task's sample (at most max_train_bytes in all, train
+    documents that survive dedup) -> `{work}/tokenizer.json`; and the split rule `{work}/split.json`: val = text
+    hash below val_fraction, except that the surviving document with the smallest hash goes to val when no surviving
+    hash is below it, and the one with the largest to train when every surviving hash is."""
 
     name = "🔤 train tokenizer"
 
-    def __init__(self, work: str, vocab_size: int, min_frequency: int, val_fraction: float) -> None:
+    def __init__(self, work: str, vocab_size: int, min_frequency: int, val_fraction: float, removed: str = "") -> None:
         super().__init__()
         self.work, self.vocab_size, self.min_frequency = work, vocab_size, min_frequency
-        self.val_fraction = val_fraction
+        self.val_fraction, self.removed = val_fraction, removed
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         folder = Path(self.work, "sample")
-        metas = [json.loads(p.read_text()) for p in sorted(folder.glob("*.meta.json"))]
-        lows = [m["min_hash"] for m in metas if m["min_hash"] is not None]
-        highs = [m["max_hash"] for m in metas if m["max_hash"] is not None]
-        if not lows:
+        removed_dir = Path(self.removed) if self.removed else None
+        span = surviving_hash_range(folder, removed_dir)
+        if span is None:
             removed = read_ledger(Path(self.work, "rejects"), 0)[0]
             top = max(removed, key=removed.get) if removed else "none"
             raise ValueError(
                 f"every document was removed (by reason: {dict(sorted(removed.items()))}); most by {top!r}: relax "
                 "that filter or check the sources"
             )
+        lo, hi = span
         rule = {
             "val_fraction": self.val_fraction,
-            "force_val": min(lows) if min(lows) >= self.val_fraction else None,
-            "force_train": max(highs) if max(highs) < self.val_fraction else None,
+            "force_val": lo if lo >= self.val_fraction else None,
+            "force_train": hi if hi < self.val_fraction else None,
         }
 
         def batches():
             for p in sorted(folder.glob("*.jsonl")):
+                skip = set(_removed_positions(removed_dir, int(p.name[:5])).tolist())
                 with open(p, encoding="utf-8") as f:
                     batch = []
                     for line in f:
                         row = json.loads(line)
-                        if not is_val(row["hash"], rule):
+                        if row["idx"] not in skip and not is_val(row["hash"], rule):
                             batch.append(row["text"])
                         if len(batch) == 256:
                             yield batch

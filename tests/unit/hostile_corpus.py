@@ -84,7 +84,8 @@ def make_hostile_files(root: Path) -> tuple[Path, dict[str, str]]:
     put("surrogate.jsonl", b'{"text": "lone \\ud800 surrogate ' + PROSE.encode()[:200] + b'"}\n')
     put("deep.jsonl", b'{"text": ' + b"[" * 200_000 + b"]" * 200_000 + b"}\n" + rows_of(PROSE + "after deep"))
     put("corrupt.parquet", b"PAR1" + os.urandom(2000), "corrupt_parquet")
-    put("truncated.jsonl.gz", gzip.compress(rows_of(PROSE) * 50)[:300], "corrupt_file")
+    many = gzip.compress(rows_of(*(os.urandom(300).hex() for _ in range(400))))
+    put("truncated.jsonl.gz", many[: len(many) // 2], "corrupt_file")  # rows, then a gzip stream cut short
     put("empty.jsonl", b"", "empty_file")
     put("notes.csv", b"a,b\n1,2\n", "unsupported_format")
     pq.write_table(pa.Table.from_pylist([{"text": PROSE + "parquet"}]), root / "good.parquet")
