@@ -30,6 +30,7 @@ memory does not grow with the corpus and the work spreads over tasks:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import struct
@@ -45,6 +46,7 @@ from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupSig
 from datatrove.pipeline.dedup.minhash import MinhashConfig
 from datatrove.utils.binaryio import read_tuples_from_file
 from datatrove.utils.hashing import HashConfig
+from datatrove.utils.text import simplify_text
 
 from data.filters import WORDS
 
@@ -112,9 +114,16 @@ class MinhashSignatures(MinhashDedupSignature):
         self.full_folder = get_datafolder(os.path.join(output_folder, "full"))
         self._full = None
         self._row_bytes = self.num_hashes * np.dtype(config.hash_config.np_dtype).itemsize
+        self._ascii_norm = dataclasses.replace(config.norm_config, norm_unicode_diacritics=False)
 
     def get_shingles(self, text: str) -> np.ndarray:
-        shingles = super().get_shingles(text)
+        """datatrove's shingles (hashed word n-grams of the normalized text), computed faster: ASCII text skips the
+        per-character Unicode diacritics pass, which cannot change it (tested equal to the base class)."""
+        norm = self._ascii_norm if text.isascii() else self.config.norm_config
+        words = self.word_tokenizer.word_tokenize(simplify_text(text, norm))
+        n, h = self.config.n_grams, self._hash_func
+        shingles = np.fromiter((h(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)), dtype=np.uint64)
+        shingles = shingles.reshape((-1, 1))
         if shingles.size == 0:
             self._full.write(bytes(self._row_bytes))
         return shingles
@@ -184,11 +193,14 @@ def ngrams(text: str, n: int) -> set[str]:
 
 @dataclass(frozen=True)
 class Contamination:
-    """The n-grams of the evaluation texts, and the gram lengths to look for (n, plus any shorter whole texts)."""
+    """The n-grams of the evaluation texts, the gram lengths to look for (n, plus any shorter whole texts), and for
+    each gram's first two words the lengths of the grams that start with them (so a document position is joined
+    into a candidate gram only when its first two words start one: linear in the document, whatever the lengths)."""
 
     grams: frozenset[str]
     n: int
     lengths: tuple[int, ...]
+    starts: dict[tuple[str, ...], tuple[int, ...]]
 
     def __len__(self) -> int:
         return len(self.grams)
@@ -199,8 +211,12 @@ def build_contamination_set(texts: Iterable[str], n: int) -> Contamination:
     grams: set[str] = set()
     for t in texts:
         grams |= ngrams(t, n)
+    starts: dict[tuple[str, ...], set[int]] = {}
+    for g in grams:
+        w = g.split(" ")
+        starts.setdefault(tuple(w[:2]), set()).add(len(w))
     lengths = sorted({n} | {g.count(" ") + 1 for g in grams})
-    return Contamination(frozenset(grams), n, tuple(lengths))
+    return Contamination(frozenset(grams), n, tuple(lengths), {k: tuple(sorted(v)) for k, v in starts.items()})
 
 
 def is_contaminated(text: str, contamination: Contamination | None) -> bool:
@@ -208,8 +224,16 @@ def is_contaminated(text: str, contamination: Contamination | None) -> bool:
     if not contamination:
         return False
     w = words(text)
-    grams = contamination.grams
-    return any(" ".join(w[i : i + k]) in grams for k in contamination.lengths for i in range(len(w) - k + 1))
+    grams, starts = contamination.grams, contamination.starts
+    one_word = any(len(key) == 1 for key in starts)  # an evaluation text of a single word
+    for i in range(len(w)):
+        lengths = starts.get(tuple(w[i : i + 2]), ())
+        if one_word:
+            lengths += starts.get((w[i],), ())
+        for k in lengths:
+            if i + k <= len(w) and " ".join(w[i : i + k]) in grams:
+                return True
+    return False
 
 
 def humaneval_texts() -> list[str]:

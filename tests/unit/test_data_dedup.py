@@ -2,6 +2,7 @@
 recall measured on synthetic pairs of known Jaccard similarity, and HumanEval decontamination."""
 
 import inspect
+import random
 import textwrap
 
 import pytest
@@ -14,6 +15,7 @@ from bench.dedup_recall import near_duplicates, synthetic_pairs
 from data.config import DedupConfig
 from data.dedup import (
     ExactSignatures,
+    MinhashSignatures,
     build_contamination_set,
     candidate_probability,
     exact_config,
@@ -107,3 +109,29 @@ def test_the_threshold_moves_the_decision(tmp_path, threshold):
     removed = near_duplicates(docs, tmp_path, DedupConfig(threshold=threshold, num_perm=64))
     found = sum(2 * k in removed or 2 * k + 1 in removed for k in range(len(truth)))
     assert found >= 10 if threshold == 0.7 else found == 0  # J = 0.8 is 2 standard errors above 0.7, 3 below 0.95
+
+
+def test_contamination_lookup_equals_the_plain_definition():
+    """The prefix index finds exactly what joining every window of every length would find."""
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(30)]
+    evals = [" ".join(rng.choices(vocab, k=rng.randint(1, 16))) for _ in range(40)]
+    c = build_contamination_set(evals, 13)
+    for _ in range(300):
+        w = rng.choices(vocab, k=rng.randint(0, 40))
+        plain = any(" ".join(w[i : i + k]) in c.grams for k in c.lengths for i in range(len(w) - k + 1))
+        assert is_contaminated(" ".join(w), c) == plain
+
+
+def test_fast_shingles_equal_datatroves(tmp_path):
+    from datatrove.pipeline.dedup import MinhashDedupSignature
+
+    from data.filters import WORDS
+
+    cfg = minhash_config(DedupConfig())
+    ours, base = MinhashSignatures(str(tmp_path), cfg), MinhashDedupSignature(str(tmp_path), cfg, language=WORDS)
+    texts = (DOC, "Café naïve résumé — déjà vu, 42 times; ÀÉÎÕÜ " * 20, "too short", "", "日本語のテキスト " * 30)
+    with open(tmp_path / "full.sig", "wb") as ours._full:
+        for text in texts:
+            got, want = ours.get_shingles(text), base.get_shingles(text)
+            assert got.shape == want.shape and (got == want).all(), text[:30]
