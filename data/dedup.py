@@ -200,7 +200,7 @@ class Contamination:
     grams: frozenset[str]
     n: int
     lengths: tuple[int, ...]
-    starts: dict[tuple[str, ...], tuple[int, ...]]
+    starts: dict[str, tuple[int, ...]]  # (string keys: datatrove writes the steps' settings as JSON)
 
     def __len__(self) -> int:
         return len(self.grams)
@@ -211,10 +211,10 @@ def build_contamination_set(texts: Iterable[str], n: int) -> Contamination:
     grams: set[str] = set()
     for t in texts:
         grams |= ngrams(t, n)
-    starts: dict[tuple[str, ...], set[int]] = {}
+    starts: dict[str, set[int]] = {}
     for g in grams:
         w = g.split(" ")
-        starts.setdefault(tuple(w[:2]), set()).add(len(w))
+        starts.setdefault(" ".join(w[:2]), set()).add(len(w))
     lengths = sorted({n} | {g.count(" ") + 1 for g in grams})
     return Contamination(frozenset(grams), n, tuple(lengths), {k: tuple(sorted(v)) for k, v in starts.items()})
 
@@ -225,11 +225,11 @@ def is_contaminated(text: str, contamination: Contamination | None) -> bool:
         return False
     w = words(text)
     grams, starts = contamination.grams, contamination.starts
-    one_word = any(len(key) == 1 for key in starts)  # an evaluation text of a single word
+    one_word = any(" " not in key for key in starts)  # an evaluation text of a single word
     for i in range(len(w)):
-        lengths = starts.get(tuple(w[i : i + 2]), ())
+        lengths = starts.get(" ".join(w[i : i + 2]), ())
         if one_word:
-            lengths += starts.get((w[i],), ())
+            lengths += starts.get(w[i], ())
         for k in lengths:
             if i + k <= len(w) and " ".join(w[i : i + k]) in grams:
                 return True

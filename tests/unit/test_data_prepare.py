@@ -231,3 +231,33 @@ def test_missing_source_is_a_clear_error(tmp_path):
     cfg.data.sources.append(SourceConfig(kind="files", paths=[str(tmp_path / "nope.jsonl")]))
     with pytest.raises(ValueError, match="nope.jsonl"):
         run(cfg)
+
+
+def test_window_level_fim_keeps_every_example_inside_one_window(first_run, tmp_path):
+    """data.fim.level=window: the packed stream undoes exactly to plain documents, and every FIM example (begin,
+    hole, end and the middle after it) lies inside the training window that starts it."""
+    from data.fim import undo_window_fim
+    from data.pack import sentinel_ids
+
+    tmp, _, doc_level = first_run
+    cfg = make_cfg(tmp, name="window")
+    cfg.data.fim.level, cfg.data.fim.rate = "window", 0.5
+    metrics = run(cfg)
+    outs = stage_outputs(tmp / "outputs" / "window" / "data")
+    tok = load_tokenizer(outs["tokenizer"])
+    sentinels, eos, T = sentinel_ids(tok), tok.token_to_id(EOS), cfg.data.pack.seq_len
+    index = json.loads((outs["train"] / "index.json").read_text())
+    assert index["fim_level"] == "window" and index["fim_window"] == T
+    assert metrics["fim/psm"] + metrics["fim/spm"] > 10
+    for split in ("train", "val"):
+        ds = PackedDataset(outs[split])
+        stream = ds.tokens(0, ds.n_tokens)
+        for k in range(len(ds)):
+            window = stream[k * T : (k + 1) * T]
+            assert len({int(np.count_nonzero(window == s)) for s in sentinels}) == 1, k
+        plain = undo_window_fim(stream, T, eos, sentinels)
+        assert not np.isin(plain, sentinels).any()
+        assert np.count_nonzero(plain == eos) == ds.index["n_docs"] == len(ds.doc_starts)
+        docs = tok.decode(plain.tolist(), skip_special_tokens=False).split(EOS)
+        assert docs[-1] == "" and all(docs[:-1])
+    assert metrics["documents_kept"] == doc_level["documents_kept"]
