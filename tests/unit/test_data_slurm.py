@@ -79,7 +79,7 @@ def test_slurm_executor_writes_the_local_outputs(tmp_path, fake_slurm):
     metrics = run(cfg)
     jobs = sorted(p.name for p in fake_slurm.glob("job_*.log"))
     assert not (fake_slurm / "failed").exists(), [(p.name, p.read_text()[-2000:]) for p in fake_slurm.glob("job_*")]
-    assert len(jobs) >= 2 * 9  # nine stages, each with its merge_stats job, arrays of several tasks
+    assert len(jobs) >= 2 * 8  # eight stages, each with its merge_stats job, arrays of several tasks
     a = stage_outputs(tmp_path / "outputs" / "local" / "data")
     b = stage_outputs(tmp_path / "outputs" / "slurm" / "data")
     for name in ("train", "val", "tokenizer"):
