@@ -112,6 +112,12 @@ def walk(root: Path, want, skip_dir=lambda d: False) -> Iterator[tuple[Path, os.
         yield Path(errors.pop().filename), None, "unreadable_dir"
 
 
+def _relative_name(root: Path, p: Path) -> str:
+    """`<root name>/<path below root>` (string operations: this runs once per listed file)."""
+    r, s = str(root), str(p)
+    return f"{root.name}/{s[len(r) + 1 :]}" if s.startswith(r + os.sep) else s
+
+
 def list_files(roots: list[Path], extensions: list[str]) -> tuple[list[tuple[str, Path, int]], list[dict]]:
     """Files with a wanted extension below `roots`: (files, skipped).
 
@@ -130,11 +136,11 @@ def list_files(roots: list[Path], extensions: list[str]) -> tuple[list[tuple[str
         def skip_dir(d: Path, root=root) -> bool:
             return d.name in _PACKAGE_DIRS or d in roots
 
-        for p, st, reason in walk(root, lambda fn: Path(fn).suffix.lower() in exts, skip_dir):
+        for p, st, reason in walk(root, lambda fn: os.path.splitext(fn)[1].lower() in exts, skip_dir):
             if p in seen:
                 continue
             seen.add(p)
-            name = f"{root.name}/{p.relative_to(root)}" if p.is_relative_to(root) else str(p)
+            name = _relative_name(root, p)
             if reason:
                 skipped.append(record(path=printable(name), reason=reason))
             else:
@@ -199,7 +205,7 @@ def _list_source_files(spec: SourceConfig) -> Iterator[tuple[str, Path, os.stat_
             yield printable(str(top)), top, st, "" if stat.S_ISREG(st.st_mode) else "not_a_file"
             continue
         for p, st, reason in walk(top, lambda fn: not fn.startswith("."), lambda d: d.name.startswith(".")):
-            name = printable(f"{top.name}/{p.relative_to(top)}" if p.is_relative_to(top) else str(p))
+            name = printable(_relative_name(top, p))
             if reason == "symlink":
                 try:
                     st = p.stat()
