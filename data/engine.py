@@ -139,8 +139,9 @@ def _queued(job_ids: list[str]) -> bool:
     return r.returncode == 0 and bool(r.stdout.strip())
 
 
-def run_slurm(stages: list[Stage], work: Path, dcfg: DataConfig) -> dict[str, float]:
-    """Submit the chain as Slurm job arrays (each stage depends on the one before) and wait for the last."""
+def run_slurm(stages: list[Stage], work: Path, dcfg: DataConfig) -> dict[str, float | None]:
+    """Submit the chain as Slurm job arrays (each stage depends on the one before) and wait for the last; the
+    stages' names (no time of their own) and the seconds in all."""
     from datatrove.executor import SlurmPipelineExecutor
 
     t0 = time.time()
@@ -171,10 +172,10 @@ def run_slurm(stages: list[Stage], work: Path, dcfg: DataConfig) -> dict[str, fl
             failed = next(s.name for s, e in zip(stages, executors) if e.get_incomplete_ranks())
             raise RuntimeError(f"data stage: Slurm jobs ended but stage {failed!r} is incomplete; see {work}/logs")
         time.sleep(s_cfg.poll_s)
-    return {"slurm": round(time.time() - t0, 3)}
+    return {s.name: None for s in stages} | {"slurm": round(time.time() - t0, 3)}
 
 
-def run_stages(dcfg: DataConfig, work: Path, contamination: Contamination | None) -> dict[str, float]:
+def run_stages(dcfg: DataConfig, work: Path, contamination: Contamination | None) -> dict[str, float | None]:
     """Build the stages for `dcfg` and run them on its executor; seconds per stage (in all, for Slurm)."""
     (work / "exact" / "dups").mkdir(parents=True, exist_ok=True)
     stages = build_stages(dcfg, work, contamination)

@@ -60,6 +60,7 @@ from data.config import DataConfig
 from data.dedup import build_contamination_set, humaneval_texts
 from data.engine import run_stages
 from data.sources import check_sources, list_items
+from data.steps import MemoryProbe, stage_resources
 from pipeline.config import Config, as_dict, to_config
 from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, hash_config
 from pipeline.stage import StageRun
@@ -124,6 +125,7 @@ def build(dcfg: DataConfig, out_dir: Path, tracker=None, listing: tuple[list, st
     atomic_write_text(work / "items.jsonl", "".join(json.dumps(it) + "\n" for it in items))
     contamination = build_contamination_set(eval_texts(dcfg), dcfg.decontam.ngram) if dcfg.decontam.enabled else None
     t_list = time.time() - t0
+    list(MemoryProbe(str(work / "memory"), "setup").run(None))  # this process's resources so far: listing, setup
     timings = run_stages(dcfg, work, contamination)
     timings = {"list": round(t_list, 3), **timings}
     stats = json.loads((work / "out" / "stats.json").read_text())
@@ -149,14 +151,13 @@ def build(dcfg: DataConfig, out_dir: Path, tracker=None, listing: tuple[list, st
             timings["reasoning"] = round(time.time() - t, 3)
     # every directory above is now in place; the single files follow
     os.replace(work / "out" / "tokenizer.json", outs["tokenizer"])
-    peak: dict[str, float] = {}
-    for p in sorted((work / "memory").glob("*.json")):
-        m = json.loads(p.read_text())
-        peak[m["stage"]] = max(peak.get(m["stage"], 0.0), m["peak_rss_mb"])
+    stages = ["setup", *(s for s in timings if s not in ("list", "reasoning", "slurm"))]
+    peak, cpu = stage_resources(work / "memory", stages)
     samples = stats.pop("samples")
     stats |= {
         "contamination_ngrams": len(contamination) if contamination else 0,
         "peak_rss_mb": peak,
+        "cpu_s": cpu,
         "timings_s": timings,
         "tasks": dcfg.n_tasks,
     }

@@ -293,7 +293,8 @@ class TokenizePack(PipelineStep):
 
 
 class MemoryProbe(PipelineStep):
-    """Last step of every stage: forwards documents, then records the task's peak resident memory (MB)."""
+    """Last step of every stage: forwards documents, then records the task's process: its peak resident memory
+    (MB) and the CPU seconds it has used so far (both since the process started; see `stage_resources`)."""
 
     name = "📏 memory"
 
@@ -304,10 +305,37 @@ class MemoryProbe(PipelineStep):
     def run(self, data, rank: int = 0, world_size: int = 1):
         if data:
             yield from data
-        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        use = resource.getrusage(resource.RUSAGE_SELF)
+        record = {"stage": self.stage, "rank": rank, "pid": os.getpid(), "host": os.uname().nodename}
+        record |= {"peak_rss_mb": round(use.ru_maxrss / 1024, 1), "cpu_s": round(use.ru_utime + use.ru_stime, 3)}
         os.makedirs(self.folder, exist_ok=True)
         with open(os.path.join(self.folder, f"{self.stage}_{rank:05d}.json"), "w") as f:
-            json.dump({"stage": self.stage, "rank": rank, "peak_rss_mb": round(rss_mb, 1)}, f)
+            json.dump(record, f)
+
+
+def stage_resources(folder: Path, stages: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """(peak resident MB of any process, CPU seconds of all processes) per stage, from the MemoryProbe records.
+
+    A process's counters run from its start: a worker process serves one stage, so its last record is that
+    stage's; a process that ran several stages (the driver, when a stage runs in it) is charged the difference
+    from its record in the stage before."""
+    records: dict[str, list[dict]] = {}
+    for p in Path(folder).glob("*.json"):
+        r = json.loads(p.read_text())
+        records.setdefault(r["stage"], []).append(r)
+    peak, cpu, seen = {}, {}, {}
+    for stage in stages:
+        rs = records.get(stage, [])
+        if not rs:
+            continue
+        peak[stage] = max(r["peak_rss_mb"] for r in rs)
+        last: dict[tuple, float] = {}
+        for r in rs:
+            key = (r.get("host"), r["pid"])
+            last[key] = max(last.get(key, 0.0), r["cpu_s"])
+        cpu[stage] = round(sum(v - seen.get(k, 0.0) for k, v in last.items()), 3)
+        seen |= last
+    return peak, cpu
 
 
 def read_ledger(folder: Path, examples: int) -> tuple[Counter, dict[str, Counter], dict[str, list], int]:
