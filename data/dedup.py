@@ -85,6 +85,7 @@ def minhash_config(dedup) -> MinhashConfig:
 
 
 _COMBINING = regex.compile(r"\p{Mn}+")
+_MERSENNE = np.uint64((1 << 61) - 1)  # datatrove's modulus for the permutations
 _MULT = np.uint64(0x100000001B3)  # FNV-1a's 64-bit prime: an odd multiplier for the polynomial over word hashes
 
 
@@ -169,11 +170,22 @@ class MinhashSignatures(MinhashDedupSignature):
             return np.zeros((0, 1), dtype=np.uint64)
         return ngram_hashes(words, n, self.config.hash_config.precision).reshape((-1, 1))
 
-    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
-        sig = super().get_signature(shingles)
-        row = np.asarray(sig, dtype=self.config.hash_config.np_dtype).reshape(-1)
+    def get_signature(self, shingles: np.ndarray, chunk: int = 4096) -> list[list[int]]:
+        """datatrove's signature (the minimum of each permuted hash over the shingles), taken over chunks of
+        shingles so that a 500 KB document does not need a shingles x hashes matrix of 80 MB (tested equal)."""
+        a, b = self.parameters
+        hc = self.config.hash_config
+        mins = None
+        with np.errstate(over="ignore"):
+            for i in range(0, len(shingles), chunk):
+                phv = (shingles[i : i + chunk] * a + b) % _MERSENNE
+                if hc.precision == 32:
+                    phv = np.bitwise_and(phv, hc.max)
+                m = phv.min(axis=0)
+                mins = m if mins is None else np.minimum(mins, m)
+        row = mins.astype(hc.np_dtype)
         self._full.write(row.tobytes())
-        return sig
+        return [x.tolist() for x in np.split(row, self.config.num_buckets)]
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         with self.full_folder.open(f"{rank:05d}.sig", "wb") as self._full:

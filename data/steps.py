@@ -21,6 +21,7 @@ import resource
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.readers import JsonlReader
@@ -30,7 +31,7 @@ from data.config import FilterConfig, FimConfig, PackConfig
 from data.dedup import Contamination, is_contaminated
 from data.filters import TextRules
 from data.pack import PART, PartWriter, encode_documents, merge_parts, split_hash
-from data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from data.tokenizer import load_tokenizer, save_tokenizer, token_dtype, train_tokenizer
 
 
 class RejectWriter(JsonlWriter):
@@ -111,8 +112,6 @@ class TokenizerSample(PipelineStep):
         self.folder, self.budget = folder, budget
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        import numpy as np
-
         os.makedirs(self.folder, exist_ok=True)
         heap: list[tuple[int, float, int, int, str]] = []  # (-key, split hash, position, bytes, text)
         total = 0
@@ -134,8 +133,6 @@ class TokenizerSample(PipelineStep):
 
 def _removed_positions(folder: Path | None, rank: int):
     """Positions in task `rank`'s stream that near-dedup removes (datatrove's `{rank:06d}.remove`: uint32s)."""
-    import numpy as np
-
     if folder is None or not (folder / f"{rank:06d}.remove").is_file():
         return np.zeros(0, dtype=np.int64)
     return np.fromfile(folder / f"{rank:06d}.remove", dtype="<u4").astype(np.int64)
@@ -143,8 +140,6 @@ def _removed_positions(folder: Path | None, rank: int):
 
 def surviving_hash_range(folder: Path, removed: Path | None) -> tuple[float, float] | None:
     """(smallest, largest) split hash of the documents that survive near-dedup, or None when none does."""
-    import numpy as np
-
     lo, hi = None, None
     for p in sorted(folder.glob("*.hashes")):
         h = np.memmap(p, dtype=np.float64, mode="r") if p.stat().st_size else np.zeros(0)
@@ -217,14 +212,14 @@ def is_val(h: float, rule: dict) -> bool:
 
 class TokenizePack(PipelineStep):
     """FIM + tokenize + pack: this task's documents into `{work}/parts/{split}/{rank:05d}/`, plus counts in its
-    part.json. Train documents are shuffled through a bounded buffer (seeded by task) so that neighbouring files do
-    not fill whole sequences; the loader shuffles sequences on top."""
+    part.json. Train documents are shuffled through a buffer of at most `shuffle_tokens` tokens (seeded by task) so
+    that neighbouring files do not fill whole sequences; the loader shuffles sequences on top."""
 
     name = "📦 tokenize + pack"
 
-    def __init__(self, work: str, fim: FimConfig, pack: PackConfig, seed: int, shuffle_buffer: int = 2048) -> None:
+    def __init__(self, work: str, fim: FimConfig, pack: PackConfig, seed: int, shuffle_tokens: int = 4_000_000) -> None:
         super().__init__()
-        self.work, self.fim, self.pack, self.seed, self.shuffle_buffer = work, fim, pack, seed, shuffle_buffer
+        self.work, self.fim, self.pack, self.seed, self.shuffle_tokens = work, fim, pack, seed, shuffle_tokens
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         tok = load_tokenizer(Path(self.work, "tokenizer.json"))
@@ -242,7 +237,8 @@ class TokenizePack(PipelineStep):
             )
             for i, split in enumerate(("train", "val"))
         }
-        rng, buffer = random.Random(f"{self.seed}:{rank}"), []
+        dtype = token_dtype(tok.get_vocab_size())
+        rng, buffer, buffered = random.Random(f"{self.seed}:{rank}"), [], 0
         counts: dict[str, Counter] = {s: Counter() for s in writers}
         samples = []
 
@@ -250,6 +246,7 @@ class TokenizePack(PipelineStep):
             writers[split].add(ids)
 
         def flush(batch) -> None:
+            nonlocal buffered
             fim_rate = 0.0 if window else self.fim.rate
             texts, langs = [d.text for d in batch], [d.metadata.get("lang", "text") for d in batch]
             for doc, (ids, mode, ok) in zip(
@@ -271,9 +268,13 @@ class TokenizePack(PipelineStep):
                 if split == "val":
                     emit("val", ids)
                     continue
-                buffer.append(ids)
-                if len(buffer) >= self.shuffle_buffer:
-                    emit("train", buffer.pop(rng.randrange(len(buffer))))
+                buffer.append(np.asarray(ids, dtype=dtype))
+                buffered += len(ids)
+                while buffered > self.shuffle_tokens:
+                    k = rng.randrange(len(buffer))
+                    buffer[k], buffer[-1] = buffer[-1], buffer[k]
+                    buffered -= len(buffer[-1])
+                    emit("train", buffer.pop())
 
         batch = []
         for doc in data:

@@ -141,3 +141,6 @@ def test_shingles_hash_the_same_ngrams_as_datatrove(tmp_path):
             assert got.shape == want.shape, text[:30]
             assert len(set(got.tolist())) == len(set(want.tolist())) == len(set(zip(got.tolist(), want.tolist())))
     assert (ours.get_shingles("a b c d e f g") < 2**32).all()
+    big = ours.get_shingles(DOC * 3)
+    with open(tmp_path / "full2.sig", "wb") as ours._full:
+        assert len(big) > 3 * 1000 and ours.get_signature(big, chunk=1000) == base.get_signature(big)
