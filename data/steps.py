@@ -276,12 +276,13 @@ class TokenizePack(PipelineStep):
                     buffered -= len(buffer[-1])
                     emit("train", buffer.pop())
 
-        batch = []
-        for doc in data:
+        batch, batch_chars = [], 0
+        for doc in data:  # batches of at most 256 documents or 1M characters: bounded transient memory
             batch.append(doc)
-            if len(batch) == 256:
+            batch_chars += len(doc.text)
+            if len(batch) == 256 or batch_chars >= 1_000_000:
                 flush(batch)
-                batch = []
+                batch, batch_chars = [], 0
         if batch:
             flush(batch)
         rng.shuffle(buffer)
