@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 
@@ -78,7 +79,8 @@ def test_hash_path_of_unreadable_files_as_another_user():
     changes when it becomes readable."""
     from tests.unit.hostile_corpus import run_as_other_user, shared_tmp
 
-    d = shared_tmp() / "tree"
+    base = shared_tmp()
+    d = base / "tree"
     (d / "sub").mkdir(parents=True)
     (d / "ok").write_text("fine")
     (d / "secret").write_text("hidden")
@@ -90,6 +92,7 @@ def test_hash_path_of_unreadable_files_as_another_user():
     os.chmod(d / "secret", 0o644)
     os.chmod(d / "sub", 0o755)
     opened = run_as_other_user(code).strip()
+    shutil.rmtree(base)
     assert len(locked) == len(opened) == 64 and locked != opened
 
 
