@@ -1,142 +1,205 @@
-"""Data pipeline throughput vs the raw `tokenizers` batch encode, side by side in one process.
+"""The data stage end to end (reading to packed shards) on 1 and 2 processes vs raw `tokenizers` encode, one run.
 
-    .venv/bin/python -m bench.data_throughput                 # 16 MB of this interpreter's stdlib .py/.rst files
-    .venv/bin/python -m bench.data_throughput --mb 4 --repeats 1
+    .venv/bin/python -m bench.data_throughput                   # 16 MB of this environment's code and docs
+    .venv/bin/python -m bench.data_throughput --mb 4 --procs 1 --no-csv
 
-Both paths get the same documents (read as the data stage reads them) and the same trained tokenizer:
+The corpus is the stage's default source (this interpreter's standard library and installed packages: .py, .md,
+.rst, .txt) capped at `--mb` MB. Both sides get the same bytes:
 
-- raw:      `tokenizer.encode_batch_fast(texts)`: what a user would otherwise run (the fastest batch API, no
-            offsets); Rust, all cores.
-- pipeline: what the data stage does per document after reading: quality filters (data/filters.py, including
-            `ast.parse` of every Python file), FIM (data/fim.py), encode + decode round-trip check
-            (data/pack.py `tokenize_batch`), and packing into uint16 shards (`ShardWriter`). Dedup and the datasets
-            plumbing are not part of either path.
+- pipeline: `data.prepare.build` with `data.num_proc = data.tasks = P`: listing, reading, quality filters
+  (including `ast.parse` of every Python file), decontamination, exact and MinHash dedup (datatrove's stages),
+  BPE training on the sample, FIM, tokenization with the round-trip check, packing and merging the shards: the
+  whole stage but the reasoning sets (generated, not read). MB/s = input bytes / wall seconds.
+- raw: `tokenizer.encode_batch_fast(texts)` of every readable document with the tokenizer the run trained, in
+  one process (Rust, all cores): what a user would otherwise run to tokenize the corpus, and nothing else.
 
-Rates are MB of source text per second of wall time and per CPU second of this process (both paths run in this one
-process, threads included; the CPU figure is the fairer one on a shared, loaded machine). The goal is a pipeline at
-no less than half the raw encode rate. Results append to bench/results/data_throughput.csv with machine, commit, date.
+The goal is a pipeline at no less than half the raw encode rate. Both rates are given per wall second and per CPU
+second (all processes of the run, sampled from /proc: on a loaded machine the CPU figure is the fair one). Rows (one
+per P, with the raw rate measured in the same run, after it) go to bench/results/data_throughput.csv with the
+1-minute load average: on a shared machine compare rows of one run only.
+
+    .venv/bin/python -m bench.data_throughput --vs-checkout ../main --repeats 2
+
+also runs `python -m data.prepare` (default config, the same --mb) of another checkout of this repository and of
+this one, interleaved, and records each one's wall and CPU seconds (scope "stage_vs_checkout").
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
+import json
 import os
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from bench.common import commit, machine
-from data.config import FilterConfig, SourceConfig
-from data.filters import filter_batch
-from data.pack import ShardWriter, tokenize_batch
-from data.sources import iter_source
-from data.tokenizer import EOS, train_tokenizer
-
-RESULTS = Path(__file__).resolve().parent / "results" / "data_throughput.csv"
-COLUMNS = [
-    "date",
-    "machine",
-    "commit",
-    "mb",
-    "docs",
-    "vocab",
-    "fim_rate",
-    "raw_mb_s",
-    "pipeline_mb_s",
-    "wall_ratio",
-    "raw_mb_cpu_s",
-    "pipeline_mb_cpu_s",
-    "cpu_ratio",
-    "load_avg_1m",
-]
+from bench.common import append_result
 
 
-def load_docs(mb: float, seed: int) -> tuple[list[str], list[str]]:
-    """Readable stdlib documents, in the data stage's file order, until `mb` MB of text."""
-    spec = SourceConfig(kind="python_env", roots=["stdlib"], extensions=[".py", ".rst"])
-    texts, langs, total = [], [], 0
-    for r in iter_source(spec, seed, 500_000):  # files are read lazily: this stops early
-        if r["reason"] or not r["text"]:
-            continue
-        texts.append(r["text"])
-        langs.append(r["lang"])
-        total += len(r["text"].encode("utf-8"))
-        if total >= mb * 1e6:
-            break
-    return texts, langs
+class TreeCpu:
+    """CPU seconds (user + system) of a process and all its descendants, sampled from /proc every `interval`:
+    worker processes of process pools are grandchildren (forkserver), which `os.times` never sees."""
+
+    def __init__(self, root: int, interval: float = 0.1) -> None:
+        self.root, self.interval = root, interval
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def _sample(self) -> None:
+        parent, cpu = {}, {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(d)], cpu[int(d)] = int(fields[1]), (int(fields[11]) + int(fields[12])) / self._tick
+        for pid in cpu:
+            p = pid
+            while p in parent and p != self.root and p > 1:
+                p = parent[p]
+            if p == self.root:
+                self.last[pid] = cpu[pid]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(self.interval)
+
+    def __enter__(self) -> TreeCpu:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.last.values())
 
 
-def timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process including all its threads)."""
-    w, c = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w, time.process_time() - c
+def corpus_config(mb: float, procs: int):
+    from pipeline.config import compose
+
+    cfg = compose([f"data.sources.0.max_bytes={int(mb * 1e6)}", f"data.num_proc={procs}", f"data.tasks={procs}"])
+    cfg.data.reasoning.enabled = False
+    return cfg.data
 
 
-def pipeline(texts: list[str], langs: list[str], tok, fim_rate: float, out_dir: Path, batch: int = 64) -> None:
-    cfg = FilterConfig()
-    writer = ShardWriter(out_dir, tok.get_vocab_size(), tok.token_to_id(EOS), tokens_per_shard=1 << 22)
-    for i in range(0, len(texts), batch):
-        rows = {"text": texts[i : i + batch], "lang": langs[i : i + batch], "reason": [""] * len(texts[i : i + batch])}
-        rows = filter_batch(rows, cfg)
-        keep = [j for j, r in enumerate(rows["reason"]) if not r]
-        kept = {"text": [rows["text"][j] for j in keep], "lang": [rows["lang"][j] for j in keep]}
-        out = tokenize_batch(kept, tok, seed=0, fim_rate=fim_rate, spm_rate=0.5, fim_langs=["python"])
-        assert all(out["roundtrip_ok"])
-        for ids in out["ids"]:
-            writer.add(ids)
-    writer.close(seq_len=256)
+def readable_texts(dcfg) -> list[str]:
+    """The text of every input the stage reads (as its first step reads them)."""
+    from data.readers import ItemReader
+    from data.sources import list_items
+
+    items, _ = list_items(dcfg.sources, dcfg.seed)
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        f.write("".join(json.dumps(i) + "\n" for i in items))
+    try:
+        return [d.text for d in ItemReader(f.name, dcfg.sources, dcfg.filters.max_bytes).run() if d.text]
+    finally:
+        os.unlink(f.name)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mb", type=float, default=16.0, help="MB of source text")
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--fim-rate", type=float, default=0.5)
-    ap.add_argument("--repeats", type=int, default=2, help="best of N for each path")
+def main(argv: list[str] | None = None) -> list[dict]:
+    from data.prepare import build
+    from data.tokenizer import load_tokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mb", type=float, default=16.0, help="MB of source files")
+    ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--vs-checkout", type=Path, help="also time the data stage of this checkout against ours")
+    ap.add_argument("--repeats", type=int, default=1, help="--vs-checkout runs per checkout, interleaved")
     ap.add_argument("--no-csv", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.vs_checkout:
+        return versus_checkout(args)
 
-    texts, langs = load_docs(args.mb, seed=0)
-    mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
-    tok = train_tokenizer(texts[: max(1, len(texts) // 4)], args.vocab)
-    print(f"{len(texts)} documents, {mb:.1f} MB, vocab {tok.get_vocab_size()}")
-
-    raw, pipe = [], []
-    for _ in range(args.repeats):  # interleaved, so machine load affects both alike
-        raw.append(timed(lambda: tok.encode_batch_fast(texts)))
+    rows = []
+    for procs in args.procs:
+        dcfg = corpus_config(args.mb, procs)
         with tempfile.TemporaryDirectory() as d:
-            pipe.append(timed(lambda d=d: pipeline(texts, langs, tok, args.fim_rate, Path(d))))
-    (rw, rc), (pw, pc) = min(raw), min(pipe)
-    row = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "commit": commit(),
-        "mb": round(mb, 2),
-        "docs": len(texts),
-        "vocab": tok.get_vocab_size(),
-        "fim_rate": args.fim_rate,
-        "raw_mb_s": round(mb / rw, 3),
-        "pipeline_mb_s": round(mb / pw, 3),
-        "wall_ratio": round(rw / pw, 3),
-        "raw_mb_cpu_s": round(mb / rc, 3),
-        "pipeline_mb_cpu_s": round(mb / pc, 3),
-        "cpu_ratio": round(rc / pc, 3),
-        "load_avg_1m": round(os.getloadavg()[0], 2),
-    }
-    for k, v in row.items():
-        print(f"{k:>18}: {v}")
-    if not args.no_csv:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with open(RESULTS, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerow(row)
-        print(f"appended to {RESULTS}")
+            cpu0 = TreeCpu(os.getpid())
+            with cpu0:
+                base = cpu0.seconds
+                t = time.perf_counter()
+                _, metrics = build(dcfg, Path(d))
+                wall = time.perf_counter() - t
+            cpu = cpu0.seconds - base
+            tok = load_tokenizer(Path(d) / "tokenizer.json")
+        texts = readable_texts(dcfg)
+        mb = sum(len(x.encode("utf-8", "surrogatepass")) for x in texts) / 1e6
+        c = time.process_time()
+        t = time.perf_counter()
+        tok.encode_batch_fast(texts)
+        raw = time.perf_counter() - t
+        raw_cpu = time.process_time() - c
+        row = {
+            "scope": "end_to_end",  # rows without it measured the per-document steps only (before datatrove)
+            "procs": procs,
+            "mb_in": round(metrics["bytes_in"] / 1e6, 2),
+            "docs_in": metrics["documents_in"],
+            "docs_kept": metrics["documents_kept"],
+            "tokens": metrics["tokens/train"] + metrics["tokens/val"],
+            "pipeline_s": round(wall, 2),
+            "pipeline_mb_s": round(metrics["bytes_in"] / 1e6 / wall, 3),
+            "raw_mb": round(mb, 2),
+            "raw_s": round(raw, 2),
+            "raw_mb_s": round(mb / raw, 3),
+            "ratio": round((metrics["bytes_in"] / 1e6 / wall) / (mb / raw), 3),
+            "pipeline_cpu_s": round(cpu, 2),
+            "pipeline_mb_cpu_s": round(metrics["bytes_in"] / 1e6 / cpu, 3),
+            "raw_mb_cpu_s": round(mb / raw_cpu, 3),
+            "cpu_ratio": round((metrics["bytes_in"] / cpu) / (mb * 1e6 / raw_cpu), 3),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        }
+        rows.append(row)
+        print(json.dumps(row))
+        if not args.no_csv:
+            append_result("data_throughput", row)
+    return rows
+
+
+def versus_checkout(args) -> list[dict]:
+    """`python -m data.prepare` of another checkout and of this one, interleaved: wall and CPU seconds each."""
+    here = Path(__file__).resolve().parents[1]
+    rows = []
+    for _ in range(args.repeats):
+        for name, repo in (("other", args.vs_checkout.resolve()), ("this", here)):
+            with tempfile.TemporaryDirectory() as d:
+                cmd = [sys.executable, "-m", "data.prepare", f"run.root={d}", "run.name=x", "wandb.mode=disabled"]
+                cmd.append(f"data.sources.0.max_bytes={int(args.mb * 1e6)}")
+                env = {**os.environ, "PYTHONPATH": str(repo)}
+                t = time.perf_counter()
+                proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                with TreeCpu(proc.pid) as cpu:
+                    proc.wait()
+                wall = time.perf_counter() - t
+                stats = json.loads((Path(d) / "x" / "data" / "stats.json").read_text())
+            row = {
+                "scope": "stage_vs_checkout",
+                "checkout": name,
+                "checkout_path": str(repo),
+                "mb_in": round(stats["bytes_in"] / 1e6, 2),
+                "docs_kept": stats["documents_kept"],
+                "stage_wall_s": round(wall, 2),
+                "stage_cpu_s": round(cpu.seconds, 2),
+                "returncode": proc.returncode,
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+            }
+            rows.append(row)
+            print(json.dumps(row))
+            if not args.no_csv:
+                append_result("data_throughput", row)
+    return rows
 
 
 if __name__ == "__main__":

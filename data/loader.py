@@ -28,6 +28,7 @@ Tensor names: B = per-rank batch, T = seq_len.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,10 +41,12 @@ from data.pack import DOC_STARTS, INDEX
 class PackedDataset:
     """Fixed-length windows over a split's token stream: item k = tokens [k*T, k*T + T + 1) as an int64 array.
 
-    `seq_len` may differ from the one the data stage packed with (the stream is flat); it defaults to it.
+    `seq_len` may differ from the one the data stage packed with (the stream is flat); it defaults to it. Shards are
+    memory-mapped when first read and at most `max_open_shards` stay mapped (least recently used are closed: each
+    map holds a file descriptor), so a corpus of any number of shards stays under the process's descriptor limit.
     """
 
-    def __init__(self, shard_dir: str | Path, seq_len: int | None = None) -> None:
+    def __init__(self, shard_dir: str | Path, seq_len: int | None = None, max_open_shards: int = 64) -> None:
         self.dir = Path(shard_dir)
         index_path = self.dir / INDEX
         if not index_path.is_file():
@@ -55,11 +58,29 @@ class PackedDataset:
         self.eos_id = int(self.index["eos_id"])
         if self.n_tokens < self.seq_len + 1:
             raise ValueError(f"{self.dir}: {self.n_tokens} tokens are fewer than seq_len + 1 = {self.seq_len + 1}")
-        self._shards = [np.load(self.dir / s["file"], mmap_mode="r") for s in self.index["shards"]]
-        sizes = np.array([len(s) for s in self._shards], dtype=np.int64)
+        if max_open_shards < 1:
+            raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
+        self._files = [s["file"] for s in self.index["shards"]]
+        sizes = np.array([s["n_tokens"] for s in self.index["shards"]], dtype=np.int64)
         assert sizes.sum() == self.n_tokens, f"{self.dir}: shards hold {sizes.sum()} tokens, index says {self.n_tokens}"
+        self._sizes = sizes
         self._starts = np.concatenate([[0], np.cumsum(sizes)])
+        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.max_open_shards = max_open_shards
         self._doc_starts: np.ndarray | None = None
+
+    def _shard(self, s: int) -> np.ndarray:
+        """Shard `s` memory-mapped (opened on first use; the least recently used map is dropped beyond the bound)."""
+        arr = self._open.get(s)
+        if arr is None:
+            arr = np.load(self.dir / self._files[s], mmap_mode="r")
+            assert len(arr) == self._sizes[s], f"{self.dir / self._files[s]}: {len(arr)} tokens, index says more"
+            self._open[s] = arr
+            while len(self._open) > self.max_open_shards:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(s)
+        return arr
 
     def __len__(self) -> int:
         return (self.n_tokens - 1) // self.seq_len
@@ -71,8 +92,9 @@ class PackedDataset:
         pos = start
         while pos < stop:
             lo = pos - self._starts[s]
-            take = min(stop - pos, len(self._shards[s]) - lo)
-            out[pos - start : pos - start + take] = self._shards[s][lo : lo + take]
+            shard = self._shard(s)
+            take = min(stop - pos, len(shard) - lo)
+            out[pos - start : pos - start + take] = shard[lo : lo + take]
             pos += take
             s += 1
         return out

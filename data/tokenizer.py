@@ -4,8 +4,9 @@ How it works. Text is first split into "pre-tokens" (runs of letters, digits in 
 punctuation: the GPT-2 / DeepSeek regex idea), every pre-token is mapped to bytes and each byte to one of 256 visible
 characters (byte-level: no unknown token, any UTF-8 string is representable), then BPE merges the most frequent
 adjacent pairs until the vocabulary reaches `vocab_size`. Because nothing is normalized and every byte has a
-symbol, `decode(encode(text)) == text` for every string that does not itself contain a special token's text; the
-data stage checks that on every kept document and the filters drop documents that spell a special token.
+symbol, `decode(encode(text)) == text` for every string. Text that spells a special token (`<think>` in a file)
+would be read as that token: the packer encodes document text with `encode_special_tokens = True`, so it stays
+text, and checks the round trip on every kept document (data/pack.py).
 
 Special tokens take the first ids, in this order (DeepSeek-V3 spelling: fullwidth bar U+FF5C, U+2581 for spaces):
 

@@ -8,12 +8,14 @@ one, or an ignorable `.tmp-*` leftover — never a half-written file that loads 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,28 +79,76 @@ def clean_temporaries(directory: Path) -> list[Path]:
     return removed
 
 
-def hash_path(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, or of a directory tree (relative names and contents, in sorted order); hidden files skipped."""
+def _feed_file(h, path: Path, chunk: int = 1 << 20) -> None:
+    """Stream a regular file's bytes into the hash `h`; a file that cannot be read feeds a marker naming why.
+
+    Not regular (a FIFO, a device): never read, since reading one may block forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        h.update(f"\0unreadable:{errno.errorcode.get(e.errno, e.errno)}".encode())
+        return
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            h.update(b"\0not_a_file")
+            return
+        try:
+            while block := fh.read(chunk):
+                h.update(block)
+        except OSError as e:
+            h.update(f"\0unreadable:{errno.errorcode.get(e.errno, e.errno)}".encode())
+
+
+def hash_file(path: Path) -> str:
+    """sha256 of a file's bytes (never raises: see `_feed_file`)."""
+    h = hashlib.sha256()
+    _feed_file(h, Path(path))
+    return h.hexdigest()
+
+
+def _tree_files(root: Path) -> list[Path]:
+    """Files below `root`, sorted as paths, without following directory symlinks; hidden entries skipped."""
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):  # unreadable folders: skipped by walk
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out.extend(Path(dirpath, f) for f in filenames if not f.startswith("."))
+    return sorted(out)
+
+
+def hash_path(path: Path) -> str:
+    """sha256 of a file, or of a directory tree (relative names and contents, in sorted order); hidden files skipped.
+
+    Robust to the tree changing or refusing access while it is hashed: an unreadable, vanished or non-regular
+    entry contributes its name and a marker (see `_feed_file`) instead of raising; names that are not valid UTF-8
+    are hashed as their bytes."""
     path = Path(path)
     h = hashlib.sha256()
     if path.is_file():
-        files = [path]
-        root = path.parent
+        files, root = [path], path.parent
     elif path.is_dir():
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-        root = path
+        files, root = _tree_files(path), path
     else:
         raise FileNotFoundError(f"cannot hash {path}: no such file or directory")
     for f in files:
-        h.update(str(f.relative_to(root)).encode())
+        h.update(os.fsencode(f.relative_to(root)))
         h.update(b"\0")
-        with open(f, "rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
+        _feed_file(h, f)
+    return h.hexdigest()
+
+
+def hash_stats(entries: Iterable[tuple[str, Path]]) -> str:
+    """sha256 over (name, size, mtime) of each (name, path) entry: a cheap fingerprint of a large file listing.
+
+    A vanished or unreadable entry contributes its name and the error, so a listing that changes in any way (a file
+    added, removed, edited, or made unreadable) changes the fingerprint."""
+    h = hashlib.sha256()
+    for name, p in entries:
+        try:
+            st = os.stat(p, follow_symlinks=False)
+            mark = f"{st.st_size}:{st.st_mtime_ns}:{stat.S_IFMT(st.st_mode)}"
+        except OSError as e:
+            mark = f"error:{errno.errorcode.get(e.errno, e.errno)}"
+        h.update(os.fsencode(name) + b"\0" + mark.encode() + b"\n")
     return h.hexdigest()
 
 

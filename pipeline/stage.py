@@ -150,6 +150,7 @@ class StageRun:
         stage: str,
         *,
         inputs: dict[str, Path] | None = None,
+        digests: dict[str, str] | None = None,
         rank: int = 0,
         resume: str = "auto",
         layout: tuple[str, ...] = (),
@@ -170,7 +171,9 @@ class StageRun:
                     f"stage {stage!r}: input {name!r} not found at {path} (run the upstream stage first)"
                 )
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._input_hashes = {k: hash_path(v) for k, v in self.inputs.items()}
+        # inputs that are no path of the run: name -> digest (e.g. the fingerprint of a corpus listing)
+        self.digests = dict(digests or {})
+        self._input_hashes = {k: hash_path(v) for k, v in self.inputs.items()} | self.digests
         self.reads = ConfigReads(cfg, on_new=self._persist_progress)
         self.wandb_id: str | None = None
         self._t0: float | None = None
@@ -356,7 +359,10 @@ class StageRun:
                 "reads": reads,
                 "config_hash": hash_config(reads),
                 "code": git_version(),
-                "inputs": {k: {"path": str(v), "sha256": self._input_hashes[k]} for k, v in self.inputs.items()},
+                "inputs": {
+                    k: {"path": str(self.inputs[k]) if k in self.inputs else None, "sha256": h}
+                    for k, h in self._input_hashes.items()
+                },
                 "outputs": out_entries,
                 "metrics": metrics,
                 "wandb_run": t.run_id,

@@ -1,6 +1,7 @@
 """Packing and the resumable rank-aware loader: windows, disjoint ranks, exact resume on a different world size."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -134,3 +135,30 @@ def test_split_by_document_hash_is_stable_and_never_empty():
     tiny = assign_splits([split_hash(t) for t in texts[:3]], 0.01)
     assert sum(tiny) == 1
     assert assign_splits([0.5, 0.7], 0.0) == [False, False]
+
+
+def test_open_shards_stay_bounded(packed):
+    """Each memory map holds a file descriptor: reading every window of a many-shard split keeps at most
+    max_open_shards of them, and gives the same tokens as an unbounded reader."""
+    out, stream, _, index = packed
+    assert len(index["shards"]) > 4
+    ds = PackedDataset(out, max_open_shards=2)
+    fds = len(os.listdir("/proc/self/fd"))
+    for k in range(len(ds)):
+        assert np.array_equal(ds[k], stream[k * T : k * T + T + 1])
+        assert len(ds._open) <= 2
+    assert len(os.listdir("/proc/self/fd")) <= fds + 2
+    assert np.array_equal(ds.tokens(0, ds.n_tokens), stream)
+    with pytest.raises(ValueError, match="max_open_shards"):
+        PackedDataset(out, max_open_shards=0)
+
+
+def test_a_shard_shorter_than_its_index_is_caught(packed, tmp_path):
+    import shutil
+
+    out = tmp_path / "broken"
+    shutil.copytree(packed[0], out)
+    first = json.loads((out / INDEX).read_text())["shards"][0]["file"]
+    np.save(out / first, np.load(out / first)[:-3])
+    with pytest.raises(AssertionError, match="tokens, index says"):
+        PackedDataset(out).tokens(0, 10)
