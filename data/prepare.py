@@ -94,7 +94,7 @@ def eval_texts(dcfg: DataConfig) -> list[str]:
 
 
 def stage_config(dcfg: DataConfig, fingerprint: str) -> dict:
-    """What the stage's manifest records and its skip decision compares: the config and the inputs' fingerprint."""
+    """What the work directory (`work-<key>/`, resumable datatrove tasks) is keyed on: the config and the corpus."""
     return {**as_dict(dcfg), "inputs_fingerprint": fingerprint}
 
 
