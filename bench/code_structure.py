@@ -29,7 +29,6 @@ from bench.common import append_result
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("kernels", "model", "rewards", "pipeline", "data", "train", "distill", "eval")
 STAGE_ORDER = {"data": 0, "train": 1, "distill": 2, "eval": 3}
-LIBRARIES = ("kernels", "model", "rewards", "pipeline.io", "pipeline.seed", "pipeline.stage", "pipeline.tracking")
 ORCHESTRATOR = ("pipeline.__main__",)
 STAGE_MODULES = ("data.prepare", "train.pretrain", "train.sft", "train.grpo", "distill.run", "eval.run", "eval.report")
 # the stages' training loops, for the lines-per-loop figure: (module, function)
@@ -45,15 +44,10 @@ def is_config(module: str) -> bool:
     return module.endswith(".config") or module == "train.post_config"
 
 
-def package_of(module: str) -> str:
-    """'train.parallel.mesh' -> 'train'; library modules of pipeline/ keep their own name."""
-    if module.startswith(("pipeline.",)) and module in LIBRARIES + ORCHESTRATOR:
-        return module
-    return module.split(".")[0]
-
-
 def is_library(module: str) -> bool:
-    return module.split(".")[0] in ("kernels", "model", "rewards") or module in LIBRARIES
+    """kernels/, model/, rewards/ and the stage contract: every module of pipeline/ but the orchestrator."""
+    top = module.split(".")[0]
+    return top in ("kernels", "model", "rewards") or (top == "pipeline" and module not in ORCHESTRATOR)
 
 
 def arrow_against_flow(src: str, dst: str) -> str | None:
