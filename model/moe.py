@@ -15,8 +15,14 @@ multiplied by their gate (in fp32), put back in assignment order and summed over
 fp32: a deterministic reduction (as transformers' grouped_mm path does), where an index_add_ scatter would use
 float atomics on CUDA and change the sum order from run to run.
 
-`RoutedExperts.grouped_mm` is an attribute so the FP8 path (and a GPU grouped GEMM) can replace it; the default
-`grouped_mm` below is the readable reference: one matmul per non-empty expert.
+The grouped matmul is `torch._grouped_mm` where this torch build has it for the tensors at hand (CPU in fp32 and
+bf16, CUDA in bf16; rows and weights 16-byte aligned): one call for all experts, and the offsets stay on the device,
+so the layer makes no host sync. Elsewhere `grouped_mm_reference`, the readable loop with one matmul per non-empty
+expert (it reads the offsets on the host), computes the same thing; tests hold the two equal. With the default GEMM
+the gate and up projections of all experts run as ONE grouped matmul over the concatenated [E, 2F, D] weights (half
+the calls forward and backward; the parameters stay separate, as the release and the FP8 path name them).
+`RoutedExperts.grouped_mm` is an instance attribute so that the FP8 path can replace it; a replaced GEMM gets the
+three projections one by one, so its per-weight quantization blocks are those of each projection.
 
 Capacity mode (moe_impl="capacity", the GShard/Switch baseline)
 --------------------------------------------------------------
@@ -42,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.router import MoEGate, balance_loss, expert_load, max_violation, update_expert_bias
+from model.router import MoEGate, balance_loss, expert_counts, expert_load, max_violation, update_expert_bias
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
@@ -55,6 +61,7 @@ __all__ = [
     "RoutedExperts",
     "dispatch_order",
     "grouped_mm",
+    "grouped_mm_reference",
     "max_violation",
     "update_expert_bias",
 ]
@@ -76,11 +83,11 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def grouped_mm(x_MK: Tensor, w_ENK: Tensor, offsets_E1: Tensor) -> Tensor:
+def grouped_mm_reference(x_MK: Tensor, w_ENK: Tensor, offsets_E1: Tensor) -> Tensor:
     """[M, N] = per group e: x_MK[offsets[e]:offsets[e+1]] @ w_ENK[e].T (rows sorted by expert, contiguous).
 
-    offsets_E1: int64 [E+1], offsets[0] = 0, offsets[E] = M. Reference implementation: a loop over the experts
-    that received rows (one host sync to read the offsets); empty groups cost nothing.
+    offsets_E1: int64 [E+1], offsets[0] = 0, offsets[E] = M. The reference: a loop over the experts that received
+    rows (one host sync to read the offsets); empty groups cost nothing.
     """
     E = w_ENK.shape[0]
     bounds = offsets_E1.tolist()
@@ -91,6 +98,32 @@ def grouped_mm(x_MK: Tensor, w_ENK: Tensor, offsets_E1: Tensor) -> Tensor:
     if not pieces:  # nothing routed here (e.g. everything dropped): an empty result that keeps the graph
         return x_MK @ w_ENK[0].T
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def _aligned(t: Tensor) -> bool:
+    """torch._grouped_mm's layout rule: 16-byte aligned start and every non-unit stride a multiple of 16 bytes.
+    (The start is judged by the storage offset: storages are allocated aligned, and the check needs no data.)"""
+    size = t.element_size()
+    return (t.storage_offset() * size) % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride() if s != 1)
+
+
+def torch_grouped_mm_supports(x_MK: Tensor, w_ENK: Tensor) -> bool:
+    """Whether `torch._grouped_mm` takes these operands here: CPU fp32/bf16 or CUDA bf16, same dtype, aligned."""
+    if not hasattr(torch, "_grouped_mm") or x_MK.dtype != w_ENK.dtype or x_MK.device != w_ENK.device:
+        return False
+    dtypes = (torch.float32, torch.bfloat16) if x_MK.device.type == "cpu" else (torch.bfloat16,)
+    if x_MK.device.type not in ("cpu", "cuda") or x_MK.dtype not in dtypes:
+        return False
+    N_bytes = w_ENK.shape[1] * w_ENK.element_size()  # the output's row stride
+    return N_bytes % 16 == 0 and _aligned(x_MK) and _aligned(w_ENK)
+
+
+def grouped_mm(x_MK: Tensor, w_ENK: Tensor, offsets_E1: Tensor) -> Tensor:
+    """[M, N] = per group e: x_MK[offsets[e]:offsets[e+1]] @ w_ENK[e].T: `torch._grouped_mm` where supported
+    (`torch_grouped_mm_supports`; no host sync), else `grouped_mm_reference`. offsets_E1 as in the reference."""
+    if x_MK.shape[0] > 0 and torch_grouped_mm_supports(x_MK, w_ENK):
+        return torch._grouped_mm(x_MK, w_ENK.transpose(-2, -1), offs=offsets_E1[1:].to(torch.int32))
+    return grouped_mm_reference(x_MK, w_ENK, offsets_E1)
 
 
 @torch.no_grad()
@@ -104,7 +137,7 @@ def dispatch_order(
     of largest gate weight (ties: earlier slot first) and dropped = A - M.
     """
     expert_A = topk_idx_NK.reshape(-1)
-    counts_E = torch.bincount(expert_A, minlength=n_experts)
+    counts_E = expert_counts(expert_A, n_experts)
     order_M = torch.argsort(expert_A, stable=True)
     dropped = 0
     if capacity is not None:
@@ -136,8 +169,12 @@ class RoutedExperts(nn.Module):
 
     def forward_sorted(self, x_MD: Tensor, offsets_E1: Tensor) -> Tensor:
         """The experts on rows already sorted by expert (also the entry point after an expert-parallel all-to-all)."""
-        gate_MF = self.grouped_mm(x_MD, self.gate_proj, offsets_E1)
-        up_MF = self.grouped_mm(x_MD, self.up_proj, offsets_E1)
+        if self.grouped_mm is grouped_mm:  # the default GEMM: gate and up of every expert in one grouped matmul
+            w_gate_up_E2FD = torch.cat([self.gate_proj, self.up_proj], dim=1)
+            gate_MF, up_MF = self.grouped_mm(x_MD, w_gate_up_E2FD, offsets_E1).chunk(2, dim=-1)
+        else:  # a swapped-in GEMM (FP8) quantizes each projection's weight on its own
+            gate_MF = self.grouped_mm(x_MD, self.gate_proj, offsets_E1)
+            up_MF = self.grouped_mm(x_MD, self.up_proj, offsets_E1)
         return self.grouped_mm(F.silu(gate_MF) * up_MF, self.down_proj, offsets_E1)
 
     def forward(

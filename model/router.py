@@ -111,9 +111,16 @@ class MoEGate(nn.Module):
         )
 
 
+def expert_counts(expert_A: Tensor, n_experts: int) -> Tensor:
+    """int64 [E]: how many entries of expert_A name each expert. A scatter-add of ones: unlike `torch.bincount`,
+    whose output size depends on the data (a host sync on CUDA), its shape is known before it runs."""
+    ones_A = torch.ones_like(expert_A, dtype=torch.long)
+    return torch.zeros(n_experts, dtype=torch.long, device=expert_A.device).scatter_add_(0, expert_A, ones_A)
+
+
 def expert_load(topk_idx_NK: Tensor, n_experts: int) -> Tensor:
     """Tokens routed to each expert [E] (float; a token counts once per expert it selected)."""
-    return torch.bincount(topk_idx_NK.reshape(-1), minlength=n_experts).float()
+    return expert_counts(topk_idx_NK.reshape(-1), n_experts).float()
 
 
 def balance_loss(scores_NE: Tensor, topk_idx_NK: Tensor, n_seq: int) -> Tensor:
