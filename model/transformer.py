@@ -15,7 +15,8 @@ steps ahead of each position, keeping the complete causal chain of predictions:
 The MTP loss is the mean over depths of each depth's cross-entropy; the total loss adds mtp_loss_weight times it.
 The concat order [embedding ; hidden] and the normed hidden states passed from depth to depth are those of the
 release's inference engines (vLLM, SGLang) and of Megatron-LM's MTP, so the release's MTP weights fit.
-MTP runs only when targets are given and no cache is passed: at inference the modules are simply unused.
+MTP runs in `forward` only when targets are given and no cache is passed; at inference `mtp_forward` runs the first
+module on its own latent cache to draft tokens for speculative decoding (`model.speculative`).
 
 Targets are already shifted: targets_BT[:, i] is the token after input_ids_BT[:, i] (ignore_index -100 where no
 loss is wanted, e.g. SFT prompts). For MTP depth k the target of position i is targets_BT[:, i + k].
@@ -58,6 +59,7 @@ class ModelOutput:
     balance_loss: Tensor  # unweighted, summed over the MoE layers that ran (0 for a dense model)
     expert_load_LE: Tensor  # tokens per expert, one row per MoE layer that ran, in `moe_layers()` order
     dropped: int  # token-slots dropped by capacity-mode MoE (0 when dropless)
+    hidden_BTD: Tensor | None = None  # the main model's last hidden state after its final norm (MTP's input)
 
 
 class CheckpointMismatchError(ValueError):
@@ -166,9 +168,14 @@ class DeepseekV3(nn.Module):
         position_ids_BT: Tensor | None = None,
         attention_mask_BT: Tensor | None = None,
         cache: MLACache | None = None,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
         """attention_mask_BT: True for real tokens over ALL key positions (cached + new), for left padding.
-        position_ids_BT default: count of real tokens before each position (0.. without a mask)."""
+        position_ids_BT default: count of real tokens before each position (0.. without a mask).
+        logits_to_keep > 0: logits of the last that many positions only (a prefill needs just the last); not with
+        targets."""
+        if logits_to_keep and targets_BT is not None:
+            raise ValueError("logits_to_keep is for inference: the losses need the logits of every position")
         B, T = input_ids_BT.shape
         past = cache.seq_len if cache is not None else 0
         device = input_ids_BT.device
@@ -189,7 +196,7 @@ class DeepseekV3(nn.Module):
         if cache is not None:
             cache.advance(T)
         h_BTD = self.model.norm(h_BTD)
-        logits_BTV = self.lm_head(h_BTD)
+        logits_BTV = self.lm_head(h_BTD[:, -logits_to_keep:] if logits_to_keep else h_BTD)
 
         ce_loss = mtp_loss = loss = None
         if targets_BT is not None:
@@ -220,6 +227,7 @@ class DeepseekV3(nn.Module):
             balance_loss=balance,
             expert_load_LE=load_LE,
             dropped=sum(int(s.dropped) for s in stats),
+            hidden_BTD=h_BTD,
         )
 
     def mtp_logits(
@@ -251,6 +259,38 @@ class DeepseekV3(nn.Module):
             h_prev = mtp.shared_head.norm(y_BnD)
             out.append(self.lm_head(h_prev))
         return out
+
+    def mtp_forward(
+        self,
+        h_BTD: Tensor,
+        next_ids_BT: Tensor,
+        *,
+        position_ids_BT: Tensor,
+        attention_mask_BT: Tensor | None = None,
+        cache: MLACache | None = None,
+        logits_to_keep: int = 0,
+    ) -> Tensor:
+        """Logits [B, T, V] of the first MTP module at inference (the draft of speculative decoding).
+
+        Position t combines the main model's final-normed hidden state h_BTD[:, t] with the embedding of the token
+        after it, next_ids_BT[:, t], exactly as in training, and predicts the token after that one. position_ids_BT
+        and attention_mask_BT (over cached + new positions) are those of the main model's positions t; `cache` is an
+        MLACache of the MTP layers (`MLACache.for_model(model, ..., mtp=True)`), advanced by T here.
+        logits_to_keep > 0: only the last that many positions' logits ([B, logits_to_keep, V]; 0 = all).
+        """
+        mtp = self.mtp[0]
+        T = next_ids_BT.shape[1]
+        past = cache.seq_len if cache is not None else 0
+        mask_B1TS = build_attention_mask(attention_mask_BT, T, past, next_ids_BT.device)
+        rope = self.rotary_emb(position_ids_BT)
+        emb_BTD = self.model.embed_tokens(next_ids_BT)
+        x_BTD = mtp.eh_proj(torch.cat([mtp.enorm(emb_BTD), mtp.hnorm(h_BTD)], dim=-1))
+        y_BTD, _ = mtp.layer(x_BTD, rope, mask_B1TS, cache)
+        if cache is not None:
+            cache.advance(T)
+        if logits_to_keep:
+            y_BTD = y_BTD[:, -logits_to_keep:]
+        return self.lm_head(mtp.shared_head.norm(y_BTD))
 
 
 def cross_entropy(logits_BTV: Tensor, targets_BT: Tensor) -> Tensor:
