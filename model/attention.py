@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.cache import MLACache
+from model.cache import LayerCache, MLACache
 from model.config import ModelConfig
 from model.norm import RMSNorm
 from model.rope import apply_rope
@@ -95,9 +95,10 @@ class MLA(nn.Module):
         x_BTD: Tensor,
         rope_cos_sin: tuple[Tensor, Tensor],
         mask_B1TS: Tensor | None = None,
-        cache: MLACache | None = None,
+        cache: MLACache | LayerCache | None = None,
     ) -> Tensor:
-        """Attention output [B, T, D]. mask_B1TS from `build_attention_mask` (None = causal, no padding)."""
+        """Attention output [B, T, D]. mask_B1TS from `build_attention_mask` (None = causal, no padding); `cache`:
+        the model's MLACache or this layer's view of it (what `DeepseekV3` passes)."""
         B, T, _ = x_BTD.shape
         H, K, R, C = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         cos_BTR2, sin_BTR2 = rope_cos_sin
@@ -118,8 +119,10 @@ class MLA(nn.Module):
         if cache is None:
             o_BTHV = self._forward_full(q_nope_BTHK, q_rope_BTHR, latent_BTC, k_rope_BTR, mask_B1TS)
         else:
+            if isinstance(cache, MLACache):
+                cache = cache.layer(self.layer_idx)
             past = cache.seq_len
-            kv_BSX = cache.update(self.layer_idx, latent_BTC, k_rope_BTR).to(q_nope_BTHK.dtype)
+            kv_BSX = cache.update(latent_BTC, k_rope_BTR).to(q_nope_BTHK.dtype)
             S = kv_BSX.shape[1]
             if mask_B1TS is None and S != T:  # causal, aligned to the end of the cached history
                 mask_B1TS = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(S - T)[None, None]

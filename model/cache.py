@@ -15,6 +15,7 @@ Shape legend: L layers, B batch rows, S max positions, C kv_lora_rank, R qk_rope
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +23,29 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
+
+
+@dataclass
+class LayerCache:
+    """One layer's view of an `MLACache`: its [B, S_max, C + R] buffer and how many positions are written.
+
+    What a layer's attention receives: a buffer and an int, nothing that names the layer, so that one compiled
+    decoder block (torch.compile) serves every layer without specializing on which one it is."""
+
+    kv_BSX: Tensor
+    seq_len: int
+    kv_lora_rank: int
+
+    def update(self, latent_BTC: Tensor, k_rope_BTR: Tensor) -> Tensor:
+        """Write T new positions; return the layer's cache up to seq_len + T: a view [B, S, C + R]."""
+        T = latent_BTC.shape[1]
+        end = self.seq_len + T
+        if end > self.kv_BSX.shape[1]:
+            raise ValueError(f"MLACache overflow: {self.seq_len} cached + {T} new > max_seq_len={self.kv_BSX.shape[1]}")
+        if latent_BTC.shape[0] != self.kv_BSX.shape[0]:
+            raise ValueError(f"MLACache holds {self.kv_BSX.shape[0]} rows, the forward has {latent_BTC.shape[0]}")
+        self.kv_BSX[:, self.seq_len : end] = torch.cat([latent_BTC, k_rope_BTR], dim=-1)
+        return self.kv_BSX[:, :end]
 
 
 class MLACache:
@@ -99,18 +123,13 @@ class MLACache:
         """Bytes one token occupies in this cache, summed over layers (per batch row)."""
         return sum(kv[0, 0].nbytes for kv in self.kv)
 
+    def layer(self, layer_idx: int) -> LayerCache:
+        """The view that layer `layer_idx` (numbered as in the model) reads and writes."""
+        return LayerCache(self.kv[layer_idx - self.first_layer], self.seq_len, self.kv_lora_rank)
+
     def update(self, layer_idx: int, latent_BTC: Tensor, k_rope_BTR: Tensor) -> Tensor:
         """Write T new positions of one layer; return that layer's cache up to seq_len + T: a view [B, S, C + R]."""
-        T = latent_BTC.shape[1]
-        end = self.seq_len + T
-        if end > self.max_seq_len:
-            raise ValueError(f"MLACache overflow: {self.seq_len} cached + {T} new > max_seq_len={self.max_seq_len}")
-        if latent_BTC.shape[0] != self.batch_size:
-            raise ValueError(f"MLACache holds {self.batch_size} rows, the forward has {latent_BTC.shape[0]}")
-        kv_BSX = self.kv[layer_idx - self.first_layer]
-        kv_BSX[:, self.seq_len : end, : self.kv_lora_rank] = latent_BTC
-        kv_BSX[:, self.seq_len : end, self.kv_lora_rank :] = k_rope_BTR
-        return kv_BSX[:, :end]
+        return self.layer(layer_idx).update(latent_BTC, k_rope_BTR)
 
     def advance(self, n: int) -> None:
         """Mark n more positions as written (the model calls this once per forward, after all layers)."""

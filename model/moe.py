@@ -15,14 +15,13 @@ multiplied by their gate (in fp32), put back in assignment order and summed over
 fp32: a deterministic reduction (as transformers' grouped_mm path does), where an index_add_ scatter would use
 float atomics on CUDA and change the sum order from run to run.
 
-The grouped matmul is `torch._grouped_mm` where this torch build has it for the tensors at hand (CPU in fp32 and
-bf16, CUDA in bf16; rows and weights 16-byte aligned): one call for all experts, and the offsets stay on the device,
-so the layer makes no host sync. Elsewhere `grouped_mm_reference`, the readable loop with one matmul per non-empty
-expert (it reads the offsets on the host), computes the same thing; tests hold the two equal. With the default GEMM
-the gate and up projections of all experts run as ONE grouped matmul over the concatenated [E, 2F, D] weights (half
-the calls forward and backward; the parameters stay separate, as the release and the FP8 path name them).
-`RoutedExperts.grouped_mm` is an instance attribute so that the FP8 path can replace it; a replaced GEMM gets the
-three projections one by one, so its per-weight quantization blocks are those of each projection.
+The grouped matmul is `model.grouped_mm.grouped_mm`: `torch._grouped_mm` where this torch build has it (CPU fp32/bf16,
+CUDA bf16), one call for all experts with no host sync, else the readable loop `grouped_mm_reference`; one operator
+either way, so the layer traces under torch.compile. With that default GEMM the gate and up projections of all
+experts run as ONE grouped matmul over the concatenated [E, 2F, D] weights (half the calls forward and backward; the
+parameters stay separate, as the release and the FP8 path name them). `RoutedExperts.grouped_mm` is an instance
+attribute so that the FP8 path can replace it; a replaced GEMM gets the three projections one by one, so its
+per-weight quantization blocks are those of each projection.
 
 Capacity mode (moe_impl="capacity", the GShard/Switch baseline)
 --------------------------------------------------------------
@@ -48,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.grouped_mm import grouped_mm, grouped_mm_reference
 from model.router import MoEGate, balance_loss, expert_counts, expert_load, max_violation, update_expert_bias
 
 if TYPE_CHECKING:
@@ -81,49 +81,6 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def grouped_mm_reference(x_MK: Tensor, w_ENK: Tensor, offsets_E1: Tensor) -> Tensor:
-    """[M, N] = per group e: x_MK[offsets[e]:offsets[e+1]] @ w_ENK[e].T (rows sorted by expert, contiguous).
-
-    offsets_E1: int64 [E+1], offsets[0] = 0, offsets[E] = M. The reference: a loop over the experts that received
-    rows (one host sync to read the offsets); empty groups cost nothing.
-    """
-    E = w_ENK.shape[0]
-    bounds = offsets_E1.tolist()
-    assert len(bounds) == E + 1 and bounds[0] == 0 and bounds[E] == x_MK.shape[0], (bounds, x_MK.shape, E)
-    sizes = [bounds[e + 1] - bounds[e] for e in range(E)]
-    # split (not slicing): its backward concatenates the row gradients instead of summing E full-size zero tensors
-    pieces = [x_e @ w_ENK[e].T for e, x_e in enumerate(torch.split(x_MK, sizes)) if sizes[e] > 0]
-    if not pieces:  # nothing routed here (e.g. everything dropped): an empty result that keeps the graph
-        return x_MK @ w_ENK[0].T
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-
-
-def _aligned(t: Tensor) -> bool:
-    """torch._grouped_mm's layout rule: 16-byte aligned start and every non-unit stride a multiple of 16 bytes.
-    (The start is judged by the storage offset: storages are allocated aligned, and the check needs no data.)"""
-    size = t.element_size()
-    return (t.storage_offset() * size) % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride() if s != 1)
-
-
-def torch_grouped_mm_supports(x_MK: Tensor, w_ENK: Tensor) -> bool:
-    """Whether `torch._grouped_mm` takes these operands here: CPU fp32/bf16 or CUDA bf16, same dtype, aligned."""
-    if not hasattr(torch, "_grouped_mm") or x_MK.dtype != w_ENK.dtype or x_MK.device != w_ENK.device:
-        return False
-    dtypes = (torch.float32, torch.bfloat16) if x_MK.device.type == "cpu" else (torch.bfloat16,)
-    if x_MK.device.type not in ("cpu", "cuda") or x_MK.dtype not in dtypes:
-        return False
-    N_bytes = w_ENK.shape[1] * w_ENK.element_size()  # the output's row stride
-    return N_bytes % 16 == 0 and _aligned(x_MK) and _aligned(w_ENK)
-
-
-def grouped_mm(x_MK: Tensor, w_ENK: Tensor, offsets_E1: Tensor) -> Tensor:
-    """[M, N] = per group e: x_MK[offsets[e]:offsets[e+1]] @ w_ENK[e].T: `torch._grouped_mm` where supported
-    (`torch_grouped_mm_supports`; no host sync), else `grouped_mm_reference`. offsets_E1 as in the reference."""
-    if x_MK.shape[0] > 0 and torch_grouped_mm_supports(x_MK, w_ENK):
-        return torch._grouped_mm(x_MK, w_ENK.transpose(-2, -1), offs=offsets_E1[1:].to(torch.int32))
-    return grouped_mm_reference(x_MK, w_ENK, offsets_E1)
 
 
 @torch.no_grad()
@@ -200,7 +157,8 @@ class MoEStats:
 
     load_E: assignments routed to each expert by the router (detached float [E], counted before any capacity drop;
     the input of update_expert_bias and max_violation). balance_loss: UNWEIGHTED scalar: the sequence-wise loss
-    (moe_balance="aux_free"), the batch-wide auxiliary loss ("aux_loss") or 0 ("none"). dropped: assignments
+    (moe_balance="aux_free"), the batch-wide auxiliary loss ("aux_loss") or 0 ("none", and whenever gradients are
+    disabled: nothing trains then, and evaluation and generation skip its ops). dropped: assignments
     dropped by the capacity limit (always 0 when dropless or in eval mode).
     """
 
@@ -246,11 +204,9 @@ class DeepseekMoE(nn.Module):
         out_BTD = routed_ND.view(B, T, D)
         if self.shared_experts is not None:
             out_BTD = out_BTD + self.shared_experts(x_BTD)
-        if self.moe_balance == "aux_free":
-            loss = balance_loss(scores_NE, topk_idx_NK, n_seq=B)
-        elif self.moe_balance == "aux_loss":
-            loss = balance_loss(scores_NE, topk_idx_NK, n_seq=1)
-        else:
+        if self.moe_balance == "none" or not torch.is_grad_enabled():  # nothing trains (evaluation, generation)
             loss = scores_NE.new_zeros(())
+        else:
+            loss = balance_loss(scores_NE, topk_idx_NK, n_seq=B if self.moe_balance == "aux_free" else 1)
         stats = MoEStats(load_E=expert_load(topk_idx_NK, self.n_routed_experts), balance_loss=loss, dropped=dropped)
         return out_BTD, stats

@@ -58,8 +58,7 @@ def select_experts(
         group_scores_NG = choice_NGe.topk(min(2, E // n_group), dim=-1)[0].sum(dim=-1)
         group_idx_NG = torch.topk(group_scores_NG, k=topk_group, dim=-1, sorted=False)[1]
         group_mask_NG = torch.zeros_like(group_scores_NG, dtype=torch.bool).scatter_(1, group_idx_NG, True)
-        expert_mask_NE = group_mask_NG.unsqueeze(-1).expand(N, n_group, E // n_group).reshape(N, E)
-        choice_NE = choice_NE.masked_fill(~expert_mask_NE, float("-inf"))
+        choice_NE = choice_NGe.masked_fill(~group_mask_NG.unsqueeze(-1), float("-inf")).view(N, E)
     return torch.topk(choice_NE, k=top_k, dim=-1, sorted=False)[1]
 
 

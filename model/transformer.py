@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.attention import MLA, build_attention_mask
-from model.cache import MLACache
+from model.cache import LayerCache, MLACache
 from model.config import ModelConfig
 from model.moe import MLP, DeepseekMoE, MoEStats
 from model.norm import RMSNorm
@@ -82,7 +82,7 @@ class DecoderLayer(nn.Module):
         x_BTD: Tensor,
         rope_cos_sin: tuple[Tensor, Tensor],
         mask_B1TS: Tensor | None = None,
-        cache: MLACache | None = None,
+        cache: LayerCache | None = None,
     ) -> tuple[Tensor, MoEStats | None]:
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), rope_cos_sin, mask_B1TS, cache)
         h_BTD = self.post_attention_layernorm(x_BTD)
@@ -133,6 +133,21 @@ class DeepseekV3(nn.Module):
         self.mtp = nn.ModuleList([MTPModule(cfg, L + k) for k in range(cfg.num_nextn_predict_layers)])
         self.rotary_emb = RotaryEmbedding(cfg)
         self.init_weights()
+        if cfg.compile:
+            self.compile_blocks()
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile the two halves of every decoder block in place (attention and FFN, main and MTP layers).
+
+        Called at construction when `config.compile` is set, i.e. before any FSDP or pipeline wrapping (as torchtitan
+        orders it); parameter names stay unchanged. Per module rather than per whole model so that one compiled graph
+        serves every layer; per half rather than per block because dynamo caches graphs per function, and a
+        block's variants (dense or MoE x training, evaluation, prefill, decode) would overflow its recompile limit.
+        Shapes are dynamic from the first compile: decoding changes them every step (rows leave, the cache grows,
+        verification feeds two tokens). `compile_kwargs` go to `torch.compile` (tests: backend="eager", fullgraph)."""
+        for layer in list(self.model.layers) + [m.layer for m in self.mtp]:
+            layer.self_attn.compile(**{"dynamic": True, **compile_kwargs})
+            layer.mlp.compile(**{"dynamic": True, **compile_kwargs})
 
     # ------------------------------------------------------------------ construction helpers
     @torch.no_grad()
@@ -189,8 +204,8 @@ class DeepseekV3(nn.Module):
 
         h_BTD = self.model.embed_tokens(input_ids_BT)
         stats: list[MoEStats] = []
-        for layer in self.model.layers:
-            h_BTD, s = layer(h_BTD, rope, mask_B1TS, cache)
+        for i, layer in enumerate(self.model.layers):
+            h_BTD, s = layer(h_BTD, rope, mask_B1TS, cache.layer(i) if cache is not None else None)
             if s is not None:
                 stats.append(s)
         if cache is not None:
@@ -285,7 +300,9 @@ class DeepseekV3(nn.Module):
         rope = self.rotary_emb(position_ids_BT)
         emb_BTD = self.model.embed_tokens(next_ids_BT)
         x_BTD = mtp.eh_proj(torch.cat([mtp.enorm(emb_BTD), mtp.hnorm(h_BTD)], dim=-1))
-        y_BTD, _ = mtp.layer(x_BTD, rope, mask_B1TS, cache)
+        y_BTD, _ = mtp.layer(
+            x_BTD, rope, mask_B1TS, cache.layer(self.config.num_hidden_layers) if cache is not None else None
+        )
         if cache is not None:
             cache.advance(T)
         if logits_to_keep:
