@@ -14,20 +14,23 @@ q^C_i . k^C_i = (W_UK_i^T q^C_i) . c_KV could not be precomputed per query, beca
 W_UK_i and c_KV. Keeping position in the separate, shared k^R leaves the content part linear in c_KV, so:
 
 Training path (`_forward_full`): expand keys and values for all heads and run `F.scaled_dot_product_attention`
-(q/k head dim nope+rope = 192 and v head dim 128 differ; SDPA allows it).
+(q/k head dim nope+rope = 192, v head dim 128: the values are zero-padded to 192 so that SDPA's fused flash kernel
+runs, on CPU as on GPU; without equal widths it falls back to its unfused math path). Prefill uses it too.
 
-Inference path (`_forward_absorbed`, used whenever a cache is given): absorb W_UK into the query and W_UV into the
-output, and attend directly over the cached latents:
+Inference path (`_forward_absorbed`, with a cache, once positions are cached): absorb W_UK into the query and W_UV
+into the output, and attend directly over the cached latents:
     score_i(t, s) = (W_UK_i^T q^C_i,t) . c_KV,s + q^R_i,t . k^R_s
     o_i,t = W_UV_i (sum_s p_i(t, s) c_KV,s)
 which costs O(C) per cached token and head and reads only the (C + R)-wide cache: the memory-bound decode step
-moves 57x fewer bytes than a multi-head cache would. The two paths are equal in exact arithmetic; the tests
-check it in fp32.
+moves 57x fewer bytes than a multi-head cache would. All heads and query positions share the same keys, so it runs
+as ONE single-head SDPA over the cache rows [c_KV ; k^R] with T * H queries [W_UK^T q^C ; q^R]. Which path a cached
+forward takes is a cost rule (`MLA.absorbed_is_cheaper`): absorbed for decoding, speculative verification and short
+chunks, expanded for a prefill. The two paths are equal in exact arithmetic; the tests check it in fp32.
 
 The softmax scale is 1/sqrt(qk_nope + qk_rope) times YaRN's mscale^2 (`ModelConfig.softmax_scale`).
 
 Shape legend: B batch, T query positions, S key positions, D hidden, H heads, C kv_lora_rank, R qk_rope_head_dim,
-K qk_nope_head_dim, V v_head_dim, Q = K + R.
+K qk_nope_head_dim, V v_head_dim, Q = K + R, X = C + R (a cache row), N = T * H (absorbed queries).
 """
 
 from __future__ import annotations

@@ -17,9 +17,10 @@ float atomics on CUDA and change the sum order from run to run.
 
 The grouped matmul is `model.grouped_mm.grouped_mm`: `torch._grouped_mm` where this torch build has it (CPU fp32/bf16,
 CUDA bf16), one call for all experts with no host sync, else the readable loop `grouped_mm_reference`; one operator
-either way, so the layer traces under torch.compile. With that default GEMM the gate and up projections of all
-experts run as ONE grouped matmul over the concatenated [E, 2F, D] weights (half the calls forward and backward; the
-parameters stay separate, as the release and the FP8 path name them). `RoutedExperts.grouped_mm` is an instance
+either way, so the layer traces under torch.compile. With that default GEMM and more rows than expert weight rows
+(training, prefill), the gate and up projections of all experts run as ONE grouped matmul over the concatenated
+[E, 2F, D] weights (half the calls forward and backward; the parameters stay separate, as the release and the FP8
+path name them; decoding's few rows would not pay for the weight copy). `RoutedExperts.grouped_mm` is an instance
 attribute so that the FP8 path can replace it; a replaced GEMM gets the three projections one by one, so its
 per-weight quantization blocks are those of each projection.
 
@@ -126,10 +127,13 @@ class RoutedExperts(nn.Module):
 
     def forward_sorted(self, x_MD: Tensor, offsets_E1: Tensor) -> Tensor:
         """The experts on rows already sorted by expert (also the entry point after an expert-parallel all-to-all)."""
-        if self.grouped_mm is grouped_mm:  # the default GEMM: gate and up of every expert in one grouped matmul
+        E, F_, _ = self.gate_proj.shape
+        # the default GEMM with more rows than expert weight rows (training, prefill): gate and up of every expert in
+        # one grouped matmul; the concatenated weights are a copy, which a few decode rows would not pay back
+        if self.grouped_mm is grouped_mm and x_MD.shape[0] >= E * F_:
             w_gate_up_E2FD = torch.cat([self.gate_proj, self.up_proj], dim=1)
             gate_MF, up_MF = self.grouped_mm(x_MD, w_gate_up_E2FD, offsets_E1).chunk(2, dim=-1)
-        else:  # a swapped-in GEMM (FP8) quantizes each projection's weight on its own
+        else:  # (a swapped-in GEMM, FP8, quantizes each projection's weight on its own)
             gate_MF = self.grouped_mm(x_MD, self.gate_proj, offsets_E1)
             up_MF = self.grouped_mm(x_MD, self.up_proj, offsets_E1)
         return self.grouped_mm(F.silu(gate_MF) * up_MF, self.down_proj, offsets_E1)

@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 TOPK_METHODS = ("noaux_tc", "greedy")
 
 
+def _fp32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def select_experts(
     choice_NE: Tensor, top_k: int, n_group: int, topk_group: int, topk_method: str = "noaux_tc"
 ) -> Tensor:
@@ -94,11 +98,14 @@ class MoEGate(nn.Module):
         nn.init.normal_(self.weight, mean=0.0, std=cfg.initializer_range)
 
     def forward(self, x_ND: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        with torch.autocast(x_ND.device.type, enabled=False):  # the router stays fp32 even under bf16 autocast
-            logits_NE = F.linear(x_ND.float(), self.weight.float())
+        if torch.is_autocast_enabled(x_ND.device.type):  # the router stays fp32 even under bf16 autocast
+            with torch.autocast(x_ND.device.type, enabled=False):
+                logits_NE = F.linear(_fp32(x_ND), _fp32(self.weight))
+        else:
+            logits_NE = F.linear(_fp32(x_ND), _fp32(self.weight))
         scores_NE = logits_NE.sigmoid()
         with torch.no_grad():
-            choice_NE = scores_NE + self.e_score_correction_bias.float()
+            choice_NE = scores_NE + _fp32(self.e_score_correction_bias)
             topk_idx_NK = select_experts(choice_NE, self.top_k, self.n_group, self.topk_group, self.topk_method)
         topk_weight_NK = gate_weights(scores_NE, topk_idx_NK, self.norm_topk_prob, self.routed_scaling_factor)
         return topk_idx_NK, topk_weight_NK, scores_NE
