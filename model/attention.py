@@ -125,7 +125,9 @@ class MLA(nn.Module):
             if isinstance(cache, MLACache):
                 cache = cache.layer(self.layer_idx)
             past = cache.seq_len
-            kv_BSX = cache.update(latent_BTC, k_rope_BTR).to(q_nope_BTHK.dtype)
+            kv_BSX = cache.update(latent_BTC, k_rope_BTR)
+            if kv_BSX.dtype != q_nope_BTHK.dtype:  # a cache kept in another dtype than the activations
+                kv_BSX = kv_BSX.to(q_nope_BTHK.dtype)
             S = kv_BSX.shape[1]
             if mask_B1TS is None and S != T:  # causal, aligned to the end of the cached history
                 mask_B1TS = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(S - T)[None, None]

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from model.cache import MLACache
-from model.sampling import SamplingParams, sample_next
+from model.sampling import SamplingParams, next_tokens, token_logprobs
 from model.speculative import decode_speculative, prefill_mtp
 
 log = logging.getLogger(__name__)
@@ -87,20 +87,26 @@ class RowOutputs:
     tokens are written at its own length, so rows may advance by different counts per step (speculative decoding).
     """
 
-    def __init__(self, R: int, N: int, device: torch.device, stream: StreamFn | None) -> None:
-        self.N, self.stream = N, stream
+    def __init__(self, R: int, N: int, device: torch.device, stream: StreamFn | None, with_logprobs: bool) -> None:
+        self.N, self.stream, self.with_logprobs = N, stream, with_logprobs
         self.tokens_RN = torch.full((R, N), PAD_ID, dtype=torch.long, device=device)
         self.logprobs_RN = torch.zeros((R, N), dtype=torch.float32, device=device)
         self.lengths_R = torch.zeros(R, dtype=torch.long, device=device)
 
-    def emit(self, rows_A: Tensor, tok_A: Tensor, lp_A: Tensor, take_A: Tensor | None = None) -> None:
-        """Append tok_A (log-probs lp_A) to output rows rows_A, only where take_A (default: everywhere)."""
+    def emit(
+        self, rows_A: Tensor, tok_A: Tensor, logits_AV: Tensor, params: SamplingParams, take_A: Tensor | None = None
+    ) -> None:
+        """Append tok_A, drawn from logits_AV, to output rows rows_A, only where take_A (default: everywhere); their
+        log-probabilities are computed only when the caller asked for them."""
         at_A = self.lengths_R[rows_A].clamp(max=self.N - 1)
         if take_A is not None:
             tok_A = torch.where(take_A, tok_A, self.tokens_RN[rows_A, at_A])
-            lp_A = torch.where(take_A, lp_A, self.logprobs_RN[rows_A, at_A])
         self.tokens_RN[rows_A, at_A] = tok_A
-        self.logprobs_RN[rows_A, at_A] = lp_A
+        if self.with_logprobs:
+            lp_A = token_logprobs(logits_AV, params, tok_A)
+            self.logprobs_RN[rows_A, at_A] = (
+                lp_A if take_A is None else torch.where(take_A, lp_A, self.logprobs_RN[rows_A, at_A])
+            )
         self.lengths_R[rows_A] += 1 if take_A is None else take_A.long()
         if self.stream is not None:
             takes = [True] * len(rows_A) if take_A is None else take_A.tolist()
@@ -112,10 +118,10 @@ class RowOutputs:
         """Rows that hold N tokens already (bool [A])."""
         return self.lengths_R[rows_A] >= self.N
 
-    def lists(self, with_logprobs: bool) -> tuple[list[list[int]], list[list[float]] | None, list[int]]:
+    def lists(self) -> tuple[list[list[int]], list[list[float]] | None, list[int]]:
         lengths = self.lengths_R.tolist()
         tokens = [row[:n] for row, n in zip(self.tokens_RN.tolist(), lengths)]
-        logprobs = [row[:n] for row, n in zip(self.logprobs_RN.tolist(), lengths)] if with_logprobs else None
+        logprobs = [row[:n] for row, n in zip(self.logprobs_RN.tolist(), lengths)] if self.with_logprobs else None
         return tokens, logprobs, lengths
 
 
@@ -209,8 +215,8 @@ def decode_plain(
     """One token per row and step: sample from the last logits, feed the token back (after a prefill)."""
     rows_A = torch.arange(logits_AV.shape[0], device=logits_AV.device)
     for step in range(out.N):
-        tok_A, lp_A = sample_next(logits_AV, params, generator)
-        out.emit(rows_A, tok_A, lp_A)
+        tok_A = next_tokens(logits_AV, params, generator)
+        out.emit(rows_A, tok_A, logits_AV, params)
         if step == out.N - 1:
             break
         done_A = torch.isin(tok_A, stop_S)
@@ -300,7 +306,7 @@ def generate(
             pos_BL = pos_BL.repeat_interleave(n_samples, dim=0)
         _sync(device)
         t1 = time.perf_counter()
-        rows = RowOutputs(R, max_new_tokens, device, stream)
+        rows = RowOutputs(R, max_new_tokens, device, stream, return_logprobs)
         next_pos_R1 = pos_BL[:, -1:] + 1
         if use_mtp:
             state = (logits_RV, hidden_R1D, mask_BS, next_pos_R1)
@@ -314,7 +320,7 @@ def generate(
         if dispatch is not None:
             dispatch.detach()
 
-    tokens, logprobs, lengths = rows.lists(return_logprobs)
+    tokens, logprobs, lengths = rows.lists()
     result = GenerationOutput(
         tokens=tokens,
         logprobs=logprobs,

@@ -78,14 +78,18 @@ def token_logprobs(logits_BV: Tensor, params: SamplingParams, tokens_B: Tensor) 
     return scaled_BV.log_softmax(dim=-1).gather(-1, tokens_B[:, None]).squeeze(-1)
 
 
+def next_tokens(logits_BV: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
+    """Draw one token per row (int64 [B]): the argmax when greedy, else from `sampling_probs`."""
+    if params.greedy:
+        return logits_BV.float().argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits_BV, params), 1, generator=generator).squeeze(-1)
+
+
 def sample_next(
     logits_BV: Tensor, params: SamplingParams, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
     """Draw one token per row. Returns (tokens_B int64, logprobs_B fp32 of those tokens, see module docstring)."""
-    if params.greedy:
-        tokens_B = logits_BV.float().argmax(dim=-1)
-    else:
-        tokens_B = torch.multinomial(sampling_probs(logits_BV, params), 1, generator=generator).squeeze(-1)
+    tokens_B = next_tokens(logits_BV, params, generator)
     return tokens_B, token_logprobs(logits_BV, params, tokens_B)
 
 

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from model.cache import MLACache
-from model.sampling import SamplingParams, sample_next, sampling_probs, token_logprobs, verify_draft
+from model.sampling import SamplingParams, next_tokens, sampling_probs, verify_draft
 
 if TYPE_CHECKING:
     from model.generate import RowOutputs
@@ -93,8 +93,8 @@ def decode_speculative(
     `out`; returns (drafts verified, drafts accepted). See the module docstring."""
     dev = logits_AV.device
     rows_A = torch.arange(logits_AV.shape[0], device=dev)
-    tok_A, lp_A = sample_next(logits_AV, params, generator)  # the first token, from the prefill
-    out.emit(rows_A, tok_A, lp_A)
+    tok_A = next_tokens(logits_AV, params, generator)  # the first token, from the prefill
+    out.emit(rows_A, tok_A, logits_AV, params)
     done_A = torch.isin(tok_A, stop_S) | out.full(rows_A)
     pos_A1 = next_pos_A1  # position of tok_A
     # the MTP module's next input: hidden states, the tokens that follow them, positions; first the prompt's last
@@ -122,12 +122,12 @@ def decode_speculative(
         mask_AS = torch.cat([mask_AS, mask_AS.new_ones((mask_AS.shape[0], 2))], dim=1)
         o = model(torch.stack([tok_A, d_A], dim=1), position_ids_BT=pos_A2, attention_mask_BT=mask_AS, cache=cache)
         acc_A, fix_A = verify_draft(o.logits_BTV[:, 0], d_A, q_AV, params, generator)
-        bonus_A, lp_bonus_A = sample_next(o.logits_BTV[:, 1], params, generator)
+        bonus_A = next_tokens(o.logits_BTV[:, 1], params, generator)
         first_A = torch.where(acc_A, d_A, fix_A)
-        out.emit(rows_A, first_A, token_logprobs(o.logits_BTV[:, 0], params, first_A))
+        out.emit(rows_A, first_A, o.logits_BTV[:, 0], params)
         stop_first_A = torch.isin(first_A, stop_S)
         take_bonus_A = acc_A & ~stop_first_A & ~out.full(rows_A)
-        out.emit(rows_A, bonus_A, lp_bonus_A, take_bonus_A)
+        out.emit(rows_A, bonus_A, o.logits_BTV[:, 1], params, take_bonus_A)
         done_A = stop_first_A | (take_bonus_A & torch.isin(bonus_A, stop_S)) | out.full(rows_A)
         drafted += acc_A.shape[0]
         accepted_A = accepted_A + acc_A.sum()
