@@ -18,6 +18,8 @@ What is measured (fp32, `torch.set_num_threads(--threads)`, same weights: our mo
 - generate_long: the same with --long-prompt-len prompts, where the cache holds ~1K positions per row: this is
   where caching only MLA's latent pays (transformers re-expands every cached latent through kv_b_proj at every
   step; the absorbed path attends over the latents directly).
+- --compile: ours with `model.compile=true` (`DeepseekV3.compile_blocks`, inductor) for training and decoding;
+  `ours_first_call_s` is the warm-up call, compile included (minutes on a 2-core CPU).
 - speculative (model with its MTP module): our greedy decoding with MTP drafts verified by the main model
   (`model.speculative`, the engine's default for such a model) against our plain decoding and transformers on the
   same weights: tokens/s, the acceptance rate of the drafts, the ratio to our plain decoding and to transformers,
@@ -143,8 +145,10 @@ def prompts_for(hf_dir: Path, n: int, length: int, vocab_size: int, generator: t
 def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    impl, work, mode = args.worker.split(":")  # mode: plain | spec (ours' decoding; transformers ignores it)
+    impl, work, mode = args.worker.split(":")  # mode: plain | spec | compiled (ours only; transformers: plain)
     model = _load(impl, args.hf_dir)
+    if mode == "compiled":  # model.compile=true: inductor compiles in the warm-up run (its time is recorded)
+        model.compile_blocks()
     V = model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
     base = maxrss_mib()
@@ -152,7 +156,9 @@ def worker(args: argparse.Namespace) -> dict:
     if work == "train":
         model.train()
         ids_BT = torch.randint(2, V, (args.batch, args.seq + 1), generator=gen)
+        w0 = time.perf_counter()
         wall, cpu, walls, _ = _best_of(lambda: _train_step(impl, model, ids_BT), args.iters)
+        out["first_call_s"] = time.perf_counter() - w0 - sum(walls)
         n_tokens = args.batch * args.seq
     else:  # "generate" (short prompts) or "generate_long" (long prompts: the cache holds ~1K positions)
         model.eval()
@@ -163,7 +169,9 @@ def worker(args: argparse.Namespace) -> dict:
         def run(n: int):
             return lambda: _generate(impl, model, prompts_BT, n, spec)
 
+        w0 = time.perf_counter()
         wall, cpu, walls, res = _best_of(run(args.new_tokens), args.gen_iters)
+        out["first_call_s"] = time.perf_counter() - w0 - sum(walls)
         assert all(len(t) == args.new_tokens for t in res["tokens"])
         n_tokens = args.prompts * args.new_tokens
         # decode alone: subtract a run that only prefills and draws the first token
@@ -270,17 +278,31 @@ CKPT_ROWS = (
         "ckpt spec decode",
     ),
 )
+COMPILE_ROWS = (
+    ("train_tokens_per_s_ours_compiled", "ours:train:compiled@plain", "hf:train:plain@plain", "tokens_per_s", "comp"),
+    (
+        "decode_tokens_per_s_ours_compiled",
+        "ours:generate:compiled@plain",
+        "hf:generate:plain@plain",
+        "decode_tokens_per_s",
+        "comp",
+    ),
+)
 PLAIN_OF = {"ours:generate:spec@mtp": "ours:generate:plain@mtp", "ours:generate:spec@ckpt": "ours:generate:plain@ckpt"}
 
 
 def describe(metric: str, args: argparse.Namespace, cfg) -> str:
     B, N = args.prompts, args.new_tokens
     if metric.startswith("train"):
-        return f"batch {args.batch} x seq {args.seq} fwd+bwd" + (", ours + MTP loss" if "mtp" in metric else "")
+        extra = (
+            ", ours + MTP loss" if "mtp" in metric else ", ours with model.compile=true" if "compiled" in metric else ""
+        )
+        return f"batch {args.batch} x seq {args.seq} fwd+bwd" + extra
     length = args.long_prompt_len if "long" in metric else args.prompt_len
     what = "decode only" if "decode" in metric else "prefill + decode"
     weights = "pretrained checkpoint" if metric.startswith("ckpt") else "random weights"
     spec = ", ours with MTP drafts" if "spec" in metric else ""
+    spec += ", ours with model.compile=true" if "compiled" in metric else ""
     return f"{B} x {length} + {N} new greedy, {what}{spec}, {weights}"
 
 
@@ -297,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all workers; the best is kept")
     p.add_argument("--ckpt", type=Path, default=None, help="a Hugging Face directory written by model.hf.export_hf")
+    p.add_argument("--compile", action="store_true", help="+ rows of ours with model.compile=true (minutes each)")
     p.add_argument("--no-csv", action="store_true", help="print only, do not append to the CSV")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of ours and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -312,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     from model.hf import export_hf
     from model.transformer import DeepseekV3
 
-    rows_spec = ROWS + (CKPT_ROWS if args.ckpt else ())
+    rows_spec = ROWS + (CKPT_ROWS if args.ckpt else ()) + (COMPILE_ROWS if args.compile else ())
     jobs = sorted(
         {j for _, o, h, _, _ in rows_spec for j in (o, h)} | {PLAIN_OF[o] for _, o, *_ in rows_spec if o in PLAIN_OF}
     )
@@ -357,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
             "hf_peak_extra_mib": round(h["peak_extra_mib"], 1),
             "memory_ratio": round(h["peak_extra_mib"] / max(o["peak_extra_mib"], 1e-6), 3),
             "same_greedy_tokens": o["tokens"] == h["tokens"] if "tokens" in o else "",
+            "ours_first_call_s": round(o["first_call_s"], 1),  # warm-up: includes inductor's compile when compiled
         }
         if ours_key in PLAIN_OF:  # speculative: acceptance, against our own plain decoding on the same weights
             plain = results[PLAIN_OF[ours_key]]
