@@ -46,7 +46,7 @@ from torch import Tensor
 
 from model.cache import MLACache
 from model.sampling import SamplingParams, next_tokens, token_logprobs
-from model.speculative import decode_speculative, prefill_mtp
+from model.speculative import break_even_acceptance, decode_speculative, prefill_mtp
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class GenerationOutput:
     speculative: bool = False  # decoded with MTP drafts (model.speculative)
     draft_tokens: int = 0  # tokens the MTP module drafted and the main model verified
     accepted_tokens: int = 0  # drafts the main model accepted
+    drafts_stopped: bool = False  # the default stopped drafting: acceptance below break-even (model.speculative)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -211,15 +212,18 @@ def decode_plain(
     params: SamplingParams,
     stop_S: Tensor,
     generator: torch.Generator | None,
+    rows_A: Tensor | None = None,
 ) -> None:
-    """One token per row and step: sample from the last logits, feed the token back (after a prefill)."""
-    rows_A = torch.arange(logits_AV.shape[0], device=logits_AV.device)
-    for step in range(out.N):
+    """One token per row and step: draw from the last logits, feed the token back, until every row is done.
+
+    logits_AV: the active rows' next-token logits (after a prefill, or a speculative phase); rows_A their output rows
+    (default: all rows, in order)."""
+    if rows_A is None:
+        rows_A = torch.arange(logits_AV.shape[0], device=logits_AV.device)
+    while True:
         tok_A = next_tokens(logits_AV, params, generator)
         out.emit(rows_A, tok_A, logits_AV, params)
-        if step == out.N - 1:
-            break
-        done_A = torch.isin(tok_A, stop_S)
+        done_A = torch.isin(tok_A, stop_S) | out.full(rows_A)
         if bool(done_A.any()):  # finished rows leave the batch (and the cache)
             keep_A = (~done_A).nonzero().flatten()
             if keep_A.numel() == 0:
@@ -228,9 +232,8 @@ def decode_plain(
             mask_AS, next_pos_A1 = mask_AS[keep_A], next_pos_A1[keep_A]
             cache.index_select(keep_A)
         mask_AS = torch.cat([mask_AS, mask_AS.new_ones((mask_AS.shape[0], 1))], dim=1)
-        logits_AV = model(
-            tok_A[:, None], position_ids_BT=next_pos_A1, attention_mask_BT=mask_AS, cache=cache
-        ).logits_BTV[:, -1]
+        step = model(tok_A[:, None], position_ids_BT=next_pos_A1, attention_mask_BT=mask_AS, cache=cache)
+        logits_AV = step.logits_BTV[:, -1]
         next_pos_A1 = next_pos_A1 + 1
 
 
@@ -259,8 +262,10 @@ def generate(
     from `model.eplb.rebalance_experts`) routes expert requests to replicas and fills the output's
     `expert_load_XE` / `slot_load_XP` (see the module docstring); it never changes the tokens.
     `speculative`: decode with the MTP module's drafts (`model.speculative`): None (default) = whenever the model
-    has an MTP module, False = never, True = required. Greedy tokens are those of plain decoding; sampled tokens
-    follow the same distribution (a different draw for the same seed).
+    has an MTP module, stopping the drafts for the rest of the call when, after the first verify steps, their
+    acceptance is below break-even (`break_even_acceptance`); True = always draft (required); False = never.
+    Greedy tokens are those of plain decoding; sampled tokens follow the same distribution (another draw for the
+    same seed).
     """
     cfg = model.config
     _check_args(prompts, n_samples, max_new_tokens, cfg.vocab_size)
@@ -281,6 +286,7 @@ def generate(
     was_training = model.training
     model.eval()
     drafted = accepted = 0
+    handoff = None
     try:
         if dispatch is not None:
             dispatch.attach()
@@ -310,7 +316,16 @@ def generate(
         next_pos_R1 = pos_BL[:, -1:] + 1
         if use_mtp:
             state = (logits_RV, hidden_R1D, mask_BS, next_pos_R1)
-            drafted, accepted = decode_speculative(model, cache, mtp_cache, *state, rows, params, stop_S, generator)
+            min_acc = None if speculative else break_even_acceptance(cfg)  # the default drafts only while it pays
+            drafted, accepted, handoff = decode_speculative(
+                model, cache, mtp_cache, *state, rows, params, stop_S, generator, min_acceptance=min_acc
+            )
+            if handoff is not None:  # drafts did not pay: the rest without them, from the last drawn token
+                rows_A, tok_A, pos_A1, mask_AS = handoff
+                mask_AS = torch.cat([mask_AS, mask_AS.new_ones((mask_AS.shape[0], 1))], dim=1)
+                step = model(tok_A[:, None], position_ids_BT=pos_A1, attention_mask_BT=mask_AS, cache=cache)
+                logits_AV = step.logits_BTV[:, -1]
+                decode_plain(model, cache, logits_AV, mask_AS, pos_A1 + 1, rows, params, stop_S, generator, rows_A)
         else:
             decode_plain(model, cache, logits_RV, mask_BS, next_pos_R1, rows, params, stop_S, generator)
         _sync(device)
@@ -332,13 +347,15 @@ def generate(
         speculative=use_mtp,
         draft_tokens=drafted,
         accepted_tokens=accepted,
+        drafts_stopped=use_mtp and handoff is not None,
     )
     if use_mtp:
         log.info(
-            "speculative decoding: %d/%d MTP drafts accepted (%.1f%%), %d tokens",
+            "speculative decoding: %d/%d MTP drafts accepted (%.1f%%), %d tokens%s",
             accepted,
             drafted,
             100 * result.acceptance_rate if drafted else float("nan"),
             result.num_generated_tokens,
+            "; drafting stopped (below break-even), the rest decoded plainly" if result.drafts_stopped else "",
         )
     return result

@@ -31,7 +31,10 @@ second token.
 
 Only the first MTP module drafts (one draft token per step; DeepSeek-V3 has one module). Each step costs one main
 forward over 2 positions plus one MTP layer and head: it pays when the acceptance rate is high (a trained MTP
-module), and costs time when it is low (e.g. random weights), while the output is correct either way.
+module), and costs time when it is low (e.g. random weights), while the output is correct either way. So the
+engine's default reads the acceptance rate once, after the first verify steps, and decodes the rest of the call
+without drafts when it is below `break_even_acceptance`. The switch depends only on tokens already drawn, so every
+token still follows the target distribution (and greedy output is unchanged).
 
 Legend: A rows still active, S cache positions, V vocabulary, D hidden; suffix 2 = the two positions of a step.
 """
@@ -68,6 +71,18 @@ def prefill_mtp(
     return cache
 
 
+CHECK_AFTER_STEPS = 8  # verify steps after which the default decides whether drafting pays
+
+
+def break_even_acceptance(cfg) -> float:
+    """The draft acceptance rate below which drafting costs more than it saves, estimated from the model's shape.
+
+    A verify step costs about one main forward plus the MTP module (one decoder layer and the output head, against
+    the main model's num_hidden_layers layers and head) and yields 1 + acceptance tokens per row: drafting pays when
+    1 + acceptance > 1 + 2 / (num_hidden_layers + 1). (DeepSeek-V3's 61 layers: 3%; the 4-layer tiny preset: 40%.)"""
+    return 2.0 / (cfg.num_hidden_layers + 1)
+
+
 def _draw(logits_AV: Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
     """A draft token per row and the distribution it was drawn from (None when greedy)."""
     if params.greedy:
@@ -88,9 +103,14 @@ def decode_speculative(
     params: SamplingParams,
     stop_S: Tensor,
     generator: torch.Generator | None,
-) -> tuple[int, int]:
+    min_acceptance: float | None = None,
+) -> tuple[int, int, tuple[Tensor, Tensor, Tensor, Tensor] | None]:
     """Decode after a prefill (both caches filled, `logits_AV` / `hidden_A1D` at the last prompt position) into
-    `out`; returns (drafts verified, drafts accepted). See the module docstring."""
+    `out`; returns (drafts verified, drafts accepted, handoff). See the module docstring.
+
+    With `min_acceptance`, the acceptance rate is read once, after CHECK_AFTER_STEPS verify steps; below it the loop
+    stops and returns handoff = (rows_A, last token_A, its position_A1, mask_AS without it) for plain decoding to
+    continue (the last token is drawn but not yet in the cache). Otherwise handoff is None: every row is done."""
     dev = logits_AV.device
     rows_A = torch.arange(logits_AV.shape[0], device=dev)
     tok_A = next_tokens(logits_AV, params, generator)  # the first token, from the prefill
@@ -101,6 +121,7 @@ def decode_speculative(
     mtp_h_AtD, mtp_ids_At, mtp_pos_At = hidden_A1D, tok_A[:, None], pos_A1 - 1
     acc_A = torch.zeros_like(tok_A, dtype=torch.bool)  # whether the last draft was accepted
     drafted, accepted_A, step_2 = 0, torch.zeros((), dtype=torch.long, device=dev), torch.arange(2, device=dev)
+    steps = 0
     while True:
         if bool(done_A.any()):  # finished rows leave the batch and both caches
             keep_A = (~done_A).nonzero().flatten()
@@ -110,6 +131,8 @@ def decode_speculative(
             mtp_h_AtD, mtp_ids_At, mtp_pos_At = (t[keep_A] for t in (mtp_h_AtD, mtp_ids_At, mtp_pos_At))
             cache.index_select(keep_A)
             mtp_cache.index_select(keep_A)
+        if min_acceptance is not None and steps == CHECK_AFTER_STEPS and int(accepted_A) < min_acceptance * drafted:
+            return drafted, int(accepted_A), (rows_A, tok_A, pos_A1, mask_AS)
         # draft: after an accepted draft the MTP output at the bonus position, else at the position before it
         draft_At_V = model.mtp_forward(
             mtp_h_AtD, mtp_ids_At, position_ids_BT=mtp_pos_At, attention_mask_BT=mask_AS, cache=mtp_cache
@@ -133,7 +156,8 @@ def decode_speculative(
         accepted_A = accepted_A + acc_A.sum()
         mask_AS[:, -1] = acc_A  # a rejected draft's position is a hole from now on
 
+        steps += 1
         tok_A = torch.where(acc_A, bonus_A, first_A)
         pos_A1 = pos_A1 + 1 + acc_A.long()[:, None]
         mtp_h_AtD, mtp_ids_At, mtp_pos_At = o.hidden_BTD, torch.stack([first_A, bonus_A], dim=1), pos_A2
-    return drafted, int(accepted_A)
+    return drafted, int(accepted_A), None

@@ -208,3 +208,25 @@ def test_acceptance_rate_is_returned_and_logged(trained, caplog):
         out = generate(trained, prompts_of([5], seed=4), max_new_tokens=8, temperature=0.0)
     assert out.acceptance_rate == out.accepted_tokens / out.draft_tokens
     assert f"{out.accepted_tokens}/{out.draft_tokens} MTP drafts accepted" in caplog.text
+
+
+def test_the_default_stops_drafting_when_drafts_do_not_pay():
+    """Random weights: the MTP module's drafts are nearly always rejected. The default reads the acceptance after
+    CHECK_AFTER_STEPS verify steps and decodes the rest plainly; the tokens (and log-probabilities) are unchanged."""
+    from model.speculative import CHECK_AFTER_STEPS, break_even_acceptance
+
+    torch.manual_seed(0)
+    model = DeepseekV3(small_config()).eval()
+    prompts = prompts_of([5, 2, 7], seed=5)
+    kw = dict(n_samples=2, max_new_tokens=20, temperature=0.0, return_logprobs=True)
+    plain = generate(model, prompts, speculative=False, **kw)
+    auto = generate(model, prompts, **kw)
+    forced = generate(model, prompts, speculative=True, **kw)
+    assert forced.acceptance_rate < break_even_acceptance(model.config) and not forced.drafts_stopped
+    assert auto.drafts_stopped and auto.draft_tokens == CHECK_AFTER_STEPS * len(auto.tokens)
+    assert auto.tokens == plain.tokens == forced.tokens
+    with torch.no_grad():  # the plain continuation after the handoff sees the right positions and cache
+        for prompt, toks, lps in zip([p for p in prompts for _ in range(2)], auto.tokens, auto.logprobs):
+            logits_TV = model(torch.tensor([prompt + toks])).logits_BTV[0]
+            want = logits_TV[len(prompt) - 1 : -1].log_softmax(-1).gather(-1, torch.tensor(toks)[:, None]).flatten()
+            assert torch.allclose(torch.tensor(lps), want, atol=1e-4, rtol=0)
