@@ -1,97 +1,71 @@
-"""Our DeepseekV3 against transformers' DeepseekV3ForCausalLM on the same weights, on CPU.
+"""Our DeepseekV3 against transformers' DeepseekV3ForCausalLM on the same weights (CPU), and MTP speculative decoding.
 
-    .venv/bin/python -m bench.model_vs_hf                      # tiny shape, batch 4 x 256, 4 prompts x 64 new tokens
-    .venv/bin/python -m bench.model_vs_hf --iters 5 --threads 2 --no-csv
+    .venv/bin/python -m bench.model_vs_hf                      # tiny preset: batch 4 x 256, 4 prompts x 64 new tokens
+    .venv/bin/python -m bench.model_vs_hf --ckpt outputs/<run>/pretrain/hf     # + rows on a pretrained checkpoint
+    .venv/bin/python -m bench.model_vs_hf --rounds 3 --no-csv  # print only
+    .venv/bin/python -m bench.model_vs_hf --profile            # torch.profiler tables of our train step and decode
 
 What is measured (fp32, `torch.set_num_threads(--threads)`, same weights: our model is exported with
-`model.hf.export_hf` and both sides load that directory):
+`model.hf.export_hf` and both sides load that directory; random weights of the tiny preset unless --ckpt):
 
 - train: tokens/s of one training step, forward + backward of the next-token loss on a [batch, seq] batch
   (best of --iters steps after one warm-up). Ours runs twice: without MTP (the same work as transformers, which
   has no MTP module: the apples-to-apples ratio) and with its MTP module and loss (what pretraining runs).
 - generate: new tokens/s of greedy decoding, --prompts prompts of --prompt-len tokens, --new-tokens each,
-  both with their KV cache (ours: MLA latent cache, `model.generate`; transformers: `generate()` with its
-  DynamicCache), end-of-sequence disabled so both produce exactly the same number of tokens; we check that
+  both with their KV cache (ours: MLA latent cache, `model.generate` without drafts; transformers: `generate()`
+  with its DynamicCache), end-of-sequence disabled so both produce exactly the same number of tokens; we check that
   both produce the same tokens. "decode" rows time decoding alone (the run minus a prefill-only run).
 - generate_long: the same with --long-prompt-len prompts, where the cache holds ~1K positions per row: this is
   where caching only MLA's latent pays (transformers re-expands every cached latent through kv_b_proj at every
   step; the absorbed path attends over the latents directly).
+- --compile: ours with `model.compile=true` (`DeepseekV3.compile_blocks`, inductor) for training and decoding;
+  `ours_first_call_s` is the warm-up call, compile included (minutes on a 2-core CPU).
+- speculative (model with its MTP module): our greedy decoding with MTP drafts verified by the main model
+  (`model.speculative`, the engine's default for such a model) against our plain decoding and transformers on the
+  same weights: tokens/s, the acceptance rate of the drafts, the ratio to our plain decoding and to transformers,
+  and whether the tokens equal plain decoding's. On random weights the drafts are nearly always rejected (the floor);
+  with --ckpt (a Hugging Face directory our `model.hf.export_hf` wrote, e.g. a pipeline's `pretrain/hf`, with its
+  tokenizer) the prompts are Python source from the standard library, encoded with the checkpoint's tokenizer.
 
 Timing: best (minimum) of the timed repetitions over --rounds interleaved rounds of fresh workers, in wall-clock
 seconds and in process CPU seconds (`time.process_time`). On a shared machine the wall clock measures the neighbours
-too; with one torch thread the CPU-time figure is the robust one (it counts only this process's work). The "decode"
-rows subtract two best-of timings: trust their CPU-time column; their wall column is noisy on a loaded machine.
+too; with one torch thread the CPU-time figure is the robust one (it counts only this process's work, though a
+loaded machine still slows it through shared caches). The "decode" rows subtract two best-of timings. Each row
+records the 1-minute load average at the end of the run.
 
 Memory: each (implementation, workload) runs in a FRESH subprocess; the figure is the growth of the process's peak
 resident set (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, KiB on Linux) from just after the model is loaded to
 the end of the workload (first round), i.e. the peak extra memory of activations, gradients, caches, temporaries.
 tracemalloc does not see torch's allocations, hence this method. Ratios > 1 mean ours is faster / leaner.
-Results are appended to bench/results/model_vs_hf.csv with machine, commit and date.
+Results are appended to bench/results/model_vs_hf.csv with machine, commit and date (`bench.common.append_result`).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import json
 import os
 import resource
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import commit as git_commit
-from bench.common import machine
+from bench.common import append_result
 
 ROOT = Path(__file__).resolve().parents[1]
-CSV_PATH = ROOT / "bench" / "results" / "model_vs_hf.csv"
-
-# The tiny preset's shape (several routed experts in groups, an MTP layer); conf/model/tiny.yaml wins if present.
-TINY = dict(
-    vocab_size=4096,
-    hidden_size=256,
-    intermediate_size=704,
-    moe_intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    n_shared_experts=1,
-    n_routed_experts=16,
-    num_experts_per_tok=4,
-    n_group=4,
-    topk_group=2,
-    first_k_dense_replace=1,
-    kv_lora_rank=64,
-    q_lora_rank=128,
-    qk_rope_head_dim=32,
-    qk_nope_head_dim=64,
-    v_head_dim=64,
-    max_position_embeddings=2048,
-    rope_scaling=None,
-    num_nextn_predict_layers=1,
-)
+STDLIB_SOURCES = ("textwrap.py", "argparse.py", "inspect.py", "dataclasses.py")  # prompts for a checkpoint
 
 
 def tiny_config(mtp: bool):
-    from model.config import ModelConfig
+    """conf/model/tiny.yaml, with or without its MTP module."""
+    from model.config import load_preset
 
-    fields = dict(TINY)
-    preset = ROOT / "conf" / "model" / "tiny.yaml"
-    if preset.exists():
-        from omegaconf import OmegaConf
-
-        raw = OmegaConf.to_container(OmegaConf.load(preset), resolve=True)
-        raw = raw.get("model", raw) if isinstance(raw, dict) else raw
-        names = set(ModelConfig.__dataclass_fields__)
-        fields = {k: v for k, v in raw.items() if k in names}
-    if not mtp:
-        fields["num_nextn_predict_layers"] = 0
-    return ModelConfig(**fields).validate()
+    return load_preset("tiny", **({} if mtp else {"num_nextn_predict_layers": 0}))
 
 
 def maxrss_mib() -> float:
@@ -114,18 +88,18 @@ def _load(impl: str, hf_dir: Path):
 def _train_step(impl: str, model, ids_BT: torch.Tensor) -> None:
     model.zero_grad(set_to_none=True)
     if impl == "ours":
-        out = model(ids_BT[:, :-1], targets_BT=ids_BT[:, 1:])
-        loss = out.loss
+        loss = model(ids_BT[:, :-1], targets_BT=ids_BT[:, 1:]).loss
     else:
         loss = model(input_ids=ids_BT[:, :-1], labels=ids_BT[:, :-1], use_cache=False).loss
     loss.backward()
 
 
-def _generate(impl: str, model, prompts_BT: torch.Tensor, new_tokens: int) -> list[list[int]]:
+def _generate(impl: str, model, prompts_BT: torch.Tensor, new_tokens: int, speculative: bool) -> dict:
     if impl == "ours":
         from model.generate import generate
 
-        return generate(model, prompts_BT.tolist(), max_new_tokens=new_tokens, temperature=0.0).tokens
+        out = generate(model, prompts_BT.tolist(), max_new_tokens=new_tokens, temperature=0.0, speculative=speculative)
+        return {"tokens": out.tokens, "drafted": out.draft_tokens, "accepted": out.accepted_tokens}
     with torch.inference_mode():
         out = model.generate(
             prompts_BT,
@@ -136,7 +110,7 @@ def _generate(impl: str, model, prompts_BT: torch.Tensor, new_tokens: int) -> li
             pad_token_id=0,
             eos_token_id=None,
         )
-    return out[:, prompts_BT.shape[1] :].tolist()
+    return {"tokens": out[:, prompts_BT.shape[1] :].tolist()}
 
 
 def _best_of(run, reps: int) -> tuple[float, float, list[float], object]:
@@ -151,11 +125,30 @@ def _best_of(run, reps: int) -> tuple[float, float, list[float], object]:
     return min(walls), min(cpus), walls, result
 
 
+def prompts_for(hf_dir: Path, n: int, length: int, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
+    """[n, length] prompts: Python source of the standard library when the directory has a tokenizer (a trained
+    checkpoint sees text like its corpus), else random token ids."""
+    tok_path = hf_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        return torch.randint(2, vocab_size, (n, length), generator=generator)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_path))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    ids: list[int] = []
+    for name in STDLIB_SOURCES:
+        ids += tok.encode((stdlib / name).read_text()).ids
+    starts = torch.randint(0, len(ids) - length, (n,), generator=generator).tolist()
+    return torch.tensor([ids[s : s + length] for s in starts])
+
+
 def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    impl, work = args.worker.split(":")
+    impl, work, mode = args.worker.split(":")  # mode: plain | spec | compiled (ours only; transformers: plain)
     model = _load(impl, args.hf_dir)
+    if mode == "compiled":  # model.compile=true: inductor compiles in the warm-up run (its time is recorded)
+        model.compile_blocks()
     V = model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
     base = maxrss_mib()
@@ -163,20 +156,28 @@ def worker(args: argparse.Namespace) -> dict:
     if work == "train":
         model.train()
         ids_BT = torch.randint(2, V, (args.batch, args.seq + 1), generator=gen)
+        w0 = time.perf_counter()
         wall, cpu, walls, _ = _best_of(lambda: _train_step(impl, model, ids_BT), args.iters)
+        out["first_call_s"] = time.perf_counter() - w0 - sum(walls)
         n_tokens = args.batch * args.seq
     else:  # "generate" (short prompts) or "generate_long" (long prompts: the cache holds ~1K positions)
         model.eval()
         prompt_len = args.prompt_len if work == "generate" else args.long_prompt_len
-        prompts_BT = torch.randint(2, V, (args.prompts, prompt_len), generator=gen)
-        wall, cpu, walls, tokens = _best_of(lambda: _generate(impl, model, prompts_BT, args.new_tokens), args.gen_iters)
-        assert all(len(t) == args.new_tokens for t in tokens)
+        prompts_BT = prompts_for(args.hf_dir, args.prompts, prompt_len, V, gen)
+        spec = mode == "spec"
+
+        def run(n: int):
+            return lambda: _generate(impl, model, prompts_BT, n, spec)
+
+        w0 = time.perf_counter()
+        wall, cpu, walls, res = _best_of(run(args.new_tokens), args.gen_iters)
+        out["first_call_s"] = time.perf_counter() - w0 - sum(walls)
+        assert all(len(t) == args.new_tokens for t in res["tokens"])
         n_tokens = args.prompts * args.new_tokens
         # decode alone: subtract a run that only prefills and draws the first token
-        wall1, cpu1, _, _ = _best_of(lambda: _generate(impl, model, prompts_BT, 1), args.gen_iters)
+        wall1, cpu1, _, _ = _best_of(run(1), args.gen_iters)
         n_decode = args.prompts * (args.new_tokens - 1)
-        out.update(tokens=tokens, decode_tokens_per_s=n_decode / (wall - wall1))
-        out.update(decode_tokens_per_cpu_s=n_decode / (cpu - cpu1))
+        out.update(res, decode_tokens_per_s=n_decode / (wall - wall1), decode_tokens_per_cpu_s=n_decode / (cpu - cpu1))
     out.update(tokens_per_s=n_tokens / wall, tokens_per_cpu_s=n_tokens / cpu, wall_s_all=walls)
     out["peak_extra_mib"] = maxrss_mib() - base
     return out
@@ -202,7 +203,107 @@ def run_worker(name: str, hf_dir: Path, args: argparse.Namespace) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+# ------------------------------------------------------------------------------------------------ profile
+
+
+def profile(args: argparse.Namespace) -> None:
+    """Print torch.profiler's top operators (self CPU time) for our training step and our plain decoding."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from model.generate import generate
+    from model.transformer import DeepseekV3
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = DeepseekV3(tiny_config(mtp=True))
+    ids_BT = torch.randint(2, model.config.vocab_size, (args.batch, args.seq + 1))
+    prompts = ids_BT[: args.prompts, : args.prompt_len].tolist()
+    for what, fn in (
+        ("train step (with MTP)", lambda: _train_step("ours", model.train(), ids_BT)),
+        ("plain decoding", lambda: generate(model, prompts, max_new_tokens=args.new_tokens, speculative=False)),
+    ):
+        fn()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        print(f"\n=== {what}: top operators by self CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 # ------------------------------------------------------------------------------------------------ driver
+
+# (metric, ours job, reference job, field, workload): the rows of one run; a job is "impl:work:mode@weights"
+ROWS = (
+    ("train_tokens_per_s", "ours:train:plain@plain", "hf:train:plain@plain", "tokens_per_s", "fwd+bwd"),
+    ("train_tokens_per_s_ours_with_mtp", "ours:train:plain@mtp", "hf:train:plain@plain", "tokens_per_s", "+ MTP loss"),
+    ("generate_tokens_per_s", "ours:generate:plain@plain", "hf:generate:plain@plain", "tokens_per_s", "generate"),
+    ("decode_tokens_per_s", "ours:generate:plain@plain", "hf:generate:plain@plain", "decode_tokens_per_s", "decode"),
+    (
+        "generate_long_tokens_per_s",
+        "ours:generate_long:plain@plain",
+        "hf:generate_long:plain@plain",
+        "tokens_per_s",
+        "long",
+    ),
+    (
+        "decode_long_tokens_per_s",
+        "ours:generate_long:plain@plain",
+        "hf:generate_long:plain@plain",
+        "decode_tokens_per_s",
+        "long decode",
+    ),
+    ("spec_generate_tokens_per_s", "ours:generate:spec@mtp", "hf:generate:plain@mtp", "tokens_per_s", "speculative"),
+    (
+        "spec_decode_tokens_per_s",
+        "ours:generate:spec@mtp",
+        "hf:generate:plain@mtp",
+        "decode_tokens_per_s",
+        "spec decode",
+    ),
+)
+CKPT_ROWS = (
+    ("ckpt_generate_tokens_per_s", "ours:generate:plain@ckpt", "hf:generate:plain@ckpt", "tokens_per_s", "ckpt"),
+    (
+        "ckpt_spec_generate_tokens_per_s",
+        "ours:generate:spec@ckpt",
+        "hf:generate:plain@ckpt",
+        "tokens_per_s",
+        "ckpt spec",
+    ),
+    (
+        "ckpt_spec_decode_tokens_per_s",
+        "ours:generate:spec@ckpt",
+        "hf:generate:plain@ckpt",
+        "decode_tokens_per_s",
+        "ckpt spec decode",
+    ),
+)
+COMPILE_ROWS = (
+    ("train_tokens_per_s_ours_compiled", "ours:train:compiled@plain", "hf:train:plain@plain", "tokens_per_s", "comp"),
+    (
+        "decode_tokens_per_s_ours_compiled",
+        "ours:generate:compiled@plain",
+        "hf:generate:plain@plain",
+        "decode_tokens_per_s",
+        "comp",
+    ),
+)
+PLAIN_OF = {"ours:generate:spec@mtp": "ours:generate:plain@mtp", "ours:generate:spec@ckpt": "ours:generate:plain@ckpt"}
+
+
+def describe(metric: str, args: argparse.Namespace, cfg) -> str:
+    B, N = args.prompts, args.new_tokens
+    if metric.startswith("train"):
+        extra = (
+            ", ours + MTP loss" if "mtp" in metric else ", ours with model.compile=true" if "compiled" in metric else ""
+        )
+        return f"batch {args.batch} x seq {args.seq} fwd+bwd" + extra
+    length = args.long_prompt_len if "long" in metric else args.prompt_len
+    what = "decode only" if "decode" in metric else "prefill + decode"
+    weights = "pretrained checkpoint" if metric.startswith("ckpt") else "random weights"
+    spec = ", ours with MTP drafts" if "spec" in metric else ""
+    spec += ", ours with model.compile=true" if "compiled" in metric else ""
+    return f"{B} x {length} + {N} new greedy, {what}{spec}, {weights}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,105 +318,91 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--long-prompt-len", type=int, default=896, help="prompt length of the long-context workload")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all workers; the best is kept")
+    p.add_argument("--ckpt", type=Path, default=None, help="a Hugging Face directory written by model.hf.export_hf")
+    p.add_argument("--compile", action="store_true", help="+ rows of ours with model.compile=true (minutes each)")
     p.add_argument("--no-csv", action="store_true", help="print only, do not append to the CSV")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of ours and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--hf-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    if args.profile:
+        profile(args)
+        return
 
     from model.hf import export_hf
     from model.transformer import DeepseekV3
 
+    rows_spec = ROWS + (CKPT_ROWS if args.ckpt else ()) + (COMPILE_ROWS if args.compile else ())
+    jobs = sorted(
+        {j for _, o, h, _, _ in rows_spec for j in (o, h)} | {PLAIN_OF[o] for _, o, *_ in rows_spec if o in PLAIN_OF}
+    )
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = {}
+        dirs = {"ckpt": args.ckpt}
         for mtp in (False, True):
             torch.manual_seed(0)
-            cfg = tiny_config(mtp)
-            dirs[mtp] = Path(tmp) / ("mtp" if mtp else "plain")
-            export_hf(DeepseekV3(cfg), dirs[mtp])
-        jobs = [("ours:train", False), ("hf:train", False), ("ours:generate", False), ("hf:generate", False)]
-        jobs += [("ours:generate_long", False), ("hf:generate_long", False)]
-        jobs.append(("ours:train", True))
+            dirs["mtp" if mtp else "plain"] = Path(tmp) / ("mtp" if mtp else "plain")
+            export_hf(DeepseekV3(tiny_config(mtp)), dirs["mtp" if mtp else "plain"])
         for rnd in range(args.rounds):  # interleaved rounds: a burst of load from neighbours hits both sides
-            for job, mtp in jobs:
-                key = job + (":mtp" if mtp else "")
-                print(f"round {rnd + 1}/{args.rounds}: {key} ...", file=sys.stderr, flush=True)
-                r = run_worker(job, dirs[mtp], args)
-                best = results.setdefault(key, r)
+            for job in jobs:
+                print(f"round {rnd + 1}/{args.rounds}: {job} ...", file=sys.stderr, flush=True)
+                name, weights = job.split("@")
+                r = run_worker(name, dirs[weights], args)
+                best = results.setdefault(job, r)
                 for k in ("tokens_per_s", "tokens_per_cpu_s", "decode_tokens_per_s", "decode_tokens_per_cpu_s"):
                     if k in r:
                         best[k] = max(best[k], r[k])
 
-    def same_tokens(a: str, b: str) -> bool:
-        return results[a]["tokens"] == results[b]["tokens"]
-
-    rows = []
-    commit, when, host = git_commit(), dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), machine()
+    cfg = tiny_config(True)
     shape = f"tiny L{cfg.num_hidden_layers} D{cfg.hidden_size} E{cfg.n_routed_experts} k{cfg.num_experts_per_tok}"
-    B, N = args.prompts, args.new_tokens
-    for metric, ours_key, hf_key, field, work in (
-        (
-            "train_tokens_per_s",
-            "ours:train",
-            "hf:train",
-            "tokens_per_s",
-            f"batch {args.batch} x seq {args.seq} fwd+bwd",
-        ),
-        ("train_tokens_per_s_ours_with_mtp", "ours:train:mtp", "hf:train", "tokens_per_s", "same, ours + MTP loss"),
-        ("generate_tokens_per_s", "ours:generate", "hf:generate", "tokens_per_s", f"{B} x {args.prompt_len} + {N} new"),
-        ("decode_tokens_per_s", "ours:generate", "hf:generate", "decode_tokens_per_s", "same, decode only"),
-        (
-            "generate_long_tokens_per_s",
-            "ours:generate_long",
-            "hf:generate_long",
-            "tokens_per_s",
-            f"{B} x {args.long_prompt_len} + {N} new",
-        ),
-        ("decode_long_tokens_per_s", "ours:generate_long", "hf:generate_long", "decode_tokens_per_s", "same, decode"),
-    ):
+    if args.ckpt:
+        shape += f"; ckpt {args.ckpt}"
+    load = round(os.getloadavg()[0], 2)
+    for metric, ours_key, hf_key, field, _ in rows_spec:
         o, h = results[ours_key], results[hf_key]
         cpu_field = field.removesuffix("_s") + "_cpu_s"  # tokens_per_s -> tokens_per_cpu_s
-        rows.append(
-            {
-                "date": when,
-                "machine": host,
-                "commit": commit,
-                "threads": args.threads,
-                "shape": shape,
-                "workload": work,
-                "metric": metric,
-                "ours": round(o[field], 1),
-                "hf": round(h[field], 1),
-                "speed_ratio": round(o[field] / h[field], 3),
-                "ours_per_cpu_s": round(o[cpu_field], 1),
-                "hf_per_cpu_s": round(h[cpu_field], 1),
-                "cpu_speed_ratio": round(o[cpu_field] / h[cpu_field], 3),
-                "load_avg_1m": round(os.getloadavg()[0], 2),
-                "ours_peak_extra_mib": round(o["peak_extra_mib"], 1),
-                "hf_peak_extra_mib": round(h["peak_extra_mib"], 1),
-                "memory_ratio": round(h["peak_extra_mib"] / max(o["peak_extra_mib"], 1e-6), 3),
-                "same_greedy_tokens": same_tokens(ours_key, hf_key) if "tokens" in o else "",
-            }
-        )
-    for r in rows:
+        row = {
+            "threads": args.threads,
+            "shape": shape,
+            "workload": describe(metric, args, cfg),
+            "metric": metric,
+            "ours": round(o[field], 1),
+            "hf": round(h[field], 1),
+            "speed_ratio": round(o[field] / h[field], 3),
+            "ours_per_cpu_s": round(o[cpu_field], 1),
+            "hf_per_cpu_s": round(h[cpu_field], 1),
+            "cpu_speed_ratio": round(o[cpu_field] / h[cpu_field], 3),
+            "load_avg_1m": load,
+            "ours_peak_extra_mib": round(o["peak_extra_mib"], 1),
+            "hf_peak_extra_mib": round(h["peak_extra_mib"], 1),
+            "memory_ratio": round(h["peak_extra_mib"] / max(o["peak_extra_mib"], 1e-6), 3),
+            "same_greedy_tokens": o["tokens"] == h["tokens"] if "tokens" in o else "",
+            "ours_first_call_s": round(o["first_call_s"], 1),  # warm-up: includes inductor's compile when compiled
+        }
+        if ours_key in PLAIN_OF:  # speculative: acceptance, against our own plain decoding on the same weights
+            plain = results[PLAIN_OF[ours_key]]
+            row["acceptance"] = round(o["accepted"] / max(o["drafted"], 1), 3)
+            row["cpu_ratio_to_ours_plain"] = round(o[cpu_field] / plain[cpu_field], 3)
+            row["same_tokens_as_ours_plain"] = o["tokens"] == plain["tokens"]
         print(
-            f"{r['metric']:32s} tok/s ours {r['ours']:8.1f} hf {r['hf']:8.1f} (x{r['speed_ratio']:.2f})  "
-            f"tok/cpu-s ours {r['ours_per_cpu_s']:8.1f} hf {r['hf_per_cpu_s']:8.1f} (x{r['cpu_speed_ratio']:.2f})  "
-            f"peak extra MiB ours {r['ours_peak_extra_mib']:7.1f} hf {r['hf_peak_extra_mib']:7.1f}"
-            f"  (hf/ours x{r['memory_ratio']:.2f})  same greedy tokens: {r['same_greedy_tokens']}"
+            f"{metric:34s} tok/cpu-s ours {row['ours_per_cpu_s']:8.1f} hf {row['hf_per_cpu_s']:8.1f} "
+            f"(x{row['cpu_speed_ratio']:.2f})  tok/s x{row['speed_ratio']:.2f}  "
+            f"peak MiB ours {row['ours_peak_extra_mib']:6.1f} hf {row['hf_peak_extra_mib']:6.1f}  "
+            f"same tokens: {row['same_greedy_tokens']}"
+            + (
+                f"  acceptance {row['acceptance']:.2f}, x{row['cpu_ratio_to_ours_plain']:.2f} vs our plain "
+                f"(same tokens: {row['same_tokens_as_ours_plain']})"
+                if "acceptance" in row
+                else ""
+            )
         )
+        if not args.no_csv:
+            append_result("model_vs_hf", row)
     if not args.no_csv:
-        CSV_PATH.parent.mkdir(parents=True, exist_ok=True)
-        new = not CSV_PATH.exists()
-        with CSV_PATH.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
-        print(f"appended to {CSV_PATH.relative_to(ROOT)}")
+        print("appended to bench/results/model_vs_hf.csv")
 
 
 if __name__ == "__main__":

@@ -14,20 +14,23 @@ q^C_i . k^C_i = (W_UK_i^T q^C_i) . c_KV could not be precomputed per query, beca
 W_UK_i and c_KV. Keeping position in the separate, shared k^R leaves the content part linear in c_KV, so:
 
 Training path (`_forward_full`): expand keys and values for all heads and run `F.scaled_dot_product_attention`
-(q/k head dim nope+rope = 192 and v head dim 128 differ; SDPA allows it).
+(q/k head dim nope+rope = 192, v head dim 128: the values are zero-padded to 192 so that SDPA's fused flash kernel
+runs, on CPU as on GPU; without equal widths it falls back to its unfused math path). Prefill uses it too.
 
-Inference path (`_forward_absorbed`, used whenever a cache is given): absorb W_UK into the query and W_UV into the
-output, and attend directly over the cached latents:
+Inference path (`_forward_absorbed`, with a cache, once positions are cached): absorb W_UK into the query and W_UV
+into the output, and attend directly over the cached latents:
     score_i(t, s) = (W_UK_i^T q^C_i,t) . c_KV,s + q^R_i,t . k^R_s
     o_i,t = W_UV_i (sum_s p_i(t, s) c_KV,s)
 which costs O(C) per cached token and head and reads only the (C + R)-wide cache: the memory-bound decode step
-moves 57x fewer bytes than a multi-head cache would. The two paths are equal in exact arithmetic; the tests
-check it in fp32.
+moves 57x fewer bytes than a multi-head cache would. All heads and query positions share the same keys, so it runs
+as ONE single-head SDPA over the cache rows [c_KV ; k^R] with T * H queries [W_UK^T q^C ; q^R]. Which path a cached
+forward takes is a cost rule (`MLA.absorbed_is_cheaper`): absorbed for decoding, speculative verification and short
+chunks, expanded for a prefill. The two paths are equal in exact arithmetic; the tests check it in fp32.
 
 The softmax scale is 1/sqrt(qk_nope + qk_rope) times YaRN's mscale^2 (`ModelConfig.softmax_scale`).
 
 Shape legend: B batch, T query positions, S key positions, D hidden, H heads, C kv_lora_rank, R qk_rope_head_dim,
-K qk_nope_head_dim, V v_head_dim, Q = K + R.
+K qk_nope_head_dim, V v_head_dim, Q = K + R, X = C + R (a cache row), N = T * H (absorbed queries).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.cache import MLACache
+from model.cache import LayerCache, MLACache
 from model.config import ModelConfig
 from model.norm import RMSNorm
 from model.rope import apply_rope
@@ -95,74 +98,100 @@ class MLA(nn.Module):
         x_BTD: Tensor,
         rope_cos_sin: tuple[Tensor, Tensor],
         mask_B1TS: Tensor | None = None,
-        cache: MLACache | None = None,
+        cache: MLACache | LayerCache | None = None,
     ) -> Tensor:
-        """Attention output [B, T, D]. mask_B1TS from `build_attention_mask` (None = causal, no padding)."""
+        """Attention output [B, T, D]. mask_B1TS from `build_attention_mask` (None = causal, no padding); `cache`:
+        the model's MLACache or this layer's view of it (what `DeepseekV3` passes)."""
         B, T, _ = x_BTD.shape
+        H, K, R, C = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         cos_BTR2, sin_BTR2 = rope_cos_sin
         if self.q_lora_rank is None:
             q = self.q_proj(x_BTD)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        q_BTHQ = q.view(B, T, self.n_heads, self.qk_nope_head_dim + self.qk_rope_head_dim)
-        q_nope_BTHK, q_rope_BTHR = q_BTHQ.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_rope_BTHR = apply_rope(q_rope_BTHR, cos_BTR2, sin_BTR2, self.rope_interleave)
-
-        latent_BTC, k_rope_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
+        q_nope_BTHK, q_rope_BTHR = q.view(B, T, H, K + R).split([K, R], dim=-1)
+        latent_BTC, k_rope_BTR = self.kv_a_proj_with_mqa(x_BTD).split([C, R], dim=-1)
         latent_BTC = self.kv_a_layernorm(latent_BTC)
-        k_rope_BTR = apply_rope(k_rope_BTR.unsqueeze(2), cos_BTR2, sin_BTR2, self.rope_interleave).squeeze(2)
+        # one rotation for the H query heads and the shared key (as an extra head): the same elementwise ops
+        rope_BTH1R = apply_rope(
+            torch.cat([q_rope_BTHR, k_rope_BTR.unsqueeze(2)], 2), cos_BTR2, sin_BTR2, self.rope_interleave
+        )
+        q_rope_BTHR, k_rope_BT1R = rope_BTH1R.split([H, 1], dim=2)
+        k_rope_BTR = k_rope_BT1R.squeeze(2)
 
         if cache is None:
             o_BTHV = self._forward_full(q_nope_BTHK, q_rope_BTHR, latent_BTC, k_rope_BTR, mask_B1TS)
         else:
-            latent_BSC, k_rope_BSR = cache.update(self.layer_idx, latent_BTC, k_rope_BTR)
-            if T > 1:  # prefill: expanding keys/values once beats the absorbed path's [T, S] latent scores
-                S = latent_BSC.shape[1]
-                if mask_B1TS is None and S != T:  # causal, aligned to the end of the cached history
-                    mask_B1TS = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(S - T)[None, None]
-                dtype = q_nope_BTHK.dtype
-                latent_BSC, k_rope_BSR = latent_BSC.to(dtype), k_rope_BSR.to(dtype)
+            if isinstance(cache, MLACache):
+                cache = cache.layer(self.layer_idx)
+            past = cache.seq_len
+            kv_BSX = cache.update(latent_BTC, k_rope_BTR)
+            if kv_BSX.dtype != q_nope_BTHK.dtype:  # a cache kept in another dtype than the activations
+                kv_BSX = kv_BSX.to(q_nope_BTHK.dtype)
+            S = kv_BSX.shape[1]
+            if mask_B1TS is None and S != T:  # causal, aligned to the end of the cached history
+                mask_B1TS = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(S - T)[None, None]
+            if past > 0 and self.absorbed_is_cheaper(T, S):  # decode, speculative verification, short chunks
+                o_BTHV = self._forward_absorbed(q_nope_BTHK, q_rope_BTHR, kv_BSX, mask_B1TS)
+            else:  # prefill: expanding keys/values once beats the absorbed path's [T, S] latent scores
+                latent_BSC, k_rope_BSR = kv_BSX.split([C, R], dim=-1)
                 o_BTHV = self._forward_full(q_nope_BTHK, q_rope_BTHR, latent_BSC, k_rope_BSR, mask_B1TS)
-            else:  # decode: attend over the cached latents directly, never re-expanding them
-                o_BTHV = self._forward_absorbed(q_nope_BTHK, q_rope_BTHR, latent_BSC, k_rope_BSR, mask_B1TS)
-        return self.o_proj(o_BTHV.reshape(B, T, self.n_heads * self.v_head_dim))
+        return self.o_proj(o_BTHV.reshape(B, T, H * self.v_head_dim))
+
+    def absorbed_is_cheaper(self, T: int, S: int) -> bool:
+        """Whether T queries over S cached positions cost fewer multiply-adds (per row and head) on the absorbed path
+        (scores and values over the C + R cached channels, plus absorbing W_UK and W_UV) than by expanding the S
+        latents into keys and values (kv_b_proj over S positions, then attention over K + R and V channels)."""
+        C, K, R, V = self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        expand = S * C * (K + V) + T * S * (K + R + V)
+        absorbed = T * C * (K + V) + 2 * T * S * (C + R)
+        return absorbed < expand
 
     def _forward_full(
         self, q_nope_BTHK: Tensor, q_rope_BTHR: Tensor, latent_BSC: Tensor, k_rope_BSR: Tensor, mask_B1TS: Tensor | None
     ) -> Tensor:
-        """Training path: materialize per-head keys/values from the latent and run SDPA."""
+        """Training path: materialize per-head keys/values from the latent and run SDPA.
+
+        The values are zero-padded from V to the query/key width K + R: SDPA's fused (flash) kernels want one head
+        width, and without them it falls back to its unfused math path (several times slower on CPU, as on GPU).
+        The padded channels of the output are zero and sliced off; the rest is the same attention."""
         B, S, _ = latent_BSC.shape
-        H, K, R = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
-        kv_BSHKV = self.kv_b_proj(latent_BSC).view(B, S, H, K + self.v_head_dim)
-        k_nope_BSHK, v_BSHV = kv_BSHKV.split([K, self.v_head_dim], dim=-1)
+        H, K, R, V = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        kv_BSHKV = self.kv_b_proj(latent_BSC).view(B, S, H, K + V)
+        k_nope_BSHK, v_BSHV = kv_BSHKV.split([K, V], dim=-1)
         k_BHSQ = torch.cat([k_nope_BSHK, k_rope_BSR[:, :, None, :].expand(B, S, H, R)], dim=-1).transpose(1, 2)
         q_BHTQ = torch.cat([q_nope_BTHK, q_rope_BTHR], dim=-1).transpose(1, 2)
+        v_BHSV = v_BSHV.transpose(1, 2)
+        if V < K + R:
+            v_BHSV = F.pad(v_BHSV, (0, K + R - V))
         o_BHTV = F.scaled_dot_product_attention(
             q_BHTQ,
             k_BHSQ,
-            v_BSHV.transpose(1, 2),
+            v_BHSV,
             attn_mask=mask_B1TS,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask_B1TS is None,
             scale=self.softmax_scale,
         )
-        return o_BHTV.transpose(1, 2)
+        return o_BHTV[..., :V].transpose(1, 2)
 
-    def _forward_absorbed(
-        self, q_nope_BTHK: Tensor, q_rope_BTHR: Tensor, latent_BSC: Tensor, k_rope_BSR: Tensor, mask_B1TS: Tensor | None
-    ) -> Tensor:
-        """Inference path: absorb kv_b_proj into query and output; attend over the cached latents directly."""
-        H, K = self.n_heads, self.qk_nope_head_dim
-        latent_BSC, k_rope_BSR = latent_BSC.to(q_nope_BTHK.dtype), k_rope_BSR.to(q_nope_BTHK.dtype)
-        w_HKVC = self.kv_b_proj.weight.view(H, K + self.v_head_dim, self.kv_lora_rank)
+    def _forward_absorbed(self, q_nope_BTHK: Tensor, q_rope_BTHR: Tensor, kv_BSX: Tensor, mask_B1TS: Tensor) -> Tensor:
+        """Inference path: absorb kv_b_proj into query and output; attend over the cached latents directly.
+
+        Every head and query position attends over the same S cached [latent ; rope key] rows, so they form one
+        single-head attention with T * H queries (SDPA's fused kernel): keys = the cache rows, values = the same rows
+        (their last R channels come out as extra output channels, dropped), scale as in training."""
+        B, T, H, K = q_nope_BTHK.shape
+        C, X = self.kv_lora_rank, kv_BSX.shape[-1]
+        S = kv_BSX.shape[1]
+        w_HKVC = self.kv_b_proj.weight.view(H, K + self.v_head_dim, C)
         w_uk_HKC, w_uv_HVC = w_HKVC.split([K, self.v_head_dim], dim=1)
         q_latent_BTHC = torch.einsum("bthk,hkc->bthc", q_nope_BTHK, w_uk_HKC)
-        scores_BHTS = torch.einsum("bthc,bsc->bhts", q_latent_BTHC, latent_BSC)
-        scores_BHTS = scores_BHTS + torch.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR)
-        scores_BHTS = scores_BHTS.float() * self.softmax_scale
-        if mask_B1TS is None:  # no cache history and no padding: plain causal
-            T, S = scores_BHTS.shape[-2:]
-            mask_B1TS = torch.ones(T, S, dtype=torch.bool, device=scores_BHTS.device).tril(S - T)[None, None]
-        probs_BHTS = scores_BHTS.masked_fill(~mask_B1TS, float("-inf")).softmax(dim=-1).to(latent_BSC.dtype)
-        o_latent_BTHC = torch.einsum("bhts,bsc->bthc", probs_BHTS, latent_BSC)
+        q_B1NX = torch.cat([q_latent_BTHC, q_rope_BTHR], dim=-1).view(B, 1, T * H, X)  # N = T * H queries
+        if T > 1:  # each query position's mask row, repeated for its H heads
+            Bm = mask_B1TS.shape[0]
+            mask_B1TS = mask_B1TS[:, :, :, None, :].expand(Bm, 1, T, H, S).reshape(Bm, 1, T * H, S)
+        kv_B1SX = kv_BSX.unsqueeze(1)
+        o_B1NX = F.scaled_dot_product_attention(q_B1NX, kv_B1SX, kv_B1SX, attn_mask=mask_B1TS, scale=self.softmax_scale)
+        o_latent_BTHC = o_B1NX[..., :C].reshape(B, T, H, C)
         return torch.einsum("bthc,hvc->bthv", o_latent_BTHC, w_uv_HVC)

@@ -111,6 +111,7 @@ def chat_turn(
     top_p: float = 0.95,
     top_k: int = 0,
     seed: int | None = None,
+    speculative: bool | None = None,
 ) -> tuple[str, GenerationOutput]:
     """Generate the assistant's reply to `messages`, writing it to `out` as it is produced; return (reply, raw)."""
     cfg = model.config
@@ -132,6 +133,7 @@ def chat_turn(
         stop_token_ids=stops,
         seed=seed,
         stream=on_token,
+        speculative=speculative,
     )
     out.write(streamer.flush())
     out.flush()
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-speculative", action="store_true", help="decode without the MTP module's drafts")
     args = p.parse_args(argv)
 
     from model.hf import import_hf
@@ -159,12 +162,16 @@ def main(argv: list[str] | None = None) -> None:
     model = import_hf(args.ckpt).eval()
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    kw["speculative"] = False if args.no_speculative else None
 
     def turn(text: str) -> None:
         history.append({"role": "user", "content": text})
         reply, res = chat_turn(model, tokenizer, history, sys.stdout, seed=args.seed, **kw)
         history.append({"role": "assistant", "content": reply})
-        print(f"\n[{res.num_generated_tokens} tokens, {res.decode_tokens_per_second:.1f} tok/s]", file=sys.stderr)
+        drafts = f", {100 * res.acceptance_rate:.0f}% of MTP drafts accepted" if res.draft_tokens else ""
+        print(
+            f"\n[{res.num_generated_tokens} tokens, {res.decode_tokens_per_second:.1f} tok/s{drafts}]", file=sys.stderr
+        )
 
     if args.prompt is not None:
         turn(args.prompt)

@@ -3,7 +3,7 @@
 Field names are those of the release (``hidden_size``, ``kv_lora_rank``, ``n_routed_experts``...), so a published
 ``config.json`` loads with :meth:`ModelConfig.from_hf` and :meth:`ModelConfig.to_hf` writes one that transformers'
 ``DeepseekV3Config`` reads. A handful of fields below the release's keys describe how WE train (MoE dispatch mode,
-load-balancing strategy, MTP loss weight); they are not part of the published file.
+load-balancing strategy, MTP loss weight, torch.compile of the blocks); they are not part of the published file.
 
 :meth:`ModelConfig.validate` rejects impossible combinations with a ``ValueError`` naming the field, before any
 tensor is allocated (the model constructors call it first). The class is a valid Hydra structured config:
@@ -99,6 +99,7 @@ class ModelConfig:
     seq_aux_alpha: float = 0.0001  # complementary sequence-wise balance loss weight
     aux_loss_alpha: float = 0.01  # classic auxiliary loss weight (moe_balance="aux_loss")
     mtp_loss_weight: float = 0.3
+    compile: bool = False  # torch.compile each decoder block at construction (DeepseekV3.compile_blocks)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -168,6 +169,8 @@ class ModelConfig:
         for name in ("bias_update_speed", "seq_aux_alpha", "aux_loss_alpha", "mtp_loss_weight"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
+        if not isinstance(self.compile, bool):
+            bad("compile", "must be true or false")
         return self
 
     def _validate_moe(self, bad) -> None:
@@ -255,7 +258,15 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The ``config.json`` dict transformers' DeepseekV3Config loads (our training-only fields left out)."""
-        ours = {"moe_impl", "capacity_factor", "moe_balance", "bias_update_speed", "seq_aux_alpha", "mtp_loss_weight"}
+        ours = {
+            "moe_impl",
+            "capacity_factor",
+            "moe_balance",
+            "bias_update_speed",
+            "seq_aux_alpha",
+            "mtp_loss_weight",
+            "compile",
+        }
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ours}
         d["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
         d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], torch_dtype="bfloat16")

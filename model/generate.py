@@ -13,6 +13,10 @@ How it works, step by step:
    (`model.sampling`). A row that draws a stop token is finished: it keeps its stop token and leaves the batch
    (its cache rows are dropped with `cache.index_select`), so long rollouts do not pay for the ones already done.
    Decoding ends when every row is finished or `max_new_tokens` is reached.
+4. **Speculative decoding (default when the model has an MTP module).** The MTP module drafts each next token and
+   one forward of the main model over [last token, draft] verifies it: up to two tokens per forward, greedy output
+   identical to plain decoding and sampled output distributed exactly as plain sampling (`model.speculative`).
+   `speculative=False` decodes one token per forward; the output's `acceptance_rate` says how often drafts held.
 
 Output order is prompt-major: prompt 0 samples 0..n-1, prompt 1 samples 0..n-1, ...
 
@@ -23,7 +27,8 @@ its replica j mod count, counted across the whole call), and the engine returns 
 (`slot_load_XP`) beside the logical loads (`expert_load_XE`). This is the dispatch decision of an expert-parallel
 server, taken and counted on one device: a replica shares its logical expert's weights (nothing is copied), so the
 tokens and logits are exactly those of generation without a placement. Every row the MoE layers compute counts,
-the left padding of the prefill included; MTP modules do not run while decoding, so their rows stay zero.
+the left padding of the prefill included; under speculative decoding that includes the MTP layer's rows and the
+verified drafts (accepted or not), without it the MTP modules do not run and their rows stay zero.
 
 Legend: B prompts, R = B * n output rows, A rows still active, L longest prompt, S key positions (cached + new),
 V vocabulary, N max new tokens; X MoE layers (`model.moe_layers()` order), E logical experts, P physical slots.
@@ -31,6 +36,7 @@ V vocabulary, N max new tokens; X MoE layers (`model.moe_layers()` order), E log
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,7 +45,10 @@ import torch
 from torch import Tensor
 
 from model.cache import MLACache
-from model.sampling import SamplingParams, sample_next
+from model.sampling import SamplingParams, next_tokens, token_logprobs
+from model.speculative import break_even_acceptance, decode_speculative, prefill_mtp
+
+log = logging.getLogger(__name__)
 
 PAD_ID = 0  # what left padding is filled with; masked out, so its value never matters
 
@@ -57,10 +66,64 @@ class GenerationOutput:
     decode_seconds: float
     expert_load_XE: Tensor | None = None  # with a placement: requests per logical expert, per MoE layer (int64)
     slot_load_XP: Tensor | None = None  # with a placement: requests served by each physical slot (sums to the above)
+    speculative: bool = False  # decoded with MTP drafts (model.speculative)
+    draft_tokens: int = 0  # tokens the MTP module drafted and the main model verified
+    accepted_tokens: int = 0  # drafts the main model accepted
+    drafts_stopped: bool = False  # the default stopped drafting: acceptance below break-even (model.speculative)
 
     @property
     def decode_tokens_per_second(self) -> float:
         return self.num_generated_tokens / max(self.decode_seconds, 1e-9)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / verified drafts (NaN when nothing was drafted, e.g. without speculative decoding)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else float("nan")
+
+
+class RowOutputs:
+    """The R output rows' tokens and log-probabilities, appended as they are drawn (at most N per row).
+
+    Decoding loops keep only their active rows (rows_A: each active row's output row) and call `emit`; a row's
+    tokens are written at its own length, so rows may advance by different counts per step (speculative decoding).
+    """
+
+    def __init__(self, R: int, N: int, device: torch.device, stream: StreamFn | None, with_logprobs: bool) -> None:
+        self.N, self.stream, self.with_logprobs = N, stream, with_logprobs
+        self.tokens_RN = torch.full((R, N), PAD_ID, dtype=torch.long, device=device)
+        self.logprobs_RN = torch.zeros((R, N), dtype=torch.float32, device=device)
+        self.lengths_R = torch.zeros(R, dtype=torch.long, device=device)
+
+    def emit(
+        self, rows_A: Tensor, tok_A: Tensor, logits_AV: Tensor, params: SamplingParams, take_A: Tensor | None = None
+    ) -> None:
+        """Append tok_A, drawn from logits_AV, to output rows rows_A, only where take_A (default: everywhere); their
+        log-probabilities are computed only when the caller asked for them."""
+        at_A = self.lengths_R[rows_A].clamp(max=self.N - 1)
+        if take_A is not None:
+            tok_A = torch.where(take_A, tok_A, self.tokens_RN[rows_A, at_A])
+        self.tokens_RN[rows_A, at_A] = tok_A
+        if self.with_logprobs:
+            lp_A = token_logprobs(logits_AV, params, tok_A)
+            self.logprobs_RN[rows_A, at_A] = (
+                lp_A if take_A is None else torch.where(take_A, lp_A, self.logprobs_RN[rows_A, at_A])
+            )
+        self.lengths_R[rows_A] += 1 if take_A is None else take_A.long()
+        if self.stream is not None:
+            takes = [True] * len(rows_A) if take_A is None else take_A.tolist()
+            for r, t, k in zip(rows_A.tolist(), tok_A.tolist(), takes):
+                if k:
+                    self.stream(r, t)
+
+    def full(self, rows_A: Tensor) -> Tensor:
+        """Rows that hold N tokens already (bool [A])."""
+        return self.lengths_R[rows_A] >= self.N
+
+    def lists(self) -> tuple[list[list[int]], list[list[float]] | None, list[int]]:
+        lengths = self.lengths_R.tolist()
+        tokens = [row[:n] for row, n in zip(self.tokens_RN.tolist(), lengths)]
+        logprobs = [row[:n] for row, n in zip(self.logprobs_RN.tolist(), lengths)] if self.with_logprobs else None
+        return tokens, logprobs, lengths
 
 
 def left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -139,6 +202,41 @@ def _check_args(prompts: Sequence[Sequence[int]], n_samples: int, max_new_tokens
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
+def decode_plain(
+    model: torch.nn.Module,
+    cache: MLACache,
+    logits_AV: Tensor,
+    mask_AS: Tensor,
+    next_pos_A1: Tensor,
+    out: RowOutputs,
+    params: SamplingParams,
+    stop_S: Tensor,
+    generator: torch.Generator | None,
+    rows_A: Tensor | None = None,
+) -> None:
+    """One token per row and step: draw from the last logits, feed the token back, until every row is done.
+
+    logits_AV: the active rows' next-token logits (after a prefill, or a speculative phase); rows_A their output rows
+    (default: all rows, in order)."""
+    if rows_A is None:
+        rows_A = torch.arange(logits_AV.shape[0], device=logits_AV.device)
+    while True:
+        tok_A = next_tokens(logits_AV, params, generator)
+        out.emit(rows_A, tok_A, logits_AV, params)
+        done_A = torch.isin(tok_A, stop_S) | out.full(rows_A)
+        if bool(done_A.any()):  # finished rows leave the batch (and the cache)
+            keep_A = (~done_A).nonzero().flatten()
+            if keep_A.numel() == 0:
+                break
+            rows_A, tok_A = rows_A[keep_A], tok_A[keep_A]
+            mask_AS, next_pos_A1 = mask_AS[keep_A], next_pos_A1[keep_A]
+            cache.index_select(keep_A)
+        mask_AS = torch.cat([mask_AS, mask_AS.new_ones((mask_AS.shape[0], 1))], dim=1)
+        step = model(tok_A[:, None], position_ids_BT=next_pos_A1, attention_mask_BT=mask_AS, cache=cache)
+        logits_AV = step.logits_BTV[:, -1]
+        next_pos_A1 = next_pos_A1 + 1
+
+
 @torch.inference_mode()
 def generate(
     model: torch.nn.Module,
@@ -154,6 +252,7 @@ def generate(
     return_logprobs: bool = False,
     stream: StreamFn | None = None,
     placement: Tensor | None = None,
+    speculative: bool | None = None,
 ) -> GenerationOutput:
     """Sample `n_samples` continuations of each prompt with a latent KV cache (see the module docstring).
 
@@ -162,11 +261,20 @@ def generate(
     every token as soon as it is drawn (the chat CLI prints with it). `placement` (phy2log [MoE layers, slots], e.g.
     from `model.eplb.rebalance_experts`) routes expert requests to replicas and fills the output's
     `expert_load_XE` / `slot_load_XP` (see the module docstring); it never changes the tokens.
+    `speculative`: decode with the MTP module's drafts (`model.speculative`): None (default) = whenever the model
+    has an MTP module, stopping the drafts for the rest of the call when, after the first verify steps, their
+    acceptance is below break-even (`break_even_acceptance`); True = always draft (required); False = never.
+    Greedy tokens are those of plain decoding; sampled tokens follow the same distribution (another draw for the
+    same seed).
     """
     cfg = model.config
     _check_args(prompts, n_samples, max_new_tokens, cfg.vocab_size)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     params.validate()
+    has_mtp = len(getattr(model, "mtp", ())) > 0
+    if speculative and not has_mtp:
+        raise ValueError("speculative=True needs a model with an MTP module (num_nextn_predict_layers > 0)")
+    use_mtp = has_mtp if speculative is None else speculative
     device = next(model.parameters()).device
     generator = None
     if seed is not None:
@@ -177,6 +285,8 @@ def generate(
     dispatch = ReplicaDispatch(model, placement) if placement is not None else None
     was_training = model.training
     model.eval()
+    drafted = accepted = 0
+    handoff = None
     try:
         if dispatch is not None:
             dispatch.attach()
@@ -185,47 +295,39 @@ def generate(
         R = B * n_samples
         _sync(device)
         t0 = time.perf_counter()
-        cache = MLACache.for_model(model, batch_size=B, max_seq_len=L + max_new_tokens)
-        out = model(ids_BL, position_ids_BT=pos_BL, attention_mask_BT=mask_BS, cache=cache)
-        logits_RV = out.logits_BTV[:, -1]
+        slots = L + (2 * max_new_tokens if use_mtp else max_new_tokens)  # a verify step writes 2 positions
+        cache = MLACache.for_model(model, batch_size=B, max_seq_len=slots)
+        out = model(ids_BL, position_ids_BT=pos_BL, attention_mask_BT=mask_BS, cache=cache, logits_to_keep=1)
+        logits_RV, hidden_R1D = out.logits_BTV[:, -1], out.hidden_BTD[:, -1:]
+        mtp_cache = prefill_mtp(model, out.hidden_BTD, ids_BL, pos_BL, mask_BS, slots) if use_mtp else None
         if n_samples > 1:
-            cache.repeat_interleave(n_samples)
-            logits_RV = logits_RV.repeat_interleave(n_samples, dim=0)
+            for c in (cache, mtp_cache):
+                if c is not None:
+                    c.repeat_interleave(n_samples)
+            logits_RV, hidden_R1D = (
+                logits_RV.repeat_interleave(n_samples, 0),
+                hidden_R1D.repeat_interleave(n_samples, 0),
+            )
             mask_BS = mask_BS.repeat_interleave(n_samples, dim=0)
             pos_BL = pos_BL.repeat_interleave(n_samples, dim=0)
         _sync(device)
         t1 = time.perf_counter()
-
-        # decode: A = rows still active; rows_A maps them to their output row (compacted as rows finish)
-        rows_A = torch.arange(R, device=device)
-        next_pos_A1 = pos_BL[:, -1:] + 1
-        mask_AS = mask_BS
-        logits_AV = logits_RV
-        tokens_RN = torch.full((R, max_new_tokens), PAD_ID, dtype=torch.long, device=device)
-        logprobs_RN = torch.zeros((R, max_new_tokens), dtype=torch.float32, device=device)
-        lengths_R = torch.zeros(R, dtype=torch.long, device=device)
-        for step in range(max_new_tokens):
-            tok_A, lp_A = sample_next(logits_AV, params, generator)
-            tokens_RN[rows_A, step] = tok_A
-            logprobs_RN[rows_A, step] = lp_A
-            lengths_R[rows_A] += 1
-            if stream is not None:
-                for r, t in zip(rows_A.tolist(), tok_A.tolist()):
-                    stream(r, t)
-            if step == max_new_tokens - 1:
-                break
-            done_A = torch.isin(tok_A, stop_S)
-            if bool(done_A.any()):  # finished rows leave the batch (and the cache)
-                keep_A = (~done_A).nonzero().flatten()
-                if keep_A.numel() == 0:
-                    break
-                rows_A, tok_A = rows_A[keep_A], tok_A[keep_A]
-                mask_AS, next_pos_A1 = mask_AS[keep_A], next_pos_A1[keep_A]
-                cache.index_select(keep_A)
-            mask_AS = torch.cat([mask_AS, mask_AS.new_ones((mask_AS.shape[0], 1))], dim=1)
-            out = model(tok_A[:, None], position_ids_BT=next_pos_A1, attention_mask_BT=mask_AS, cache=cache)
-            logits_AV = out.logits_BTV[:, -1]
-            next_pos_A1 = next_pos_A1 + 1
+        rows = RowOutputs(R, max_new_tokens, device, stream, return_logprobs)
+        next_pos_R1 = pos_BL[:, -1:] + 1
+        if use_mtp:
+            state = (logits_RV, hidden_R1D, mask_BS, next_pos_R1)
+            min_acc = None if speculative else break_even_acceptance(cfg)  # the default drafts only while it pays
+            drafted, accepted, handoff = decode_speculative(
+                model, cache, mtp_cache, *state, rows, params, stop_S, generator, min_acceptance=min_acc
+            )
+            if handoff is not None:  # drafts did not pay: the rest without them, from the last drawn token
+                rows_A, tok_A, pos_A1, mask_AS = handoff
+                mask_AS = torch.cat([mask_AS, mask_AS.new_ones((mask_AS.shape[0], 1))], dim=1)
+                step = model(tok_A[:, None], position_ids_BT=pos_A1, attention_mask_BT=mask_AS, cache=cache)
+                logits_AV = step.logits_BTV[:, -1]
+                decode_plain(model, cache, logits_AV, mask_AS, pos_A1 + 1, rows, params, stop_S, generator, rows_A)
+        else:
+            decode_plain(model, cache, logits_RV, mask_BS, next_pos_R1, rows, params, stop_S, generator)
         _sync(device)
         t2 = time.perf_counter()
     finally:
@@ -233,10 +335,8 @@ def generate(
         if dispatch is not None:
             dispatch.detach()
 
-    lengths = lengths_R.tolist()
-    tokens = [row[:n] for row, n in zip(tokens_RN.tolist(), lengths)]
-    logprobs = [row[:n] for row, n in zip(logprobs_RN.tolist(), lengths)] if return_logprobs else None
-    return GenerationOutput(
+    tokens, logprobs, lengths = rows.lists()
+    result = GenerationOutput(
         tokens=tokens,
         logprobs=logprobs,
         num_generated_tokens=sum(lengths),
@@ -244,4 +344,18 @@ def generate(
         decode_seconds=t2 - t1,
         expert_load_XE=dispatch.expert_load_XE.cpu() if dispatch is not None else None,
         slot_load_XP=dispatch.slot_load_XP.cpu() if dispatch is not None else None,
+        speculative=use_mtp,
+        draft_tokens=drafted,
+        accepted_tokens=accepted,
+        drafts_stopped=use_mtp and handoff is not None,
     )
+    if use_mtp:
+        log.info(
+            "speculative decoding: %d/%d MTP drafts accepted (%.1f%%), %d tokens%s",
+            accepted,
+            drafted,
+            100 * result.acceptance_rate if drafted else float("nan"),
+            result.num_generated_tokens,
+            "; drafting stopped (below break-even), the rest decoded plainly" if result.drafts_stopped else "",
+        )
+    return result

@@ -235,9 +235,10 @@ def _write_tokenizer(tokenizer_path: Path, out_dir: Path, cfg: ModelConfig) -> N
 
 def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     """`cfg.to_hf()` plus the weights' dtype and our training-behaviour fields (transformers keeps unknown keys as
-    plain attributes; `ModelConfig.from_hf` reads them back, so a model re-imported trains as it did)."""
+    plain attributes; `ModelConfig.from_hf` reads them back, so a model re-imported trains as it did). `compile`
+    is left out: whether to torch.compile is the loader's choice, not a property of the weights."""
     d = cfg.to_hf()
-    d.update({k: v for k, v in dataclasses.asdict(cfg).items() if k not in d})
+    d.update({k: v for k, v in dataclasses.asdict(cfg).items() if k not in d and k != "compile"})  # not a weight
     d["rope_interleave"] = cfg.rope_interleave
     d["dtype"] = d["torch_dtype"] = str(dtype).removeprefix("torch.")
     return d

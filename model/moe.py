@@ -15,8 +15,14 @@ multiplied by their gate (in fp32), put back in assignment order and summed over
 fp32: a deterministic reduction (as transformers' grouped_mm path does), where an index_add_ scatter would use
 float atomics on CUDA and change the sum order from run to run.
 
-`RoutedExperts.grouped_mm` is an attribute so the FP8 path (and a GPU grouped GEMM) can replace it; the default
-`grouped_mm` below is the readable reference: one matmul per non-empty expert.
+The grouped matmul is `model.grouped_mm.grouped_mm`: `torch._grouped_mm` where this torch build has it (CPU fp32/bf16,
+CUDA bf16), one call for all experts with no host sync, else the readable loop `grouped_mm_reference`; one operator
+either way, so the layer traces under torch.compile. With that default GEMM and more rows than expert weight rows
+(training, prefill), the gate and up projections of all experts run as ONE grouped matmul over the concatenated
+[E, 2F, D] weights (half the calls forward and backward; the parameters stay separate, as the release and the FP8
+path name them; decoding's few rows would not pay for the weight copy). `RoutedExperts.grouped_mm` is an instance
+attribute so that the FP8 path can replace it; a replaced GEMM gets the three projections one by one, so its
+per-weight quantization blocks are those of each projection.
 
 Capacity mode (moe_impl="capacity", the GShard/Switch baseline)
 --------------------------------------------------------------
@@ -42,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.router import MoEGate, balance_loss, expert_load, max_violation, update_expert_bias
+from model.grouped_mm import grouped_mm, grouped_mm_reference
+from model.router import MoEGate, balance_loss, expert_counts, expert_load, max_violation, update_expert_bias
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
@@ -55,6 +62,7 @@ __all__ = [
     "RoutedExperts",
     "dispatch_order",
     "grouped_mm",
+    "grouped_mm_reference",
     "max_violation",
     "update_expert_bias",
 ]
@@ -76,23 +84,6 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def grouped_mm(x_MK: Tensor, w_ENK: Tensor, offsets_E1: Tensor) -> Tensor:
-    """[M, N] = per group e: x_MK[offsets[e]:offsets[e+1]] @ w_ENK[e].T (rows sorted by expert, contiguous).
-
-    offsets_E1: int64 [E+1], offsets[0] = 0, offsets[E] = M. Reference implementation: a loop over the experts
-    that received rows (one host sync to read the offsets); empty groups cost nothing.
-    """
-    E = w_ENK.shape[0]
-    bounds = offsets_E1.tolist()
-    assert len(bounds) == E + 1 and bounds[0] == 0 and bounds[E] == x_MK.shape[0], (bounds, x_MK.shape, E)
-    sizes = [bounds[e + 1] - bounds[e] for e in range(E)]
-    # split (not slicing): its backward concatenates the row gradients instead of summing E full-size zero tensors
-    pieces = [x_e @ w_ENK[e].T for e, x_e in enumerate(torch.split(x_MK, sizes)) if sizes[e] > 0]
-    if not pieces:  # nothing routed here (e.g. everything dropped): an empty result that keeps the graph
-        return x_MK @ w_ENK[0].T
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-
-
 @torch.no_grad()
 def dispatch_order(
     topk_idx_NK: Tensor, topk_weight_NK: Tensor, n_experts: int, capacity: int | None = None
@@ -104,7 +95,7 @@ def dispatch_order(
     of largest gate weight (ties: earlier slot first) and dropped = A - M.
     """
     expert_A = topk_idx_NK.reshape(-1)
-    counts_E = torch.bincount(expert_A, minlength=n_experts)
+    counts_E = expert_counts(expert_A, n_experts)
     order_M = torch.argsort(expert_A, stable=True)
     dropped = 0
     if capacity is not None:
@@ -136,8 +127,15 @@ class RoutedExperts(nn.Module):
 
     def forward_sorted(self, x_MD: Tensor, offsets_E1: Tensor) -> Tensor:
         """The experts on rows already sorted by expert (also the entry point after an expert-parallel all-to-all)."""
-        gate_MF = self.grouped_mm(x_MD, self.gate_proj, offsets_E1)
-        up_MF = self.grouped_mm(x_MD, self.up_proj, offsets_E1)
+        E, F_, _ = self.gate_proj.shape
+        # the default GEMM with more rows than expert weight rows (training, prefill): gate and up of every expert in
+        # one grouped matmul; the concatenated weights are a copy, which a few decode rows would not pay back
+        if self.grouped_mm is grouped_mm and x_MD.shape[0] >= E * F_:
+            w_gate_up_E2FD = torch.cat([self.gate_proj, self.up_proj], dim=1)
+            gate_MF, up_MF = self.grouped_mm(x_MD, w_gate_up_E2FD, offsets_E1).chunk(2, dim=-1)
+        else:  # (a swapped-in GEMM, FP8, quantizes each projection's weight on its own)
+            gate_MF = self.grouped_mm(x_MD, self.gate_proj, offsets_E1)
+            up_MF = self.grouped_mm(x_MD, self.up_proj, offsets_E1)
         return self.grouped_mm(F.silu(gate_MF) * up_MF, self.down_proj, offsets_E1)
 
     def forward(
@@ -163,7 +161,8 @@ class MoEStats:
 
     load_E: assignments routed to each expert by the router (detached float [E], counted before any capacity drop;
     the input of update_expert_bias and max_violation). balance_loss: UNWEIGHTED scalar: the sequence-wise loss
-    (moe_balance="aux_free"), the batch-wide auxiliary loss ("aux_loss") or 0 ("none"). dropped: assignments
+    (moe_balance="aux_free"), the batch-wide auxiliary loss ("aux_loss") or 0 ("none", and whenever gradients are
+    disabled: nothing trains then, and evaluation and generation skip its ops). dropped: assignments
     dropped by the capacity limit (always 0 when dropless or in eval mode).
     """
 
@@ -209,11 +208,9 @@ class DeepseekMoE(nn.Module):
         out_BTD = routed_ND.view(B, T, D)
         if self.shared_experts is not None:
             out_BTD = out_BTD + self.shared_experts(x_BTD)
-        if self.moe_balance == "aux_free":
-            loss = balance_loss(scores_NE, topk_idx_NK, n_seq=B)
-        elif self.moe_balance == "aux_loss":
-            loss = balance_loss(scores_NE, topk_idx_NK, n_seq=1)
-        else:
+        if self.moe_balance == "none" or not torch.is_grad_enabled():  # nothing trains (evaluation, generation)
             loss = scores_NE.new_zeros(())
+        else:
+            loss = balance_loss(scores_NE, topk_idx_NK, n_seq=B if self.moe_balance == "aux_free" else 1)
         stats = MoEStats(load_E=expert_load(topk_idx_NK, self.n_routed_experts), balance_loss=loss, dropped=dropped)
         return out_BTD, stats

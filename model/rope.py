@@ -90,10 +90,11 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x_BTHR: Tensor, cos_BTR2: Tensor, sin_BTR2: Tensor, interleave: bool = True) -> Tensor:
     """Rotate the pairs of x's last dim (adjacent pairs if interleave, else halves); computed in fp32."""
-    x = x_BTHR.float()
+    x = x_BTHR if x_BTHR.dtype == torch.float32 else x_BTHR.float()
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
         x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos_BTR2.unsqueeze(-2), sin_BTR2.unsqueeze(-2)  # broadcast over heads
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BTHR.dtype)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out if out.dtype == x_BTHR.dtype else out.to(x_BTHR.dtype)

@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 TOPK_METHODS = ("noaux_tc", "greedy")
 
 
+def _fp32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def select_experts(
     choice_NE: Tensor, top_k: int, n_group: int, topk_group: int, topk_method: str = "noaux_tc"
 ) -> Tensor:
@@ -58,8 +62,7 @@ def select_experts(
         group_scores_NG = choice_NGe.topk(min(2, E // n_group), dim=-1)[0].sum(dim=-1)
         group_idx_NG = torch.topk(group_scores_NG, k=topk_group, dim=-1, sorted=False)[1]
         group_mask_NG = torch.zeros_like(group_scores_NG, dtype=torch.bool).scatter_(1, group_idx_NG, True)
-        expert_mask_NE = group_mask_NG.unsqueeze(-1).expand(N, n_group, E // n_group).reshape(N, E)
-        choice_NE = choice_NE.masked_fill(~expert_mask_NE, float("-inf"))
+        choice_NE = choice_NGe.masked_fill(~group_mask_NG.unsqueeze(-1), float("-inf")).view(N, E)
     return torch.topk(choice_NE, k=top_k, dim=-1, sorted=False)[1]
 
 
@@ -95,11 +98,14 @@ class MoEGate(nn.Module):
         nn.init.normal_(self.weight, mean=0.0, std=cfg.initializer_range)
 
     def forward(self, x_ND: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        with torch.autocast(x_ND.device.type, enabled=False):  # the router stays fp32 even under bf16 autocast
-            logits_NE = F.linear(x_ND.float(), self.weight.float())
+        if torch.is_autocast_enabled(x_ND.device.type):  # the router stays fp32 even under bf16 autocast
+            with torch.autocast(x_ND.device.type, enabled=False):
+                logits_NE = F.linear(_fp32(x_ND), _fp32(self.weight))
+        else:
+            logits_NE = F.linear(_fp32(x_ND), _fp32(self.weight))
         scores_NE = logits_NE.sigmoid()
         with torch.no_grad():
-            choice_NE = scores_NE + self.e_score_correction_bias.float()
+            choice_NE = scores_NE + _fp32(self.e_score_correction_bias)
             topk_idx_NK = select_experts(choice_NE, self.top_k, self.n_group, self.topk_group, self.topk_method)
         topk_weight_NK = gate_weights(scores_NE, topk_idx_NK, self.norm_topk_prob, self.routed_scaling_factor)
         return topk_idx_NK, topk_weight_NK, scores_NE
@@ -111,9 +117,16 @@ class MoEGate(nn.Module):
         )
 
 
+def expert_counts(expert_A: Tensor, n_experts: int) -> Tensor:
+    """int64 [E]: how many entries of expert_A name each expert. A scatter-add of ones: unlike `torch.bincount`,
+    whose output size depends on the data (a host sync on CUDA), its shape is known before it runs."""
+    ones_A = torch.ones_like(expert_A, dtype=torch.long)
+    return torch.zeros(n_experts, dtype=torch.long, device=expert_A.device).scatter_add_(0, expert_A, ones_A)
+
+
 def expert_load(topk_idx_NK: Tensor, n_experts: int) -> Tensor:
     """Tokens routed to each expert [E] (float; a token counts once per expert it selected)."""
-    return torch.bincount(topk_idx_NK.reshape(-1), minlength=n_experts).float()
+    return expert_counts(topk_idx_NK.reshape(-1), n_experts).float()
 
 
 def balance_loss(scores_NE: Tensor, topk_idx_NK: Tensor, n_seq: int) -> Tensor:

@@ -15,7 +15,8 @@ steps ahead of each position, keeping the complete causal chain of predictions:
 The MTP loss is the mean over depths of each depth's cross-entropy; the total loss adds mtp_loss_weight times it.
 The concat order [embedding ; hidden] and the normed hidden states passed from depth to depth are those of the
 release's inference engines (vLLM, SGLang) and of Megatron-LM's MTP, so the release's MTP weights fit.
-MTP runs only when targets are given and no cache is passed: at inference the modules are simply unused.
+MTP runs in `forward` only when targets are given and no cache is passed; at inference `mtp_forward` runs the first
+module on its own latent cache to draft tokens for speculative decoding (`model.speculative`).
 
 Targets are already shifted: targets_BT[:, i] is the token after input_ids_BT[:, i] (ignore_index -100 where no
 loss is wanted, e.g. SFT prompts). For MTP depth k the target of position i is targets_BT[:, i + k].
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.attention import MLA, build_attention_mask
-from model.cache import MLACache
+from model.cache import LayerCache, MLACache
 from model.config import ModelConfig
 from model.moe import MLP, DeepseekMoE, MoEStats
 from model.norm import RMSNorm
@@ -58,6 +59,7 @@ class ModelOutput:
     balance_loss: Tensor  # unweighted, summed over the MoE layers that ran (0 for a dense model)
     expert_load_LE: Tensor  # tokens per expert, one row per MoE layer that ran, in `moe_layers()` order
     dropped: int  # token-slots dropped by capacity-mode MoE (0 when dropless)
+    hidden_BTD: Tensor | None = None  # the main model's last hidden state after its final norm (MTP's input)
 
 
 class CheckpointMismatchError(ValueError):
@@ -80,7 +82,7 @@ class DecoderLayer(nn.Module):
         x_BTD: Tensor,
         rope_cos_sin: tuple[Tensor, Tensor],
         mask_B1TS: Tensor | None = None,
-        cache: MLACache | None = None,
+        cache: LayerCache | None = None,
     ) -> tuple[Tensor, MoEStats | None]:
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), rope_cos_sin, mask_B1TS, cache)
         h_BTD = self.post_attention_layernorm(x_BTD)
@@ -131,6 +133,21 @@ class DeepseekV3(nn.Module):
         self.mtp = nn.ModuleList([MTPModule(cfg, L + k) for k in range(cfg.num_nextn_predict_layers)])
         self.rotary_emb = RotaryEmbedding(cfg)
         self.init_weights()
+        if cfg.compile:
+            self.compile_blocks()
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile the two halves of every decoder block in place (attention and FFN, main and MTP layers).
+
+        Called at construction when `config.compile` is set, i.e. before any FSDP or pipeline wrapping (as torchtitan
+        orders it); parameter names stay unchanged. Per module rather than per whole model so that one compiled graph
+        serves every layer; per half rather than per block because dynamo caches graphs per function, and a
+        block's variants (dense or MoE x training, evaluation, prefill, decode) would overflow its recompile limit.
+        Shapes are dynamic from the first compile: decoding changes them every step (rows leave, the cache grows,
+        verification feeds two tokens). `compile_kwargs` go to `torch.compile` (tests: backend="eager", fullgraph)."""
+        for layer in list(self.model.layers) + [m.layer for m in self.mtp]:
+            layer.self_attn.compile(**{"dynamic": True, **compile_kwargs})
+            layer.mlp.compile(**{"dynamic": True, **compile_kwargs})
 
     # ------------------------------------------------------------------ construction helpers
     @torch.no_grad()
@@ -166,9 +183,14 @@ class DeepseekV3(nn.Module):
         position_ids_BT: Tensor | None = None,
         attention_mask_BT: Tensor | None = None,
         cache: MLACache | None = None,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
         """attention_mask_BT: True for real tokens over ALL key positions (cached + new), for left padding.
-        position_ids_BT default: count of real tokens before each position (0.. without a mask)."""
+        position_ids_BT default: count of real tokens before each position (0.. without a mask).
+        logits_to_keep > 0: logits of the last that many positions only (a prefill needs just the last); not with
+        targets."""
+        if logits_to_keep and targets_BT is not None:
+            raise ValueError("logits_to_keep is for inference: the losses need the logits of every position")
         B, T = input_ids_BT.shape
         past = cache.seq_len if cache is not None else 0
         device = input_ids_BT.device
@@ -182,14 +204,14 @@ class DeepseekV3(nn.Module):
 
         h_BTD = self.model.embed_tokens(input_ids_BT)
         stats: list[MoEStats] = []
-        for layer in self.model.layers:
-            h_BTD, s = layer(h_BTD, rope, mask_B1TS, cache)
+        for i, layer in enumerate(self.model.layers):
+            h_BTD, s = layer(h_BTD, rope, mask_B1TS, cache.layer(i) if cache is not None else None)
             if s is not None:
                 stats.append(s)
         if cache is not None:
             cache.advance(T)
         h_BTD = self.model.norm(h_BTD)
-        logits_BTV = self.lm_head(h_BTD)
+        logits_BTV = self.lm_head(h_BTD[:, -logits_to_keep:] if logits_to_keep else h_BTD)
 
         ce_loss = mtp_loss = loss = None
         if targets_BT is not None:
@@ -220,6 +242,7 @@ class DeepseekV3(nn.Module):
             balance_loss=balance,
             expert_load_LE=load_LE,
             dropped=sum(int(s.dropped) for s in stats),
+            hidden_BTD=h_BTD,
         )
 
     def mtp_logits(
@@ -251,6 +274,40 @@ class DeepseekV3(nn.Module):
             h_prev = mtp.shared_head.norm(y_BnD)
             out.append(self.lm_head(h_prev))
         return out
+
+    def mtp_forward(
+        self,
+        h_BTD: Tensor,
+        next_ids_BT: Tensor,
+        *,
+        position_ids_BT: Tensor,
+        attention_mask_BT: Tensor | None = None,
+        cache: MLACache | None = None,
+        logits_to_keep: int = 0,
+    ) -> Tensor:
+        """Logits [B, T, V] of the first MTP module at inference (the draft of speculative decoding).
+
+        Position t combines the main model's final-normed hidden state h_BTD[:, t] with the embedding of the token
+        after it, next_ids_BT[:, t], exactly as in training, and predicts the token after that one. position_ids_BT
+        and attention_mask_BT (over cached + new positions) are those of the main model's positions t; `cache` is an
+        MLACache of the MTP layers (`MLACache.for_model(model, ..., mtp=True)`), advanced by T here.
+        logits_to_keep > 0: only the last that many positions' logits ([B, logits_to_keep, V]; 0 = all).
+        """
+        mtp = self.mtp[0]
+        T = next_ids_BT.shape[1]
+        past = cache.seq_len if cache is not None else 0
+        mask_B1TS = build_attention_mask(attention_mask_BT, T, past, next_ids_BT.device)
+        rope = self.rotary_emb(position_ids_BT)
+        emb_BTD = self.model.embed_tokens(next_ids_BT)
+        x_BTD = mtp.eh_proj(torch.cat([mtp.enorm(emb_BTD), mtp.hnorm(h_BTD)], dim=-1))
+        y_BTD, _ = mtp.layer(
+            x_BTD, rope, mask_B1TS, cache.layer(self.config.num_hidden_layers) if cache is not None else None
+        )
+        if cache is not None:
+            cache.advance(T)
+        if logits_to_keep:
+            y_BTD = y_BTD[:, -logits_to_keep:]
+        return self.lm_head(mtp.shared_head.norm(y_BTD))
 
 
 def cross_entropy(logits_BTV: Tensor, targets_BT: Tensor) -> Tensor:

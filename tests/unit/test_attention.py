@@ -15,6 +15,7 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 from model.attention import MLA, build_attention_mask
 from model.cache import MLACache
 from model.config import ModelConfig
+from model.norm import RMSNorm
 from model.rope import RotaryEmbedding, apply_rope, rope_parameters
 
 
@@ -185,3 +186,44 @@ def test_cache_repeat_interleave_and_overflow():
     with pytest.raises(ValueError, match="overflow"):
         cache.update(0, torch.zeros(6, 3, 3), torch.zeros(6, 3, 2))
     assert MLACache(61, 1, 1, 512, 64).bytes_per_token == 61 * 576 * 2  # DeepSeek-V3, bf16
+
+
+def test_verify_chunks_take_the_absorbed_path_and_match_full_attention():
+    """Two new positions after a cached prefix (speculative verification), with a padded row: the absorbed path
+    (one SDPA over the merged latent + rope cache, T * H queries) equals the training path on the whole sequence."""
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    mla = MLA(cfg, layer_idx=0).eval()
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    B, T, P = 2, 9, 5
+    x = torch.randn(B, T, cfg.hidden_size)
+    mask_BS = torch.ones(B, T, dtype=torch.bool)
+    mask_BS[1, :2] = False  # row 1 is left-padded by two positions
+    pos = (mask_BS.long().cumsum(-1) - 1).clamp(min=0)
+    rope = RotaryEmbedding(cfg)
+    full = mla(x, rope(pos), build_attention_mask(mask_BS, T, 0, x.device))
+    assert mla.absorbed_is_cheaper(2, P + 2) and not mla.absorbed_is_cheaper(512, 512)
+    cache = MLACache(1, B, T, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=torch.float32)
+    outs = [mla(x[:, :P], rope(pos[:, :P]), build_attention_mask(mask_BS[:, :P], P, 0, x.device), cache)]
+    cache.advance(P)
+    for t in range(P, T, 2):
+        m = build_attention_mask(mask_BS[:, : t + 2], 2, t, x.device)
+        outs.append(mla(x[:, t : t + 2], rope(pos[:, t : t + 2]), m, cache))
+        cache.advance(2)
+    inc = torch.cat(outs, dim=1)[:, :T]
+    real = mask_BS[:, :, None].expand_as(full)
+    assert torch.allclose(inc[real], full[real], atol=1e-4, rtol=0), report(inc[real], full[real])
+
+
+def test_rms_norm_fp32_fast_path_is_bit_identical_to_the_formula():
+    torch.manual_seed(0)
+    norm = RMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(48))
+    x = torch.randn(3, 7, 48) * 4
+    x32 = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.equal(norm(x), norm.weight * x32)  # transformers' DeepseekV3RMSNorm order, in fp32
+    xb = x.bfloat16()
+    want = norm.weight * (xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    assert torch.equal(norm(xb), want)  # other dtypes: the formula itself

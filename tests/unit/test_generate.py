@@ -104,25 +104,39 @@ def test_cached_greedy_equals_full_recomputation(model):
     assert out.num_generated_tokens == n_new * len(PROMPTS)
 
 
-def test_prompt_prefilled_once_and_shared_by_samples(model):
-    calls = []
-    orig = model.forward
+@pytest.mark.parametrize("speculative", [False, True])
+def test_prompt_prefilled_once_and_shared_by_samples(model, speculative):
+    calls, mtp_calls = [], []
+    orig, orig_mtp = model.forward, model.mtp_forward
 
     def counting_forward(input_ids_BT, *a, **kw):
         calls.append(tuple(input_ids_BT.shape))
         return orig(input_ids_BT, *a, **kw)
 
-    model.forward = counting_forward
+    def counting_mtp(h_BTD, next_ids_BT, **kw):
+        mtp_calls.append(tuple(next_ids_BT.shape))
+        return orig_mtp(h_BTD, next_ids_BT, **kw)
+
+    model.forward, model.mtp_forward = counting_forward, counting_mtp
     try:
         n, n_new = 3, 5
-        out = generate(model, PROMPTS, n_samples=n, max_new_tokens=n_new, temperature=1.0, seed=1)
+        out = generate(
+            model, PROMPTS, n_samples=n, max_new_tokens=n_new, temperature=1.0, seed=1, speculative=speculative
+        )
     finally:
-        del model.forward
-    L = max(len(p) for p in PROMPTS)
+        del model.forward, model.mtp_forward
+    L, R = max(len(p) for p in PROMPTS), len(PROMPTS) * n
     assert calls[0] == (len(PROMPTS), L), "one prefill over the B prompts, not B * n"
-    assert all(c == (len(PROMPTS) * n, 1) for c in calls[1:]), calls
-    assert len(calls) == n_new  # prefill + (n_new - 1) decode steps
-    assert len(out.tokens) == len(PROMPTS) * n and all(len(t) == n_new for t in out.tokens)
+    assert len(out.tokens) == R and all(len(t) == n_new for t in out.tokens)
+    if not speculative:
+        assert all(c == (R, 1) for c in calls[1:]), calls
+        assert len(calls) == n_new and not mtp_calls  # prefill + (n_new - 1) decode steps
+        return
+    # the MTP module prefills the prompts once too, then drafts for the R rows from each prompt's last position
+    assert mtp_calls[:2] == [(len(PROMPTS), L - 1), (R, 1)], mtp_calls
+    assert all(c[0] <= R and c[1] == 2 for c in calls[1:] + mtp_calls[2:]), (calls, mtp_calls)
+    assert out.speculative and out.draft_tokens == sum(c[0] for c in calls[1:])
+    assert len(calls) - 1 <= n_new - 1, "a verify step yields at least one token per row"
 
 
 def test_samples_of_a_prompt_share_its_prefix(model):
@@ -156,8 +170,8 @@ def test_finished_rows_leave_the_batch(model):
         return orig(input_ids_BT, *a, **kw)
 
     model.forward = counting_forward
-    try:
-        out = generate(model, PROMPTS, max_new_tokens=8, temperature=0.0, stop_token_ids=[stop])
+    try:  # plain decoding: one token per row and step
+        out = generate(model, PROMPTS, max_new_tokens=8, temperature=0.0, stop_token_ids=[stop], speculative=False)
     finally:
         del model.forward
     assert out.tokens[1] == free.tokens[1][:2]
@@ -297,14 +311,17 @@ def test_placement_routes_to_replicas_without_changing_tokens(skewed_model):
         return out
 
     m.forward = recording_forward
-    try:
-        ident = generate(m, PROMPTS, max_new_tokens=10, temperature=0.0, placement=identity_XP)
+    try:  # plain decoding: the MTP module never runs, so the engine's counts are the main forwards' own
+        ident = generate(m, PROMPTS, max_new_tokens=10, temperature=0.0, placement=identity_XP, speculative=False)
     finally:
         del m.forward
     assert ident.tokens == plain.tokens and plain.slot_load_XP is None
-    n_main = seen[0].shape[0]  # MTP's MoE does not run while decoding: its row stays zero
+    n_main = seen[0].shape[0]  # MTP's MoE does not run while decoding without drafts: its row stays zero
     assert torch.equal(ident.expert_load_XE[:n_main].float(), torch.stack(seen).sum(0))
     assert (ident.expert_load_XE[n_main:] == 0).all() and torch.equal(ident.slot_load_XP, ident.expert_load_XE)
+    spec = generate(m, PROMPTS, max_new_tokens=10, temperature=0.0, placement=identity_XP)
+    assert spec.speculative and spec.tokens == plain.tokens
+    assert (spec.expert_load_XE[n_main:] > 0).any(), "with MTP drafts the MTP layer's requests are counted too"
 
     # plan on the loads of these prompts, serve OTHER prompts with the placement: 4 redundant slots on 4 GPUs
     phy2log, _, logcnt = rebalance_experts(ident.expert_load_XE.double() + 1, E + 4, 2, 1, gpus)

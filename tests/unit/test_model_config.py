@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from model.config import ModelConfig
@@ -140,6 +141,7 @@ def test_omegaconf_structured():
         ({"moe_balance": "magic"}, "moe_balance"),
         ({"capacity_factor": 0.0}, "capacity_factor"),
         ({"mtp_loss_weight": -1.0}, "mtp_loss_weight"),
+        ({"compile": "yes"}, "compile"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
         ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling"),
         ({"num_experts_per_tok": 8, "topk_group": 1, "n_group": 64}, "num_experts_per_tok"),
@@ -162,3 +164,10 @@ def test_from_hf_without_rope_scaling_means_plain_rope():
     assert ModelConfig.from_hf(d).rope_scaling is None
     with pytest.raises(ValueError, match="hidden_sise"):
         ModelConfig.from_hf(d, hidden_sise=3)
+
+
+def test_compile_is_not_written_to_the_hf_config():
+    from model.hf import hf_config_dict
+
+    cfg = dataclasses.replace(ModelConfig(), compile=True).validate()
+    assert "compile" not in cfg.to_hf() and "compile" not in hf_config_dict(cfg, torch.float32)
