@@ -244,6 +244,8 @@ def run(cfg: Config) -> dict:
     paths = {"tokenizer": data["tokenizer"], "reasoning": data["reasoning"], "teacher": teacher}
     if cfg.distill.student_init == "pretrain":  # its own stage (skipped when unchanged), before this one opens
         paths["student_base"] = pretrain_student_base(cfg)
+    elif cfg.distill.student_init != "scratch":  # a given checkpoint is an input: its content enters the work key
+        paths["student_init"] = Path(cfg.distill.student_init)
     info = dist_info()
     stage = StageRun(cfg, STAGE, inputs=paths, rank=info.rank, resume=cfg.distill.resume)
     if stage.up_to_date():

@@ -29,9 +29,9 @@ def test_seeds_rerun_post_training_from_one_checkpoint(data_run, tmp_path, monke
     for seed in (0, 1):
         run_dir = root / f"seedbase_seed{seed}"
         sft = json.loads((run_dir / "sft" / "manifest.json").read_text())
-        assert sft["inputs"]["init"]["path"] == init and sft["config"]["seed"] == seed
+        assert sft["inputs"]["init"]["path"] == init and sft["config"]["run"]["seed"] == seed
         dist = json.loads((run_dir / "distill" / "manifest.json").read_text())
-        assert dist["config"]["distill"]["student_init"] == summary["student_base"]  # one base for every seed
+        assert dist["inputs"]["student_init"]["path"] == summary["student_base"]  # one base for every seed, hashed
         assert (run_dir / "eval" / "eval.json").is_file() and not (run_dir / "data").exists()
     per_seed = {int(k): v for k, v in summary["per_seed"].items()}
     m = summary["metrics"]["rl_gain_points"]
