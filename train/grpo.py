@@ -63,6 +63,9 @@ Where this departs from DeepSeek-R1's recipe, and why:
   so fresh rollouts cost less than extra passes over old ones. With mu > 1 the old-policy log-probabilities are
   recomputed with the training forward pass (not taken from the sampler), so the first update's ratio is exactly 1
   even though the sampler runs the absorbed-MLA cached path.
+- Keeping the base model: with `rl.lm_mix` > 0 every update also takes the pretraining loss on packed train
+  windows (InstructGPT's PPO-ptx, train/lm_mix.py), as SFT does with `sft.lm_mix`; R1 instead mixes non-reasoning
+  data into its SFT rounds.
 - No language-consistency reward (one language here) and no MoE bias update during RL (routing stays as SFT left it,
   so the old and new policies route tokens alike).
 
@@ -100,6 +103,7 @@ from pipeline.stage import StageRun
 from rewards.graders import shows_thinking
 from train.chat import batch_indices, decode_completion, eos_id, render_prompt
 from train.checkpoint import CheckpointManager
+from train.lm_mix import LMMix
 from train.loop import Loop, TrainingError, first_nonfinite
 from train.optim import build_optimizer
 from train.parallel.parallelize import world_size_from_env
@@ -194,7 +198,16 @@ UPDATE_METRICS = ("loss", "kl", "clip_frac", "entropy", "grad_norm")
 
 
 def grpo_update(
-    model, ref, opt, ids_NT: Tensor, mask_NT: Tensor, adv_N: Tensor, r: GRPOConfig, precision: str = "fp32"
+    model,
+    ref,
+    opt,
+    ids_NT: Tensor,
+    mask_NT: Tensor,
+    adv_N: Tensor,
+    r: GRPOConfig,
+    precision: str = "fp32",
+    lm: LMMix | None = None,
+    step: int = 0,
 ) -> tuple[dict, str | None]:
     """`r.updates_per_batch` optimizer steps of the clipped, KL-penalized objective on one batch of rollouts.
 
@@ -204,7 +217,9 @@ def grpo_update(
     gradient does not depend on the micro-batch size.
     Returns the metrics of the updates (entropy from the first pass; loss, KL and clip fraction from the last) and
     the name of the first non-finite tensor when an update had to be skipped (then the remaining ones are too).
-    The metrics of an update stay on the device until its one host read.
+    The metrics of an update stay on the device until its one host read. With `lm` (train/lm_mix.py) each update
+    also backpropagates the weighted pretraining loss of its own batch (update u of step s reads batch
+    s * updates_per_batch + u), reported as `lm_loss`.
     """
     n_seqs, n_tokens = ids_NT.shape[0], int(mask_NT.sum())
     tau = r.temperature if r.temperature > 0 else 1.0  # the policy optimized is the one sampled: pi_tau
@@ -239,8 +254,11 @@ def grpo_update(
                 ent_sum = (ent * m).sum()
             per_token = torch.stack([kl, (clipped & m).sum().to(kl.dtype), ent_sum]).double() / max(1, n_tokens)
             sums += torch.cat([loss.detach().double().reshape(1), per_token])
+        if lm is not None:
+            lm_ce, _ = lm.backward(model, step * r.updates_per_batch + u, precision)
+            sums = torch.cat([sums, lm_ce.double().reshape(1)])
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r.optim.grad_clip or float("inf"), foreach=True)
-        loss_v, kl_v, clip_v, ent_v, gnorm_v = torch.cat([sums, gnorm.detach().double().reshape(1)]).tolist()
+        loss_v, kl_v, clip_v, ent_v, *lm_v, gnorm_v = torch.cat([sums, gnorm.detach().double().reshape(1)]).tolist()
         if not math.isfinite(loss_v) or not math.isfinite(gnorm_v):
             culprit = "loss" if not math.isfinite(loss_v) else first_nonfinite(model) or "grad_norm"
             opt.zero_grad(set_to_none=True)
@@ -248,10 +266,11 @@ def grpo_update(
         opt.step()
         opt.zero_grad(set_to_none=True)
         vals = {"loss": loss_v, "kl": kl_v, "clip_frac": clip_v, "entropy": ent_v, "grad_norm": gnorm_v}
+        vals |= {"lm_loss": lm_v[0]} if lm_v else {}
         if u == 0:
             out = vals
         else:
-            out |= {k: vals[k] for k in ("loss", "kl", "clip_frac", "grad_norm")}
+            out |= {k: vals[k] for k in ("loss", "kl", "clip_frac", "grad_norm", "lm_loss") if k in vals}
     return out, None
 
 
@@ -354,6 +373,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
         ref = copy.deepcopy(model).eval()
         ref.requires_grad_(False)
     opt = build_optimizer(model, r.optim)
+    lm = LMMix.build(paths["lm_shards"], r.lm_mix, r.lm_batch_size, model, cfg.run.seed) if r.lm_mix > 0 else None
     ckpts = CheckpointManager(stage.dir / "checkpoints", keep_last=r.keep_last)
     tracker = stage.tracker
     counters = {"grader_errors": 0, "degenerate_groups": 0, "skipped_batches": 0}
@@ -394,7 +414,9 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
                 [ro.prompts[i // r.group_size] for i in keep], [ro.tokens[i] for i in keep], pad_id=eos
             )
             adv_N = ro.adv_BG.flatten()[keep].to(device)
-            upd, culprit = grpo_update(model, ref, opt, ids_NT.to(device), mask_NT.to(device), adv_N, r, cfg.precision)
+            upd, culprit = grpo_update(
+                model, ref, opt, ids_NT.to(device), mask_NT.to(device), adv_N, r, cfg.precision, lm, step
+            )
             loop.record(step, culprit, opt)
         else:
             counters["skipped_batches"] += 1
@@ -472,6 +494,8 @@ def run(cfg: Config) -> dict:
     init = newest_checkpoint(stage_dir(cfg, "sft") / "checkpoints") if cfg.rl.init == "auto" else Path(cfg.rl.init)
     info = dist_info()
     paths = {"tokenizer": data["tokenizer"], "reasoning": data["reasoning"], "init": init}
+    if cfg.rl.lm_mix > 0:  # the pretraining shards are an input (hashed, in the work key) only when they are read
+        paths["lm_shards"] = data["train"]
     stage = StageRun(cfg, "rl", inputs=paths, rank=info.rank, resume=cfg.rl.resume)
     return stage.run_checkpointed(lambda st: train(cfg, st, paths))
 

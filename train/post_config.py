@@ -7,6 +7,7 @@ refuses (an enum, a range, a rule between two fields).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from train.config import OptimConfig, check_batches, check_choice, check_positive
@@ -41,6 +42,8 @@ class SFTConfig:
     eval_max_new_tokens: int = 96
     table_every: int = 100  # greedy samples of a few prompts as a W&B table every N steps (0 disables)
     table_rows: int = 4
+    lm_mix: float = 0.0  # weight of the pretraining-LM loss on the packed train shards each step (0 = off; lm_mix.py)
+    lm_batch_size: int = 8  # packed pretraining windows per optimizer step when lm_mix > 0
     optim: OptimConfig = field(default_factory=_sft_optim)
 
     def validate(self) -> None:
@@ -48,6 +51,7 @@ class SFTConfig:
         check_positive(self, "table_rows")
         check_positive(self, "n_train", "keep_last", "eval_n", "table_every", minimum=0)
         check_batches(self)
+        check_lm_mix(self)
 
 
 @dataclass
@@ -78,6 +82,8 @@ class GRPOConfig:
     max_bad_steps: int = 5
     export_hf: bool = True
     eval_n: int = 500  # held-out prompts scored (greedy) at the start and the end; 0 disables
+    lm_mix: float = 0.0  # weight of the pretraining-LM loss on the packed train shards per update (0 = off)
+    lm_batch_size: int = 8  # packed pretraining windows per optimizer step when lm_mix > 0
     optim: OptimConfig = field(default_factory=_rl_optim)
 
     def validate(self) -> None:
@@ -92,3 +98,11 @@ class GRPOConfig:
             raise ValueError(f"clip_eps and clip_eps_high must be > 0, got {self.clip_eps}, {self.clip_eps_high}")
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+        check_lm_mix(self)
+
+
+def check_lm_mix(section: SFTConfig | GRPOConfig) -> None:
+    """`lm_mix`, the weight of the pretraining-LM term, is a finite number >= 0; its batch holds >= 1 window."""
+    if not 0.0 <= section.lm_mix < math.inf:
+        raise ValueError(f"lm_mix must be a finite weight >= 0 (0 = off), got {section.lm_mix}")
+    check_positive(section, "lm_batch_size")

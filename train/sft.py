@@ -23,9 +23,13 @@ right-padded: causal attention means a padded position never influences a real o
 
 One optimizer step = `batch_size` examples drawn without replacement from a per-epoch permutation, split into
 micro-batches; the gradient norm is clipped; non-finite steps are skipped and counted (as in pretraining); the
-MoE bias update of DeepSeek-V3's auxiliary-loss-free balancing continues. At the end, held-out accuracy (greedy,
-the same grader as RL: train/policy.py `evaluate_accuracy`) is measured and recorded in the manifest. The loop's
-skeleton (resume, non-finite steps, checkpoints, logging, preemption) is train/loop.py's.
+MoE bias update of DeepSeek-V3's auxiliary-loss-free balancing continues. With `sft.lm_mix` > 0 every step also
+takes the pretraining loss on `sft.lm_batch_size` windows of the data stage's packed train shards, weighted by
+lm_mix (train/lm_mix.py, InstructGPT's PPO-ptx), so SFT on reasoning traces does not overwrite the code model;
+its next-token CE is logged as `lm_loss`, and the shards then are one of the stage's hashed inputs.
+At the end, held-out accuracy (greedy, the same grader as RL: train/policy.py `evaluate_accuracy`) is measured
+and recorded in the manifest. The loop's skeleton (resume, non-finite steps, checkpoints, logging, preemption) is
+train/loop.py's.
 
 One process: several ranks are refused (each would train on its own copy with no gradient exchange).
 """
@@ -52,6 +56,7 @@ from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
 from train.chat import batch_indices, encode_rows, eos_id, make_batch
 from train.checkpoint import CheckpointManager, read_model_config
+from train.lm_mix import LMMix
 from train.loop import Loop, TrainingError
 from train.optim import build_optimizer
 from train.parallel.parallelize import world_size_from_env
@@ -96,6 +101,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     loop = Loop("sft", s, ckpts, tracker, save, is_main=info.is_main)
     loop.resume(s.resume, model, opt)
     moe_layers = list(model.moe_layers())
+    lm = LMMix.build(paths["lm_shards"], s.lm_mix, s.lm_batch_size, model, cfg.run.seed) if s.lm_mix > 0 else None
     micro = min(s.micro_batch_size, s.batch_size)
     accum = s.batch_size // micro
     metrics: dict = {}
@@ -116,8 +122,13 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
             n_tok += int((y != IGNORE_INDEX).sum())  # a host tensor: no device read
             if moe_layers:
                 load_LE += out.expert_load_LE.detach().float()[: len(moe_layers)]
+        parts = dict(zip(("loss", "ce", "mtp"), sums.unbind()))
+        if lm is not None:  # the pretraining-LM term (train/lm_mix.py); its routed tokens count in the bias update
+            parts["lm_loss"], lm_load_LE = lm.backward(model, step, cfg.precision)
+            if moe_layers:
+                load_LE += lm_load_LE[: len(moe_layers)]
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.optim.grad_clip or float("inf"), foreach=True)
-        vals, _ = loop.sync(dict(zip(("loss", "ce", "mtp"), sums.unbind())), gnorm)
+        vals, _ = loop.sync(parts, gnorm)
         if not loop.finite(step, vals, model, opt):
             loop.end_step(step, None)
             continue
@@ -135,7 +146,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
             "response_tokens_per_s": n_tok / loop.step_time(),
             "too_long": too_long,
             "bad_steps": loop.bad_total,
-        }
+        } | ({"lm_loss": vals["lm_loss"]} if lm is not None else {})
         if s.table_every and test_rows and ((step + 1) % s.table_every == 0 or step + 1 == s.steps):
             ev = evaluate_accuracy(
                 model, tok, test_rows[: s.table_rows], max_new_tokens=s.eval_max_new_tokens, precision=cfg.precision
@@ -146,7 +157,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
         loop.end_step(step, metrics, {"loss": f"{vals['ce']:.3f}"})
 
     final = ckpts.checkpoints()[-1]
-    result = {k: metrics[k] for k in ("loss", "ce_loss") if k in metrics}
+    result = {k: metrics[k] for k in ("loss", "ce_loss", "lm_loss") if k in metrics}
     result |= {"steps": s.steps, "bad_steps": loop.bad_total, "too_long": too_long, "checkpoint": str(final)}
     if test_rows and info.is_main:
         ev = evaluate_accuracy(model, tok, test_rows, max_new_tokens=s.eval_max_new_tokens, precision=cfg.precision)
@@ -170,6 +181,8 @@ def run(cfg: Config) -> dict:
         paths["init"] = newest_checkpoint(stage_dir(cfg, "pretrain") / "checkpoints")
     elif cfg.sft.init != "scratch":
         paths["init"] = Path(cfg.sft.init)
+    if cfg.sft.lm_mix > 0:  # the pretraining shards are an input (hashed, in the work key) only when they are read
+        paths["lm_shards"] = data["train"]
     info = dist_info()
     stage = StageRun(cfg, "sft", inputs=paths, rank=info.rank, resume=cfg.sft.resume)
     return stage.run_checkpointed(lambda st: train(cfg, st, paths))
