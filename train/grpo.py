@@ -63,9 +63,9 @@ Where this departs from DeepSeek-R1's recipe, and why:
   so fresh rollouts cost less than extra passes over old ones. With mu > 1 the old-policy log-probabilities are
   recomputed with the training forward pass (not taken from the sampler), so the first update's ratio is exactly 1
   even though the sampler runs the absorbed-MLA cached path.
-- Keeping the base model: with `rl.lm_mix` > 0 every update also takes the pretraining loss on packed train
-  windows (InstructGPT's PPO-ptx, train/lm_mix.py), as SFT does with `sft.lm_mix`; R1 instead mixes non-reasoning
-  data into its SFT rounds.
+- Keeping the base model: with `rl.lm_mix` > 0 (the default) every update also takes the pretraining loss on
+  packed train windows (InstructGPT's PPO-ptx, train/lm_mix.py), as SFT does with `sft.lm_mix`; R1 instead mixes
+  non-reasoning data into its SFT rounds.
 - No language-consistency reward (one language here) and no MoE bias update during RL (routing stays as SFT left it,
   so the old and new policies route tokens alike).
 

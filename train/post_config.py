@@ -42,8 +42,8 @@ class SFTConfig:
     eval_max_new_tokens: int = 96
     table_every: int = 100  # greedy samples of a few prompts as a W&B table every N steps (0 disables)
     table_rows: int = 4
-    lm_mix: float = 0.0  # weight of the pretraining-LM loss on the packed train shards each step (0 = off; lm_mix.py)
-    lm_batch_size: int = 8  # packed pretraining windows per optimizer step when lm_mix > 0
+    lm_mix: float = 1.0  # weight of the pretraining-LM loss on the packed train shards each step (0 = off; lm_mix.py)
+    lm_batch_size: int = 4  # packed pretraining windows per optimizer step when lm_mix > 0
     optim: OptimConfig = field(default_factory=_sft_optim)
 
     def validate(self) -> None:
@@ -82,8 +82,8 @@ class GRPOConfig:
     max_bad_steps: int = 5
     export_hf: bool = True
     eval_n: int = 500  # held-out prompts scored (greedy) at the start and the end; 0 disables
-    lm_mix: float = 0.0  # weight of the pretraining-LM loss on the packed train shards per update (0 = off)
-    lm_batch_size: int = 8  # packed pretraining windows per optimizer step when lm_mix > 0
+    lm_mix: float = 1.0  # weight of the pretraining-LM loss on the packed train shards per update (0 = off)
+    lm_batch_size: int = 4  # packed pretraining windows per optimizer step when lm_mix > 0
     optim: OptimConfig = field(default_factory=_rl_optim)
 
     def validate(self) -> None:

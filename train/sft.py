@@ -23,10 +23,11 @@ right-padded: causal attention means a padded position never influences a real o
 
 One optimizer step = `batch_size` examples drawn without replacement from a per-epoch permutation, split into
 micro-batches; the gradient norm is clipped; non-finite steps are skipped and counted (as in pretraining); the
-MoE bias update of DeepSeek-V3's auxiliary-loss-free balancing continues. With `sft.lm_mix` > 0 every step also
-takes the pretraining loss on `sft.lm_batch_size` windows of the data stage's packed train shards, weighted by
-lm_mix (train/lm_mix.py, InstructGPT's PPO-ptx), so SFT on reasoning traces does not overwrite the code model;
-its next-token CE is logged as `lm_loss`, and the shards then are one of the stage's hashed inputs.
+MoE bias update of DeepSeek-V3's auxiliary-loss-free balancing continues. With `sft.lm_mix` > 0 (the default; 0
+turns it off) every step also takes the pretraining loss on `sft.lm_batch_size` windows of the data stage's packed
+train shards, weighted by lm_mix (train/lm_mix.py, InstructGPT's PPO-ptx), so SFT on reasoning traces does not
+overwrite the code model (bench/code_retention.py); its next-token CE is logged as `lm_loss`, and the shards then
+are one of the stage's hashed inputs.
 At the end, held-out accuracy (greedy, the same grader as RL: train/policy.py `evaluate_accuracy`) is measured
 and recorded in the manifest. The loop's skeleton (resume, non-finite steps, checkpoints, logging, preemption) is
 train/loop.py's.

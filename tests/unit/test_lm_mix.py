@@ -1,8 +1,8 @@
 """The pretraining-LM term of SFT and GRPO (train/lm_mix.py, `sft.lm_mix` / `rl.lm_mix`): its batches, that it moves
 the gradient towards the pretraining data, that it is an input of the stage only when on, and that 0 changes nothing.
 
-The packed shards are this repository's own Python sources, tokenized by the micro run's tokenizer and written by
-the data stage's `ShardWriter`: real code in the real shard format.
+The packed shards (test_sft.py `make_micro_run`) are this repository's own Python sources, tokenized by the micro
+run's tokenizer and written by the data stage's `ShardWriter`: real code in the real shard format.
 """
 
 import json
@@ -13,11 +13,9 @@ import torch
 from test_sft import make_micro_run, micro_config, micro_overrides, one_thread  # noqa: F401  (fixture)
 
 from data.loader import PackedDataset
-from data.pack import ShardWriter
 from data.tokenizer import load_tokenizer
 from model.transformer import DeepseekV3
 from pipeline.config import compose
-from train.chat import eos_id
 from train.grpo import grpo_update, pack_sequences
 from train.grpo import run as run_grpo
 from train.lm_mix import LMMix
@@ -25,21 +23,6 @@ from train.optim import build_optimizer
 from train.policy import load_policy
 from train.post_config import GRPOConfig
 from train.sft import run as run_sft
-
-REPO = Path(__file__).resolve().parents[2]
-SEQ_LEN = 32
-
-
-def write_code_shards(run: Path) -> Path:
-    """<run>/data/train: packed windows of the repository's train/*.py, as the data stage lays them out."""
-    tok = load_tokenizer(run / "data" / "tokenizer.json")
-    eos = eos_id(tok)
-    out = run / "data" / "train"
-    writer = ShardWriter(out, tok.get_vocab_size(with_added_tokens=True), eos, tokens_per_shard=4096)
-    for path in sorted((REPO / "train").glob("*.py"))[:6]:
-        writer.add(tok.encode(path.read_text(), add_special_tokens=False).ids + [eos])
-    writer.close(seq_len=SEQ_LEN)
-    return out
 
 
 def vocab_of(run: Path) -> int:
@@ -53,7 +36,7 @@ def lm_ce(model, lm: LMMix, steps: range) -> float:
 
 
 def test_batches_are_a_pure_function_of_the_step(tmp_path):
-    shards = write_code_shards(make_micro_run(tmp_path))
+    shards = make_micro_run(tmp_path) / "data" / "train"
     model = DeepseekV3(micro_config(vocab_of(tmp_path / "micro"), max_position_embeddings=16))
     lm = LMMix.build(shards, 1.0, 3, model, seed=5)
     x5, y5 = lm.batch(5)
@@ -70,9 +53,13 @@ def test_sft_lm_mix_lowers_the_loss_on_the_shards_and_zero_changes_nothing(tmp_p
     """Same seed, same SFT batches: with lm_mix = 1 the LM loss on the shards ends lower than with 0; lm_mix = 0 is
     the plain SFT loop (same losses whatever the idle lm_batch_size, no shards among the inputs, no lm_loss)."""
     runs = {}
-    for name, extra in (("off", ["sft.lm_mix=0"]), ("off2", ["sft.lm_batch_size=3"]), ("on", ["sft.lm_mix=1.0"])):
+    for name, extra in (
+        ("off", ["sft.lm_mix=0"]),
+        ("off2", ["sft.lm_mix=0", "sft.lm_batch_size=3"]),
+        ("on", ["sft.lm_mix=1.0"]),
+    ):
         run = make_micro_run(tmp_path, name)
-        shards = write_code_shards(run)
+        shards = run / "data" / "train"
         over = micro_overrides(tmp_path, name) + ["sft.steps=6", "sft.eval_n=0", "sft.table_every=0", *extra]
         runs[name] = (run, run_sft(compose(over)))
     rows = {
@@ -99,7 +86,7 @@ def test_grpo_update_with_lm_mix_moves_towards_the_shards(tmp_path):
     """Two copies of one policy, the same rollouts and advantages: the one whose updates add the LM term ends with
     the lower LM loss on the shards, and reports it as lm_loss."""
     run = make_micro_run(tmp_path)
-    shards = write_code_shards(run)
+    shards = run / "data" / "train"
     torch.manual_seed(0)
     vocab = vocab_of(run)
     base = DeepseekV3(micro_config(vocab))
@@ -125,10 +112,9 @@ def test_grpo_update_with_lm_mix_moves_towards_the_shards(tmp_path):
 
 def test_grpo_stage_reads_the_shards_only_with_lm_mix(tmp_path):
     run = make_micro_run(tmp_path)
-    write_code_shards(run)
     run_sft(compose(micro_overrides(tmp_path) + ["sft.steps=2", "sft.eval_n=0", "sft.table_every=0"]))
     over = micro_overrides(tmp_path) + ["rl.steps=2", "rl.eval_n=0", "rl.table_every=0"]
-    run_grpo(compose(over))
+    run_grpo(compose(over + ["rl.lm_mix=0"]))
     assert "lm_shards" not in json.loads((run / "rl" / "manifest.json").read_text())["inputs"]
     run_grpo(compose(over + ["rl.lm_mix=0.5", "rl.lm_batch_size=2"]))  # another config and input: runs again
     manifest = json.loads((run / "rl" / "manifest.json").read_text())

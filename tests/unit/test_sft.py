@@ -1,7 +1,8 @@
 """Cold-start SFT: batches mask prompts, the loss learns only responses, and the stage runs, skips and resumes.
 
-`make_micro_run` builds a whole run directory in tmp_path (tokenizer, reasoning splits, a freshly initialised
-micro model saved as the "pretrain" checkpoint); test_grpo.py reuses it.
+`make_micro_run` builds a whole run directory in tmp_path (tokenizer, reasoning splits, packed train shards of this
+repository's own code for the pretraining-LM term, a freshly initialised micro model saved as the "pretrain"
+checkpoint); test_grpo.py and test_lm_mix.py reuse it.
 """
 
 import json
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data.pack import ShardWriter
 from data.reasoning import build_splits
 from data.tokenizer import train_tokenizer
 from model.config import ModelConfig
@@ -21,6 +23,9 @@ from train.chat import encode_chat, eos_id
 from train.checkpoint import CheckpointManager
 from train.sft import batch_indices, make_batch
 from train.sft import run as run_sft
+
+REPO = Path(__file__).resolve().parents[2]
+SEQ_LEN = 32
 
 
 @pytest.fixture(autouse=True)
@@ -62,8 +67,19 @@ def micro_config(vocab_size: int, **kw) -> ModelConfig:
     return ModelConfig(**base).validate()
 
 
+def write_code_shards(data: Path, tok) -> Path:
+    """<data>/train: windows of SEQ_LEN tokens of the repository's train/*.py, packed as the data stage does."""
+    eos = eos_id(tok)
+    writer = ShardWriter(data / "train", tok.get_vocab_size(with_added_tokens=True), eos, tokens_per_shard=4096)
+    for path in sorted((REPO / "train").glob("*.py"))[:6]:
+        writer.add(tok.encode(path.read_text(), add_special_tokens=False).ids + [eos])
+    writer.close(seq_len=SEQ_LEN)
+    return data / "train"
+
+
 def make_micro_run(root: Path, name: str = "micro") -> Path:
-    """outputs-like tree: <root>/<name>/data/{tokenizer.json, reasoning/} and pretrain/checkpoints/step_000001."""
+    """outputs-like tree: <root>/<name>/data/{tokenizer.json, reasoning/, train/} and
+    pretrain/checkpoints/step_000001."""
     run = root / name
     data = run / "data"
     data.mkdir(parents=True)
@@ -72,6 +88,7 @@ def make_micro_run(root: Path, name: str = "micro") -> Path:
     tok = train_tokenizer(texts, vocab_size=320)
     tok.save(str(data / "tokenizer.json"))
     ds.save_to_disk(str(data / "reasoning"))
+    write_code_shards(data, tok)
     torch.manual_seed(0)
     cfg = micro_config(tok.get_vocab_size(with_added_tokens=True))
     CheckpointManager(run / "pretrain" / "checkpoints").save(1, DeepseekV3(cfg), None, {}, asdict(cfg))
