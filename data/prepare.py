@@ -25,7 +25,7 @@ Steps (datatrove steps, data/steps.py unless named):
    (failures are counted and dropped), pack into shards (data/fim.py, data/pack.py);
 5. write the reasoning train/test sets (data/reasoning.py).
 
-Output contract (`outputs/<run>/data/`; later stages find these through `stage_outputs(data_dir)`):
+Output contract (`outputs/<run>/data/`; later stages find these through `data.outputs.stage_outputs(data_dir)`):
 
     tokenizer.json        Hugging Face `tokenizers` file; loads in transformers.PreTrainedTokenizerFast
     train/, val/          shard_XXXXX.npy (1-D token ids, uint16 when vocab < 65536) + doc_starts.npy +
@@ -59,6 +59,7 @@ from omegaconf import DictConfig
 from data.config import DataConfig
 from data.dedup import build_contamination_set, humaneval_texts
 from data.engine import run_stages
+from data.outputs import stage_outputs
 from data.sources import check_sources, list_items
 from data.steps import MemoryProbe, stage_resources
 from pipeline.config import Config, as_dict, to_config
@@ -66,18 +67,6 @@ from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, hash_c
 from pipeline.stage import StageRun
 
 STAGE = "data"
-
-
-def stage_outputs(data_dir: Path) -> dict[str, Path]:
-    """Paths of the data stage's artifacts inside `outputs/<run>/data/`."""
-    d = Path(data_dir)
-    return {
-        "tokenizer": d / "tokenizer.json",
-        "train": d / "train",
-        "val": d / "val",
-        "reasoning": d / "reasoning",
-        "stats": d / "stats.json",
-    }
 
 
 def eval_texts(dcfg: DataConfig) -> list[str]:

@@ -44,7 +44,7 @@ import hydra
 from datasets import load_from_disk
 from omegaconf import DictConfig
 
-from data.prepare import stage_outputs
+from data.outputs import stage_outputs
 from data.tokenizer import load_tokenizer
 from distill.config import DistillConfig
 from distill.student import train_student

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from data.prepare import stage_outputs
+from data.outputs import stage_outputs
 from model.config import load_preset
 from pipeline.config import Config, stage_dir
 from pipeline.stage import StageRun

@@ -90,7 +90,7 @@ from datasets import load_from_disk
 from omegaconf import DictConfig
 from torch import Tensor
 
-from data.prepare import stage_outputs
+from data.outputs import stage_outputs
 from data.tokenizer import load_tokenizer
 from model.generate import generate
 from model.hf import export_hf

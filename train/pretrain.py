@@ -53,7 +53,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from data.prepare import stage_outputs
+from data.outputs import stage_outputs
 from pipeline.config import Config, stage_dir, to_config
 from pipeline.stage import StageRun
 from train.loop import TrainingError
