@@ -60,6 +60,7 @@ from data.config import DataConfig
 from data.dedup import build_contamination_set, humaneval_texts
 from data.engine import run_stages
 from data.outputs import stage_outputs
+from data.reasoning import held_out_texts, write_reasoning_sets
 from data.sources import check_sources, list_items
 from data.steps import MemoryProbe, stage_resources
 from pipeline.config import Config, as_dict, to_config
@@ -75,8 +76,6 @@ def eval_texts(dcfg: DataConfig) -> list[str]:
     if dcfg.decontam.humaneval:
         texts += humaneval_texts()
     if dcfg.decontam.reasoning and dcfg.reasoning.enabled:
-        from data.reasoning import held_out_texts
-
         r = dcfg.reasoning
         texts += held_out_texts(kinds=r.kinds, n_test=r.n_test, seed=dcfg.seed, difficulty=r.difficulty)
     return texts
@@ -124,8 +123,6 @@ def build(dcfg: DataConfig, out_dir: Path, tracker=None, listing: tuple[list, st
         for k in ("train", "val"):
             _move_contents(work / "out" / k, tmp[k])
         if dcfg.reasoning.enabled:
-            from data.reasoning import write_reasoning_sets
-
             t = time.time()
             r = dcfg.reasoning
             write_reasoning_sets(

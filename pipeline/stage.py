@@ -100,7 +100,7 @@ def _read_json(path: Path) -> dict | None:
 def _barrier() -> None:
     """A barrier across the job's processes when torch.distributed is running (torch imported only then)."""
     if "torch" in sys.modules:
-        import torch.distributed as dist
+        import torch.distributed as dist  # deferred: torch only when the job already imported it
 
         if dist.is_available() and dist.is_initialized():
             dist.barrier()

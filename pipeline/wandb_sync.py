@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.lineage import find_version, reference_artifact
 from pipeline.tracking import list_runs
 from pipeline.wandb_records import run_files
 
@@ -66,9 +67,7 @@ def _wandb_cli(*args: str) -> subprocess.CompletedProcess:
 
 def replay(run: dict) -> None:
     """Resume the uploaded `run` and use its consumed artifacts by name and digest."""
-    import wandb
-
-    from pipeline.lineage import find_version, reference_artifact
+    import wandb  # deferred: wandb is imported lazily
 
     resumed = wandb.init(
         id=run["id"],
