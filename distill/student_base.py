@@ -16,6 +16,7 @@ the base checkpoint among its inputs, so the lineage reads data -> student_base 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from model.config import load_preset
 from pipeline.config import Config, stage_dir
 from pipeline.stage import StageRun
 from train.pretrain_loop import train as pretrain_loop
+
+log = logging.getLogger(__name__)
 
 STAGE = "student_base"
 
@@ -47,5 +50,5 @@ def pretrain_student_base(cfg: Config) -> Path:
     stage = StageRun(scfg, STAGE, inputs=inputs, resume=scfg.train.resume)
     result = stage.run_checkpointed(lambda st: pretrain_loop(scfg, st, data))
     if result.get("skipped"):
-        print(f"distill: student base up to date in {stage.dir}")
+        log.info("distill: student base up to date in %s", stage.dir)
     return Path(result["checkpoint"])

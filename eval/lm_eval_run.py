@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -48,6 +49,8 @@ from eval.suite_reasoning import run_reasoning
 from model.hf import export_hf
 from pipeline.io import atomic_write_json
 from rewards.humaneval import load_problems
+
+log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 REPO = TASKS_DIR.parent.parent
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     for stage in args.stages:
         hf = student_hf(run_dir, work / "student" / "hf") if stage == "student" else run_dir / STAGE_HF[stage]
         if hf is None or not (hf / "config.json").is_file():
-            print(f"[lm-eval] {stage}: no HF export, skipped")
+            log.warning("[lm-eval] %s: no HF export, skipped", stage)
             continue
         tok_dir = lm_eval_tokenizer(hf, work / stage / "tokenizer")
         lm = run_lm_eval(hf, tok_dir, work / stage / "results", metadata, args.max_new_tokens)
@@ -212,11 +215,12 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.no_compare:
             entry["agreement"] = compare(lm, ours(hf, rows, args.humaneval_n, args.code_n, gen))
         summary[stage] = entry
-        print(f"[lm-eval] {stage}: {json.dumps(entry.get('agreement', entry['lm_eval']))[:600]}", flush=True)
+        log.info("[lm-eval] %s: %s", stage, json.dumps(entry.get("agreement", entry["lm_eval"]))[:600])
     atomic_write_json(work / "summary.json", summary)
     print(f"wrote {work / 'summary.json'}")
     return summary
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # no Hydra here: progress to stderr
     main()

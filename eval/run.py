@@ -38,6 +38,7 @@ metrics.jsonl, manifest.json, and the W&B run whose summary holds every metric a
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from dataclasses import replace
@@ -57,6 +58,8 @@ from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
 from rewards.humaneval import load_problems
 from train.runtime import device_for, dist_info
+
+log = logging.getLogger(__name__)
 
 STAGE = "eval"
 SUITES = ("bpb", "fim", "humaneval", "reasoning", "moe")
@@ -125,7 +128,7 @@ def evaluate_checkpoint(
         if tracker is not None and res.samples:
             columns = list(res.samples[0])
             tracker.log_table(f"samples_{label}_{suite}", columns, [[row[c] for c in columns] for row in res.samples])
-        print(f"[eval] {label}/{suite}: {summarize(res.metrics)}", flush=True)
+        log.info("[eval] %s/%s: %s", label, suite, summarize(res.metrics))
     results["generation"] = dict(gen.stats)
     return results
 

@@ -15,6 +15,7 @@ get the second pass only. Runs under `superseded/` are left out unless `--supers
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ from pathlib import Path
 from pipeline.lineage import find_version, reference_artifact
 from pipeline.tracking import list_runs
 from pipeline.wandb_records import run_files
+
+log = logging.getLogger(__name__)
 
 
 def plan(root: Path, include_superseded: bool = False) -> list[dict]:
@@ -84,10 +87,10 @@ def replay(run: dict) -> None:
                 if Path(entry["path"]).exists():
                     resumed.use_artifact(reference_artifact(wandb, entry))
                 else:
-                    print(f"  {entry['name']}: {entry['path']} is gone; edge left out")
+                    log.warning("%s: %s is gone; edge left out", entry["name"], entry["path"])
                 continue
             if not entry.get("digest"):
-                print(f"  {entry['name']}: no digest recorded (producer ran without W&B); edge left out")
+                log.warning("%s: no digest recorded (producer ran without W&B); edge left out", entry["name"])
                 continue
             resumed.use_artifact(find_version(api, resumed.entity, resumed.project, entry))
     finally:
