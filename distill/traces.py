@@ -12,8 +12,8 @@ rule judges correct (and readable) are kept. Here, for each training prompt:
 3. Accept a completion when it is correct, in the `<think>...</think><answer>...</answer>` format, and finished
    (the teacher drew the end-of-sentence token before `max_new_tokens`): a truncated trace would teach the student
    never to stop. With `verify_steps` (default) every `a op b = c` step of its `<think>` must also be true: a tiny
-   teacher sampled at temperature 1 often reaches a right answer through a wrong step ("13 + 1 = 15. 15 - 1 = 14"),
-   and measured on the default run about half of its answer-correct traces do; R1 likewise filters the responses it
+   teacher sampled at temperature 1 often reaches a right answer through a wrong step ("13 + 1 = 15. 15 - 1 = 14",
+   counted in the traces' stats); R1 likewise filters the responses it
    distils from beyond the final answer (readability, mixed languages). Identical correct completions of one prompt
    are kept once (`dedup`), at most `max_per_prompt`.
 
