@@ -10,15 +10,16 @@ import logging
 import shutil
 
 import pytest
-from test_distill_traces import oracle
-from test_sft import make_micro_run, micro_overrides, one_thread  # noqa: F401  (fixture)
 
 import distill.traces
 from data.tokenizer import load_tokenizer
 from distill.run import resolve_teacher
 from distill.run import run as run_distill
 from pipeline.config import compose
+from tests.unit.micro import make_micro_run, micro_overrides, oracle
 from train.checkpoint import read_model_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # the micro run has no pretraining shards, so no student base: these tests start the student from random weights
 # (the student base, student_init=pretrain, runs in the smoke pipeline: tests/e2e)
