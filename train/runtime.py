@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kernels.formats import ScaleFormats
+from kernels.fp8_linear import convert_to_fp8
 from model.config import ModelConfig
 from model.transformer import DeepseekV3
 
@@ -85,7 +86,5 @@ def build_model(
     else:
         model = DeepseekV3(mcfg).to(device)
     if precision == "fp8":
-        from kernels.fp8_linear import convert_to_fp8
-
         convert_to_fp8(model, backend=kernels_backend, scale_formats=scale_formats)
     return model
