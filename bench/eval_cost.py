@@ -27,7 +27,8 @@ from bench.common import append_result
 
 def main(argv: list[str] | None = None) -> list[dict]:
     from data.tokenizer import load_tokenizer
-    from eval.run import evaluate_checkpoint, load_checkpoint
+    from eval.checkpoints import load_checkpoint
+    from eval.run import evaluate_checkpoint
     from pipeline.config import compose
     from rewards.humaneval import load_problems
     from train.runtime import build_model

@@ -41,7 +41,7 @@ import torch
 from datasets import load_from_disk
 from omegaconf import DictConfig
 
-from data.prepare import stage_outputs
+from data.outputs import stage_outputs
 from data.tokenizer import load_tokenizer
 from model.config import ModelConfig
 from model.hf import export_hf

@@ -14,9 +14,10 @@ import torch
 from data.pack import ShardWriter
 from data.reasoning import write_reasoning_sets
 from data.tokenizer import EOS, FIM_BEGIN, save_tokenizer, train_tokenizer
+from eval.checkpoints import discover_checkpoints, label_of, load_checkpoint, newest_step_dir, run_dir_of
 from eval.config import BpbEvalConfig, MoEEvalConfig
 from eval.generation import ModelGenerator, Prompt, Sampling
-from eval.run import _ckpt_shorthand, discover_checkpoints, label_of, load_checkpoint, newest_step_dir, run_dir_of
+from eval.run import _ckpt_shorthand
 from eval.suite_lm import code_documents, document_batches, rolling_windows, run_bpb, run_moe
 from model.config import ModelConfig
 from model.generate import generate
