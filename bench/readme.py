@@ -259,13 +259,16 @@ def distill_vs_rl() -> tuple[str, list[Row]]:
 
 def code_structure() -> tuple[str, list[Row]]:
     found = rows("code_structure")
-    if not found:
+    after = [r for r in found if r["rev"] == "worktree"]  # the checkout itself, against the oldest revision measured
+    if not found or not after:
         return "", []
-    a, b = found[0], found[-1]
+    b = after[-1]
+    a = [r for r in found if r["rev"] == found[0]["rev"]][-1]
     text = (
         f"stage-to-stage imports {a['arrows_against_flow']} -> {b['arrows_against_flow']}, in-function imports "
-        f"{a['in_function_imports']} -> {b['in_function_imports']}, longest function {a['longest_function_lines']} -> "
-        f"{b['longest_function_lines']} lines (revisions {a['rev']} -> {b['rev']})"
+        f"{a['in_function_imports']} -> {b['in_function_imports']}, functions over 60 lines "
+        f"{a['functions_over_60_lines']} -> {b['functions_over_60_lines']}, longest {a['longest_function_lines']} -> "
+        f"{b['longest_function_lines']} lines (`{b['longest_function']}`), revision {a['rev']} -> this checkout"
     )
     return text, [a, b]
 
