@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.formats import ScaleFormats
 from model.hf import import_hf
 from train.policy import load_policy
 
@@ -67,12 +68,19 @@ def resolve_tokenizer(ckpt: Path, explicit: str | None, data_dir: Path | None) -
     raise FileNotFoundError(f"no tokenizer for {ckpt}: tried {[str(c) for c in candidates]} (set eval.tokenizer=)")
 
 
-def load_checkpoint(path: Path, precision: str = "fp32", backend: str = "auto", device: torch.device | None = None):
-    """A model from a DCP checkpoint directory (with model_config.json) or a Hugging Face directory (config.json)."""
+def load_checkpoint(
+    path: Path,
+    precision: str = "fp32",
+    backend: str = "auto",
+    device: torch.device | None = None,
+    scale_formats: ScaleFormats | str = "fp32",
+):
+    """A model from a DCP checkpoint directory (with model_config.json) or a Hugging Face directory (config.json);
+    `precision`, `backend` and `scale_formats` (kernels.scale_formats()) apply to DCP checkpoints."""
     path = Path(path)
     device = device or torch.device("cpu")
     if (path / "model_config.json").is_file():
-        model, _ = load_policy(path, precision, backend, device)
+        model, _ = load_policy(path, precision, backend, device, scale_formats)
     elif (path / "config.json").is_file():
         model = import_hf(path).to(device)
     else:

@@ -196,7 +196,7 @@ def run(cfg: Config) -> dict:
         results, floor_cache = {}, {}
         for label, path in checkpoints.items():
             seed_everything(ecfg.seed, cfg.run.deterministic)
-            model = load_checkpoint(path, cfg.precision, cfg.kernels.backend, device)
+            model = load_checkpoint(path, cfg.precision, cfg.kernels.backend, device, cfg.kernels.scale_formats())
             tok = load_tokenizer(tokenizers[label])
             results[label] = evaluate_checkpoint(
                 model, tok, ecfg, data, cfg.precision, stage.tracker, label, floor_cache
