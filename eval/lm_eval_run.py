@@ -156,7 +156,7 @@ def compare(lm: dict, we: dict) -> dict:
     """Side by side: each harness's score and the share of problems whose greedy completions are identical (ours
     in lm-eval's decoding, `lm_eval_text`; a trained model rarely emits a special token inside its answer, a random
     one often does)."""
-    from eval.suite_code import truncate_completion
+    from rewards.humaneval import truncate_completion
 
     res, samples = lm["results"], lm["samples"]
     row = {

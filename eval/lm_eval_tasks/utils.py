@@ -45,8 +45,7 @@ def program_text(doc: dict) -> str:
 
 
 def humaneval_results(doc: dict, results: list[str]) -> dict[str, float]:
-    from eval.suite_code import truncate_completion
-    from rewards.humaneval import Problem, evaluate_samples
+    from rewards.humaneval import Problem, evaluate_samples, truncate_completion
 
     problem = Problem(**{k: doc[k] for k in ("task_id", "prompt", "entry_point", "canonical_solution", "test")})
     res = evaluate_samples([problem], [(problem.task_id, truncate_completion(results[0]))], ks=(1,), max_workers=1)
