@@ -103,9 +103,9 @@ class StopStrings:
     step costs a decode of a few tokens per row, never the whole row. A window that starts inside a multi-byte
     character decodes that character as U+FFFD, which no stop string is expected to contain.
 
-    Where the engine stops equals where "decode everything, then cut at the earliest stop string" cuts, unless a stop
-    string can start before another one and end after it (e.g. "ab" and "xabc"); the code stop sequences all start
-    with a newline and contain no other, so they cannot.
+    The text cut where the engine stops is the text "decode everything, then cut at the earliest stop string" gives,
+    unless one stop string contains another past its first character ("ab" inside "xabc": the engine stops at "ab"
+    before "xabc" is complete); none of the code stop sequences contains another.
     """
 
     def __init__(self, stop_strings: Sequence[str], decode: DecodeFn, R: int) -> None:
