@@ -3,7 +3,7 @@
     python -m bench.eval_cost --run outputs/<run>                   # the run's tokenizer, a random-init tiny model
     python -m bench.eval_cost --run outputs/<run> --ckpt outputs/<run>/rl/checkpoints/step_000150
     python -m bench.eval_cost --run outputs/<run> --suites humaneval --overrides eval.humaneval.max_new_tokens=256
-    python -m bench.eval_cost --run outputs/<run> --ckpt <ckpt> --suites humaneval --stop-sequences on off
+    python -m bench.eval_cost --run outputs/<run> --ckpt <ckpt> --suites humaneval --stop-sequences on off --repeats 2
 
 HumanEval decoding stops at EOS, at the Codex stop sequences (`eval.humaneval.stop_sequences`, default on) or at
 `max_new_tokens`; `--stop-sequences on off` runs the suite both ways in one process, side by side, and reports
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--suites", nargs="*", default=["bpb", "fim", "humaneval", "reasoning", "moe"])
     ap.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides (eval.*, model=...)")
     ap.add_argument("--stop-sequences", nargs="+", choices=["on", "off"], default=None, help="HumanEval decoding modes")
+    ap.add_argument("--repeats", type=int, default=1, help="run the whole list this many times (timing spread)")
     args = ap.parse_args(argv)
 
     cfg = compose(["wandb.mode=disabled", *args.overrides])
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data = {k: args.run / "data" / k for k in ("val", "reasoning", "train")}
     generate(model, [[1, 2, 3]], max_new_tokens=4)  # warm-up, so that the first suite timed pays no first-call cost
     modes = args.stop_sequences or ["on" if cfg.eval.humaneval.stop_sequences else "off"]
-    runs = [(s, m) for s in args.suites for m in (modes if s == "humaneval" else [None])]
+    runs = [(s, m) for _ in range(args.repeats) for s in args.suites for m in (modes if s == "humaneval" else [None])]
     programs: dict[str, list[str]] = {}  # stop mode -> the scored HumanEval programs' completions
     rows = []
     for suite, mode in runs:
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         t0, cpu0 = time.perf_counter(), time.process_time()
         if suite == "humaneval":
             res, programs[mode] = humaneval(model, tok, ecfg)
+            other = programs.get("off" if mode == "on" else "on")
         else:
             res = evaluate_checkpoint(model, tok, ecfg, data, "fp32")
         row = {
@@ -86,9 +88,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
         if suite == "humaneval":
             row |= {"stop_sequences": mode, "pass@1": res["humaneval"]["pass@1"]}
-            if len(programs) == 2:  # the second mode: are the scored programs those of the first?
-                a, b = programs.values()
-                row["same_programs_as_other_mode"] = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+            if other is not None:  # are the scored programs those of the other mode's last run?
+                same = [x == y for x, y in zip(programs[mode], other, strict=True)]
+                row["same_programs_as_other_mode"] = sum(same) / len(same)
         rows.append(row)
         append_result("eval_cost", row)
         extra = f", stop sequences {mode}, pass@1 {row['pass@1']:.4f}" if suite == "humaneval" else ""
