@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "cpu_s": round(time.process_time() - cpu0, 1),  # this process's CPU time (all threads + sandbox excluded)
             "generated_tokens": res["generation"]["generated_tokens"],
             "prompts": res["generation"]["prompts"],
+            "finished_early": res["generation"].get("finished_early"),  # completions that ended at EOS / a stop
             "config": str(getattr(ecfg, suite)),
             "load_avg_start_end": f"{load0:.1f} {os.getloadavg()[0]:.1f}",  # other jobs on the machine inflate it
             **body,

@@ -78,7 +78,8 @@ def check_completions(prompts: Sequence[Prompt], sampling: Sampling, completions
 class ModelGenerator:
     """A GenerateFn backed by `model.generate.generate` (batched, MLA latent cache, prompt prefilled once per group).
 
-    `stats` accumulates over calls: prompts, truncated_prompts, generated_tokens.
+    `stats` accumulates over calls: prompts, truncated_prompts, generated_tokens, and finished_early (completions that
+    ended before max_new_tokens: at EOS or a stop string).
     """
 
     def __init__(
@@ -99,7 +100,7 @@ class ModelGenerator:
         if self.eos is None:
             raise ValueError(f"the tokenizer has no {EOS!r} token")
         self.context = int(model.config.max_position_embeddings)
-        self.stats = {"prompts": 0, "truncated_prompts": 0, "generated_tokens": 0}
+        self.stats = {"prompts": 0, "truncated_prompts": 0, "generated_tokens": 0, "finished_early": 0}
         self._calls = 0
 
     def encode(self, prompt: Prompt) -> list[int]:
@@ -147,6 +148,7 @@ class ModelGenerator:
                 )
             self.stats["prompts"] += len(chunk)
             self.stats["generated_tokens"] += g.num_generated_tokens
+            self.stats["finished_early"] += sum(len(t) < sampling.max_new_tokens for t in g.tokens)
             texts = g.texts if g.texts is not None else [self.decode(t) for t in g.tokens]
             out += [texts[i * sampling.n : (i + 1) * sampling.n] for i in range(len(chunk))]
         return out

@@ -106,11 +106,12 @@ def test_generator_stop_strings_equal_decoding_everything_then_cutting(tokenizer
     gen = ModelGenerator(micro_model(), tokenizer, batch_size=2)
     prompts = [Prompt(p.prompt) for p in problems[:3]]
     free = [c for (c,) in gen(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=24))]
-    tokens_free = gen.stats["generated_tokens"]
+    tokens_free, early_free = gen.stats["generated_tokens"], gen.stats["finished_early"]
     stops = (free[0][10:13], free[1][20:23], *STOP_SEQUENCES)  # two that occur in the random model's text
     out = gen(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=24, stop_strings=stops))
     assert [c for (c,) in out] == [truncate_completion(c, stops) for c in free]
     assert gen.stats["generated_tokens"] - tokens_free < tokens_free
+    assert gen.stats["finished_early"] - early_free >= 2  # at least the rows the two stop strings ended
 
 
 def test_generator_truncates_long_prompts_to_the_context(tokenizer):
