@@ -306,7 +306,7 @@ def spanning_stop(tokens: list[int], decode, near: int) -> str:
     raise AssertionError(f"no clean token boundary after {near} in {text!r}")
 
 
-@pytest.mark.parametrize("speculative", [False, True])
+@pytest.mark.parametrize("speculative", [False, True, None])  # None: drafts, then plain decoding from step 8
 def test_stop_strings_equal_decoding_everything_then_cutting(model, speculative):
     """Rows finish at the first step whose text holds a stop string, and report that text cut before it: exactly
     what decoding the unconstrained greedy continuation and cutting it at the leftmost stop string gives. The
@@ -329,7 +329,7 @@ def test_stop_strings_equal_decoding_everything_then_cutting(model, speculative)
         decode=decode,
         return_logprobs=True,
     )
-    assert out.speculative == speculative
+    assert out.speculative == (speculative is not False) and out.drafts_stopped == (speculative is None)
     lengths = [first_hit(t, stops, decode) for t in free.tokens]
     assert out.tokens == [t[:k] for t, k in zip(free.tokens, lengths)]
     assert out.texts == [cut_by_regex(decode(t), stops) for t in free.tokens]
@@ -349,9 +349,10 @@ def test_stop_strings_decode_only_the_new_tail(model):
         return tok.decode(ids, skip_special_tokens=False)
 
     n, stops = 40, ["\ndef", "zz"]
-    for speculative in (False, True):
+    for speculative in (False, True, None):
         windows.clear()
-        out = generate(model, PROMPTS, max_new_tokens=n, temperature=0.0, stop_strings=stops, decode=decode)
+        kw = dict(max_new_tokens=n, temperature=0.0, speculative=speculative, stop_strings=stops, decode=decode)
+        out = generate(model, PROMPTS, **kw)
         assert all(s not in t for t in out.texts for s in stops), "the test wants rows that never stop early"
         checks, final = windows[: -len(PROMPTS)], windows[-len(PROMPTS) :]
         assert len(checks) == n * len(PROMPTS) and max(checks) == len("\ndef") + 1, (speculative, max(checks))
