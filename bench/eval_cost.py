@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "finished_early": res["generation"].get("finished_early"),  # completions that ended at EOS / a stop
             "config": str(getattr(ecfg, suite)),
             "load_avg_start_end": f"{load0:.1f} {os.getloadavg()[0]:.1f}",  # other jobs on the machine inflate it
+            "torch_threads": torch.get_num_threads(),  # OMP_NUM_THREADS; on a loaded machine more threads can be slower
             **body,
         }
         if suite == "humaneval":
