@@ -10,7 +10,7 @@ HumanEval (Chen et al. 2021)
     first step whose text holds one of the Codex paper's stop sequences (`rewards.humaneval.STOP_SEQUENCES`:
     `\\nclass`, `\\ndef`, `\\n#`, `\\nif`, `\\nprint`; the body ends where a new top-level statement begins), as
     lm-evaluation-harness stops its own, so a finished function costs no more tokens
-    (`eval.humaneval.stop_sequences=false` decodes up to EOS or max_new_tokens: the same scores, slower);
+    (`eval.humaneval.stop_sequences=false` decodes up to EOS or max_new_tokens: the same scores, more tokens);
 (c) each completion is cut at the first stop sequence (`truncate_completion`: the same program whether decoding
     stopped there or not), then `prompt + completion + test + check(entry_point)` runs in the sandbox; pass@k is the
     unbiased estimator over the n samples, averaged over the problems evaluated (`max_problems` first ones; 0 = all
