@@ -43,12 +43,12 @@ from data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from eval.checkpoints import load_checkpoint, newest_step_dir
 from eval.config import HumanEvalConfig, ReasoningEvalConfig
 from eval.generation import ModelGenerator
-from eval.suite_code import run_humaneval, truncate_completion
+from eval.suite_code import run_humaneval
 from eval.suite_lm import code_bpb
 from eval.suite_reasoning import run_reasoning
 from model.hf import export_hf
 from pipeline.io import atomic_write_json
-from rewards.humaneval import load_problems
+from rewards.humaneval import load_problems, truncate_completion
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,7 @@ from dataclasses import asdict
 import datasets
 
 from data.tokenizer import ASSISTANT, BOS, EOS, USER
-from eval.suite_code import truncate_completion
-from rewards.humaneval import Problem, evaluate_samples, load_problems
+from rewards.humaneval import Problem, evaluate_samples, load_problems, truncate_completion
 from train.policy import score_completions
 
 
