@@ -220,12 +220,24 @@ def wandb_overhead() -> tuple[str, list[Row]]:
 
 
 def eval_cost() -> tuple[str, list[Row]]:
-    found = rows("eval_cost", suite="humaneval")
-    if not found:
+    """Stop sequences on vs off on the newest pretrained checkpoint measured (both modes, all 164 problems)."""
+    found = [r for r in rows("eval_cost", suite="humaneval", prompts="164") if r.get("finished_early")]
+    ckpt = [r for r in found if "checkpoints" in r["model"]]
+    if not ckpt:
         return "", []
-    r = found[-1]
-    text = f"HumanEval, 164 problems greedy: {num(r, 'seconds', '.0f')} s on a {r['model']}"
-    return text, [r]
+    model = ckpt[-1]["model"]
+    on = [r for r in ckpt if r["model"] == model and r["stop_sequences"] == "on"][-2:]
+    off = [r for r in ckpt if r["model"] == model and r["stop_sequences"] == "off"][-2:]
+    if not on or not off:
+        return "", []
+    secs = lambda rs: " / ".join(num(r, "seconds", ".0f") for r in rs)  # noqa: E731
+    text = (
+        f"HumanEval, 164 problems greedy, 320 new tokens, on `{'/'.join(Path(model).parts[-3:])}`: with stop "
+        f"sequences {secs(on)} s, {on[-1]['generated_tokens']} tokens, {on[-1]['finished_early']} completions end "
+        f"early; without {secs(off)} s, {off[-1]['generated_tokens']} tokens; same scored programs: "
+        f"{on[-1]['same_programs_as_other_mode']}"
+    )
+    return text, [*on, *off]
 
 
 def rl_gain() -> tuple[str, list[Row]]:
