@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-fast lint format data pretrain sft rl distill eval report pretrain-dist sweep \
-	wandb-sync fp8-study bench pipeline seeds lm-eval clean gpu-check
+	wandb-sync fp8-study bench readme pipeline seeds lm-eval clean gpu-check
 
 help:  ## show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -90,6 +90,10 @@ bench: $(VENV)  ## the side-by-side benchmarks (CPU); results append to bench/re
 	$(PY) -m bench.balance --run $(RUN)
 	$(PY) -m bench.eplb_imbalance
 	$(PY) -m bench.fp8_accumulation
+	$(PY) -m bench.readme
+
+readme: $(VENV)  ## rewrite the README's measured table from bench/results/*.csv (make test checks it)
+	$(PY) -m bench.readme
 
 gpu-check: $(VENV)  ## on a GPU machine: gpu tests, 100-step bf16/fp8 pretraining of `small`, syncs, NCCL layouts
 	$(PY) -m bench.gpu_check $(ARGS)

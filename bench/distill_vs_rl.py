@@ -88,7 +88,7 @@ def trace_flops(prov: dict, traces: list[dict], n_teacher: int, prompt_len: floa
 def main(argv: list[str] | None = None) -> list[dict]:
     from datasets import load_from_disk
 
-    from data.prepare import stage_outputs
+    from data.outputs import stage_outputs
     from data.tokenizer import load_tokenizer
     from distill.traces import load_traces
     from eval.stats import seed_summary

@@ -96,7 +96,7 @@ def synthetic_loads(layers: int, experts: int, tokens: int, top_k: int, s: float
 
 def heldout_loads(run_dir: Path, n_batches: int, batch_size: int = 8) -> torch.Tensor:
     """Expert loads [main MoE layers, experts] of the run's final checkpoint over the first validation batches."""
-    from eval.run import load_checkpoint
+    from eval.checkpoints import load_checkpoint
     from eval.suite_lm import val_batches
 
     manifest = json.loads((run_dir / "manifest.json").read_text())

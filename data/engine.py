@@ -28,9 +28,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactFindDedups
 from datatrove.pipeline.writers import JsonlWriter
+from tqdm.auto import tqdm
 
 from data.config import DataConfig
 from data.dedup import Contamination, ExactSignatures, MinhashSignatures, VerifyPairs, exact_config, minhash_config
@@ -117,9 +119,6 @@ def build_stages(dcfg: DataConfig, work: Path, contamination: Contamination | No
 
 def run_local(stages: list[Stage], work: Path, workers: int) -> dict[str, float]:
     """Each stage in turn on this machine, `workers` tasks at a time (in this process when 1); seconds per stage."""
-    from datatrove.executor import LocalPipelineExecutor
-    from tqdm.auto import tqdm
-
     timings = {}
     for s in tqdm(stages, desc="data stage (datatrove)", unit="stage"):
         t = time.time()
@@ -142,8 +141,6 @@ def _queued(job_ids: list[str]) -> bool:
 def run_slurm(stages: list[Stage], work: Path, dcfg: DataConfig) -> dict[str, float | None]:
     """Submit the chain as Slurm job arrays (each stage depends on the one before) and wait for the last; the
     stages' names (no time of their own) and the seconds in all."""
-    from datatrove.executor import SlurmPipelineExecutor
-
     t0 = time.time()
     s_cfg = dcfg.slurm
     executors, previous = [], None

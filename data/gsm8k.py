@@ -61,7 +61,7 @@ def load_gsm8k(path_or_name: str | Path = GSM8K_HUB_NAME, split: str = "test", c
     ``path_or_name``: a ``.jsonl``/``.json`` file (loaded as ``split``), a directory holding ``{split}.jsonl``, or a
     hub dataset name such as ``"openai/gsm8k"`` (config ``"main"``).
     """
-    import datasets
+    import datasets  # deferred: datasets is a heavy import, needed only to load GSM8K
 
     path = Path(path_or_name)
     if path.exists():

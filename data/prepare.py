@@ -25,7 +25,7 @@ Steps (datatrove steps, data/steps.py unless named):
    (failures are counted and dropped), pack into shards (data/fim.py, data/pack.py);
 5. write the reasoning train/test sets (data/reasoning.py).
 
-Output contract (`outputs/<run>/data/`; later stages find these through `stage_outputs(data_dir)`):
+Output contract (`outputs/<run>/data/`; later stages find these through `data.outputs.stage_outputs(data_dir)`):
 
     tokenizer.json        Hugging Face `tokenizers` file; loads in transformers.PreTrainedTokenizerFast
     train/, val/          shard_XXXXX.npy (1-D token ids, uint16 when vocab < 65536) + doc_starts.npy +
@@ -59,6 +59,8 @@ from omegaconf import DictConfig
 from data.config import DataConfig
 from data.dedup import build_contamination_set, humaneval_texts
 from data.engine import run_stages
+from data.outputs import stage_outputs
+from data.reasoning import held_out_texts, write_reasoning_sets
 from data.sources import check_sources, list_items
 from data.steps import MemoryProbe, stage_resources
 from pipeline.config import Config, as_dict, to_config
@@ -68,26 +70,12 @@ from pipeline.stage import StageRun
 STAGE = "data"
 
 
-def stage_outputs(data_dir: Path) -> dict[str, Path]:
-    """Paths of the data stage's artifacts inside `outputs/<run>/data/`."""
-    d = Path(data_dir)
-    return {
-        "tokenizer": d / "tokenizer.json",
-        "train": d / "train",
-        "val": d / "val",
-        "reasoning": d / "reasoning",
-        "stats": d / "stats.json",
-    }
-
-
 def eval_texts(dcfg: DataConfig) -> list[str]:
     """The evaluation texts the corpus is decontaminated against."""
     texts: list[str] = []
     if dcfg.decontam.humaneval:
         texts += humaneval_texts()
     if dcfg.decontam.reasoning and dcfg.reasoning.enabled:
-        from data.reasoning import held_out_texts
-
         r = dcfg.reasoning
         texts += held_out_texts(kinds=r.kinds, n_test=r.n_test, seed=dcfg.seed, difficulty=r.difficulty)
     return texts
@@ -135,8 +123,6 @@ def build(dcfg: DataConfig, out_dir: Path, tracker=None, listing: tuple[list, st
         for k in ("train", "val"):
             _move_contents(work / "out" / k, tmp[k])
         if dcfg.reasoning.enabled:
-            from data.reasoning import write_reasoning_sets
-
             t = time.time()
             r = dcfg.reasoning
             write_reasoning_sets(

@@ -28,6 +28,7 @@ import os
 import stat
 from collections.abc import Iterator
 
+import orjson
 from datatrove.data import Document
 from datatrove.pipeline.readers import HuggingFaceDatasetReader, JsonlReader, ParquetReader
 from datatrove.pipeline.readers.base import BaseReader
@@ -46,8 +47,6 @@ def to_document(rec: dict) -> Document:
 
 def parse_json(raw: bytes) -> tuple[object, str]:
     """(value, reason) of one JSON text; reason "" when it parsed."""
-    import orjson
-
     try:
         return orjson.loads(raw), ""
     except orjson.JSONDecodeError:
@@ -143,7 +142,7 @@ class ParquetRowsReader(_RowMapping, ParquetReader):
         self.spec, self.max_doc_bytes, self.display = spec, max_doc_bytes, display
 
     def read_file(self, filepath: str) -> Iterator[Document]:
-        import pyarrow as pa
+        import pyarrow as pa  # deferred: pyarrow only for parquet sources
         import pyarrow.parquet as pq
 
         self.display = self.display or filepath

@@ -116,7 +116,7 @@ def task_row(task: Task, think: bool = True) -> dict:
 
 def row_features() -> "datasets.Features":
     """The schema every reasoning split shares (generated tasks and GSM8K alike)."""
-    from datasets import Features, Value
+    from datasets import Features, Value  # deferred: datasets is a heavy import, needed only to write the splits
 
     return Features({c: Value("int64" if c == "difficulty" else "string") for c in COLUMNS})
 
@@ -182,7 +182,7 @@ def build_splits(
     ``cot_fraction`` of the train completions show their chain-of-thought, the others answer directly (see the
     module docstring); test completions always show it (they are references, never trained on).
     """
-    from datasets import Dataset, DatasetDict
+    from datasets import Dataset, DatasetDict  # deferred: datasets is a heavy import, needed only to write the splits
 
     if n_train < 0 or n_test < 0:
         raise ValueError(f"n_train and n_test must be >= 0, got {n_train} and {n_test}")

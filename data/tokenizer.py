@@ -26,7 +26,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from pipeline.io import atomic_write_text
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -93,8 +96,6 @@ def train_tokenizer(
 
 def save_tokenizer(tok: Tokenizer, path: Path) -> None:
     """Write `tokenizer.json` (atomically: a reader never sees a half-written file)."""
-    from pipeline.io import atomic_write_text
-
     atomic_write_text(Path(path), tok.to_str(pretty=False))
 
 
@@ -104,7 +105,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 def load_hf_tokenizer(path: Path):
     """`transformers.PreTrainedTokenizerFast` over `tokenizer.json`, with BOS/EOS/PAD set and no space clean-up."""
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # deferred: transformers is a heavy import, only for this wrapper
 
     return PreTrainedTokenizerFast(
         tokenizer_file=str(path),
@@ -118,8 +119,6 @@ def load_hf_tokenizer(path: Path):
 
 def token_dtype(vocab_size: int):
     """The smallest numpy dtype for token ids: uint16 when the vocabulary has fewer than 65536 entries."""
-    import numpy as np
-
     return np.uint16 if vocab_size < 2**16 else np.uint32
 
 

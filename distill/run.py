@@ -37,6 +37,7 @@ arithmetic and Countdown tasks.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,7 +45,7 @@ import hydra
 from datasets import load_from_disk
 from omegaconf import DictConfig
 
-from data.prepare import stage_outputs
+from data.outputs import stage_outputs
 from data.tokenizer import load_tokenizer
 from distill.config import DistillConfig
 from distill.student import train_student
@@ -60,6 +61,8 @@ from train.checkpoint import CheckpointManager, read_model_config
 from train.parallel.parallelize import world_size_from_env
 from train.policy import evaluate_accuracy, load_policy
 from train.runtime import build_model, device_for, dist_info, require_one_process
+
+log = logging.getLogger(__name__)
 
 STAGE = "distill"
 
@@ -80,9 +83,10 @@ def resolve_teacher(run_dir: Path, d: DistillConfig) -> tuple[Path, str]:
         )
         if found:
             if stage == "sft":
-                print(
-                    f"distill: no RL checkpoint under {run_dir / 'rl' / 'checkpoints'}; using the newest SFT "
-                    f"checkpoint {found[-1]} as the teacher"
+                log.warning(
+                    "distill: no RL checkpoint under %s; using the newest SFT checkpoint %s as the teacher",
+                    run_dir / "rl" / "checkpoints",
+                    found[-1],
                 )
             return found[-1], stage
     raise FileNotFoundError(f"no teacher: no checkpoint under {run_dir / 'rl'} or {run_dir / 'sft'} (run rl first)")
@@ -120,7 +124,7 @@ def teacher_traces(cfg: Config, paths: dict[str, Path], teacher_source: str, tea
     existing = read_provenance(traces_dir)
     if existing is not None and trace_key(existing) == trace_key(identity | sampling_settings(d.traces, cfg.run.seed)):
         traces, provenance = load_traces(traces_dir)
-        print(f"distill: reusing {len(traces)} traces in {traces_dir} (same teacher, inputs and sampling)")
+        log.info("distill: reusing %d traces in %s (same teacher, inputs and sampling)", len(traces), traces_dir)
         return traces, provenance
     return build_traces(
         teacher,
@@ -160,9 +164,12 @@ def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source
     traces_dir = stage.dir / "traces"
     traces, provenance = teacher_traces(cfg, paths, teacher_source, teacher, tok, train_rows, traces_dir)
     stats = provenance["stats"]
-    print(
-        f"distill: {stats['accepted']} traces, acceptance rate {stats['acceptance_rate']:.3f} "
-        f"({stats['correct']}/{stats['samples']} samples correct)"
+    log.info(
+        "distill: %d traces, acceptance rate %.3f (%d/%d samples correct)",
+        stats["accepted"],
+        stats["acceptance_rate"],
+        stats["correct"],
+        stats["samples"],
     )
     sample = traces[:: max(1, len(traces) // 8)][:8]
     tracker.log_table(
@@ -198,7 +205,12 @@ def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source
             f"distill.student_init={d.student_init!r} was trained with another tokenizer"
         )
     t_act, s_act = model_info(tcfg).activated, model_info(scfg).activated
-    print(f"distill: teacher {t_act:,} activated parameters per token, student {s_act:,} ({s_act / t_act:.3f}x)")
+    log.info(
+        "distill: teacher %s activated parameters per token, student %s (%.3fx)",
+        f"{t_act:,}",
+        f"{s_act:,}",
+        s_act / t_act,
+    )
     result = train_student(
         student,
         tok,
@@ -229,9 +241,12 @@ def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source
     if teacher_eval and "eval_accuracy" in result:
         t_acc = teacher_eval["teacher_eval_accuracy"]
         out["accuracy_ratio"] = result["eval_accuracy"] / t_acc if t_acc > 0 else None  # undefined at 0
-        print(
-            f"distill: held-out accuracy teacher {t_acc:.3f}, student {result['eval_accuracy']:.3f} "
-            f"(ratio {out['accuracy_ratio']}) with {s_act / t_act:.3f}x the activated parameters"
+        log.info(
+            "distill: held-out accuracy teacher %.3f, student %.3f (ratio %s) with %.3fx the activated parameters",
+            t_acc,
+            result["eval_accuracy"],
+            out["accuracy_ratio"],
+            s_act / t_act,
         )
     return out
 

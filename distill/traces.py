@@ -12,8 +12,8 @@ rule judges correct (and readable) are kept. Here, for each training prompt:
 3. Accept a completion when it is correct, in the `<think>...</think><answer>...</answer>` format, and finished
    (the teacher drew the end-of-sentence token before `max_new_tokens`): a truncated trace would teach the student
    never to stop. With `verify_steps` (default) every `a op b = c` step of its `<think>` must also be true: a tiny
-   teacher sampled at temperature 1 often reaches a right answer through a wrong step ("13 + 1 = 15. 15 - 1 = 14"),
-   and measured on the default run about half of its answer-correct traces do; R1 likewise filters the responses it
+   teacher sampled at temperature 1 often reaches a right answer through a wrong step ("13 + 1 = 15. 15 - 1 = 14",
+   counted in the traces' stats); R1 likewise filters the responses it
    distils from beyond the final answer (readability, mixed languages). Identical correct completions of one prompt
    are kept once (`dedup`), at most `max_per_prompt`.
 
@@ -39,6 +39,7 @@ Legend: N response positions of one trace, K cached top-k entries, V vocabulary.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -55,6 +56,8 @@ from rewards.graders import arithmetic_steps_valid
 from train.chat import decode_completion, encode_chat, eos_id, make_batch, render_prompt
 from train.policy import score_completions
 from train.runtime import autocast
+
+log = logging.getLogger(__name__)
 
 # (prompt token ids [B], samples per prompt n, seed) -> B*n completions' token ids, prompt-major (b*n + j)
 Sampler = Callable[[list[list[int]], int, int], list[list[int]]]
@@ -265,8 +268,8 @@ def build_traces(
     t_sample = time.perf_counter() - t0
     fallback = None
     if not traces and t.fallback_to_reference:
-        print(
-            "distill: WARNING: the teacher answered no training prompt correctly; training the student on the "
+        log.warning(
+            "distill: the teacher answered no training prompt correctly; training the student on the "
             "data's reference traces instead (traces.fallback_to_reference)"
         )
         fallback = "reference"

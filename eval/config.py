@@ -45,6 +45,7 @@ class HumanEvalConfig:
     top_p: float = 1.0
     max_new_tokens: int = 320  # the longest canonical body is 315 tokens of the tiny tokenizer (bench/eval_cost.py)
     batch_size: int = 64  # prompts per generate() call (each sampled n_samples times); decoding is step-bound
+    stop_sequences: bool = True  # stop decoding at the Codex stop sequences (false: the same scores, more tokens)
 
 
 @dataclass

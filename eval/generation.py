@@ -16,10 +16,11 @@ builds the real one from a `DeepseekV3` and its tokenizer:
 - a raw prompt (code completion, fill-in-the-middle) is the document text, preceded by EOS: pretraining packs
   documents as `... EOS doc EOS doc ...` (no BOS), so "just after an EOS" is where a document starts. Special tokens
   spelled in the text (the FIM sentinels) become their single ids;
-- generation stops at EOS, and with `Sampling.stop_at_newline` at any token containing a newline (single-line
-  infilling keeps only the first line, so nothing after it is needed);
+- generation stops at EOS, and with `Sampling.stop_strings` at the first step whose decoded text holds one of them
+  (HumanEval's stop sequences end a function body, a newline ends a single-line infilling: nothing after them is
+  scored, so nothing after them is decoded; `model.generate.StopStrings`);
 - the completion is decoded with special tokens kept (the reasoning tags are special tokens) and the final EOS
-  dropped;
+  dropped, then cut before its first stop string;
 - a prompt longer than the context leaves room for `max_new_tokens` by dropping tokens from the start of its body
   (after its first token); such prompts are counted in `truncated_prompts`.
 """
@@ -48,7 +49,7 @@ class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     max_new_tokens: int = 64
-    stop_at_newline: bool = False
+    stop_strings: tuple[str, ...] = ()  # decoding stops at the first one in the text; the completion ends before it
 
 
 GenerateFn = Callable[[Sequence[Prompt], Sampling], list[list[str]]]
@@ -77,7 +78,8 @@ def check_completions(prompts: Sequence[Prompt], sampling: Sampling, completions
 class ModelGenerator:
     """A GenerateFn backed by `model.generate.generate` (batched, MLA latent cache, prompt prefilled once per group).
 
-    `stats` accumulates over calls: prompts, truncated_prompts, generated_tokens.
+    `stats` accumulates over calls: prompts, truncated_prompts, generated_tokens, and finished_early (completions that
+    ended before max_new_tokens: at EOS or a stop string).
     """
 
     def __init__(
@@ -97,10 +99,8 @@ class ModelGenerator:
         self.eos = tokenizer.token_to_id(EOS)
         if self.eos is None:
             raise ValueError(f"the tokenizer has no {EOS!r} token")
-        n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-        self.newline_ids = [i for i in range(n_vocab) if "\n" in tokenizer.decode([i], skip_special_tokens=False)]
         self.context = int(model.config.max_position_embeddings)
-        self.stats = {"prompts": 0, "truncated_prompts": 0, "generated_tokens": 0}
+        self.stats = {"prompts": 0, "truncated_prompts": 0, "generated_tokens": 0, "finished_early": 0}
         self._calls = 0
 
     def encode(self, prompt: Prompt) -> list[int]:
@@ -127,7 +127,6 @@ class ModelGenerator:
         from train.runtime import autocast
 
         device = next(self.model.parameters()).device
-        stops = [self.eos] + (self.newline_ids if sampling.stop_at_newline else [])
         out: list[list[str]] = []
         starts = range(0, len(prompts), self.batch_size)
         for start in tqdm(starts, desc="generate", leave=False, disable=len(starts) < 2):
@@ -142,12 +141,15 @@ class ModelGenerator:
                     max_new_tokens=sampling.max_new_tokens,
                     temperature=sampling.temperature,
                     top_p=sampling.top_p,
-                    stop_token_ids=stops,
+                    stop_token_ids=[self.eos],
                     seed=self.seed + 1000 * self._calls,
+                    stop_strings=sampling.stop_strings,
+                    decode=self.decode,
                 )
             self.stats["prompts"] += len(chunk)
             self.stats["generated_tokens"] += g.num_generated_tokens
-            texts = [self.decode(t) for t in g.tokens]
+            self.stats["finished_early"] += sum(len(t) < sampling.max_new_tokens for t in g.tokens)
+            texts = g.texts if g.texts is not None else [self.decode(t) for t in g.tokens]
             out += [texts[i * sampling.n : (i + 1) * sampling.n] for i in range(len(chunk))]
         return out
 

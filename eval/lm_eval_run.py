@@ -33,12 +33,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from data.tokenizer import SPECIAL_TOKENS
+from data.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from eval.checkpoints import load_checkpoint, newest_step_dir
+from eval.config import HumanEvalConfig, ReasoningEvalConfig
+from eval.generation import ModelGenerator
+from eval.suite_code import run_humaneval
+from eval.suite_lm import code_bpb
+from eval.suite_reasoning import run_reasoning
+from model.hf import export_hf
+from pipeline.io import atomic_write_json
+from rewards.humaneval import load_problems, truncate_completion
+
+log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 REPO = TASKS_DIR.parent.parent
@@ -61,9 +73,6 @@ def lm_eval_tokenizer(hf_dir: Path, out_dir: Path) -> Path:
 
 def student_hf(run_dir: Path, out_dir: Path) -> Path | None:
     """The distilled student's HF export (made here from its newest checkpoint), or None without one."""
-    from eval.run import load_checkpoint, newest_step_dir
-    from model.hf import export_hf
-
     ckpt = newest_step_dir(run_dir / "distill" / "checkpoints")
     if ckpt is None:
         return None
@@ -108,15 +117,6 @@ def run_lm_eval(
 
 def ours(hf_dir: Path, reasoning_rows: list[dict], humaneval_n: int, code_n: int, gen: dict) -> dict:
     """Our harness on the same HF directory, problems and greedy settings: completions, scores, bpb."""
-    from data.tokenizer import load_tokenizer
-    from eval.config import HumanEvalConfig, ReasoningEvalConfig
-    from eval.generation import ModelGenerator
-    from eval.run import load_checkpoint
-    from eval.suite_code import run_humaneval
-    from eval.suite_lm import code_bpb
-    from eval.suite_reasoning import run_reasoning
-    from rewards.humaneval import load_problems
-
     model = load_checkpoint(hf_dir)
     tok = load_tokenizer(hf_dir / "tokenizer.json")
     problems = load_problems()
@@ -156,8 +156,6 @@ def compare(lm: dict, we: dict) -> dict:
     """Side by side: each harness's score and the share of problems whose greedy completions are identical (ours
     in lm-eval's decoding, `lm_eval_text`; a trained model rarely emits a special token inside its answer, a random
     one often does)."""
-    from eval.suite_code import truncate_completion
-
     res, samples = lm["results"], lm["samples"]
     row = {
         "code_bpb": {"lm_eval": res["ds_code_bpb"]["bits_per_byte,none"], "ours": we["code_bpb"]},
@@ -180,9 +178,7 @@ def compare(lm: dict, we: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from datasets import load_from_disk
-
-    from pipeline.io import atomic_write_json
+    from datasets import load_from_disk  # deferred: datasets is a heavy import, only needed with a reasoning split
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="a run directory: outputs/<run>")
@@ -211,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     for stage in args.stages:
         hf = student_hf(run_dir, work / "student" / "hf") if stage == "student" else run_dir / STAGE_HF[stage]
         if hf is None or not (hf / "config.json").is_file():
-            print(f"[lm-eval] {stage}: no HF export, skipped")
+            log.warning("[lm-eval] %s: no HF export, skipped", stage)
             continue
         tok_dir = lm_eval_tokenizer(hf, work / stage / "tokenizer")
         lm = run_lm_eval(hf, tok_dir, work / stage / "results", metadata, args.max_new_tokens)
@@ -219,11 +215,12 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.no_compare:
             entry["agreement"] = compare(lm, ours(hf, rows, args.humaneval_n, args.code_n, gen))
         summary[stage] = entry
-        print(f"[lm-eval] {stage}: {json.dumps(entry.get('agreement', entry['lm_eval']))[:600]}", flush=True)
+        log.info("[lm-eval] %s: %s", stage, json.dumps(entry.get("agreement", entry["lm_eval"]))[:600])
     atomic_write_json(work / "summary.json", summary)
     print(f"wrote {work / 'summary.json'}")
     return summary
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # no Hydra here: progress to stderr
     main()

@@ -39,6 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.io import atomic_write_text
+from pipeline.stage import StageRun
+from pipeline.tracking import Tracker
+
 REPO = Path(__file__).resolve().parent.parent
 FP8_CSV = REPO / "bench" / "results" / "fp8_accumulation.csv"
 STAGES = ("data", "pretrain", "sft", "rl", "distill", "eval")
@@ -96,7 +100,7 @@ def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # deferred: matplotlib only when figures are drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -139,7 +143,7 @@ def environment(run_dir: Path) -> list[str]:
     }
     lines.append(f"- hardware: {'; '.join(sorted(hosts)) if hosts else 'unknown (no stage manifest)'}")
     try:
-        import torch
+        import torch  # deferred: the report reads JSON and CSV; torch only to name the hardware
 
         if torch.cuda.is_available():
             lines.append(f"- GPU visible to the report: {torch.cuda.get_device_name(0)}")
@@ -403,8 +407,6 @@ def write_report(
 ) -> Path:
     """Write `<run>/report.md` and `<run>/report/*.png`; log the figures to W&B (to `tracker` when the pipeline's
     report stage gives one, else to a W&B run of its own). Returns the report's path."""
-    from pipeline.tracking import Tracker
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
@@ -445,8 +447,6 @@ def write_report(
             lines.append("")
         lines += [*notes, ""]
     out = run_dir / "report.md"
-    from pipeline.io import atomic_write_text
-
     atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
     own = tracker is None
     if own:
@@ -467,8 +467,6 @@ def write_report(
 
 def run(cfg) -> dict:
     """The pipeline's report stage: the report of `outputs/<run>/`, redone whenever an upstream stage changed."""
-    from pipeline.stage import StageRun
-
     run_dir = Path(cfg.run.root) / cfg.run.name
     upstream = ("data", "pretrain", "sft", "rl", "distill", "eval")
     inputs = {
@@ -502,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _hydra_main() -> None:
-    import hydra
+    import hydra  # deferred: pipeline.config imports torch; the report's own CLI does not need it
 
     from pipeline.config import to_config
 

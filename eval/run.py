@@ -38,17 +38,18 @@ metrics.jsonl, manifest.json, and the W&B run whose summary holds every metric a
 from __future__ import annotations
 
 import json
-import re
+import logging
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from data.tokenizer import load_tokenizer
+from eval import suite_code, suite_lm, suite_reasoning
+from eval.checkpoints import discover_checkpoints, label_of, load_checkpoint, resolve_tokenizer, run_dir_of
 from eval.config import EvalConfig
 from eval.generation import ModelGenerator, SuiteResult
 from pipeline.config import Config, stage_dir, to_config
@@ -56,78 +57,12 @@ from pipeline.io import atomic_write_json
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
 from rewards.humaneval import load_problems
-from train.policy import load_policy
+from train.runtime import device_for, dist_info
+
+log = logging.getLogger(__name__)
 
 STAGE = "eval"
 SUITES = ("bpb", "fim", "humaneval", "reasoning", "moe")
-# label -> stage directory whose newest checkpoint it names, in report order
-CHECKPOINT_STAGES = {"pretrain": "pretrain", "sft": "sft", "rl": "rl", "student": "distill"}
-_STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-# ---------------------------------------------------------------- finding and loading checkpoints
-
-
-def newest_step_dir(ckpt_dir: Path) -> Path | None:
-    """The `step_N` directory with the largest N (complete checkpoints only: temporaries are named `.tmp-*`)."""
-    if not ckpt_dir.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
-    return max(found)[1] if found else None
-
-
-def discover_checkpoints(run_dir: Path) -> dict[str, Path]:
-    """{label: checkpoint} for every training stage of the run that has one (see the module docstring)."""
-    found = {}
-    for label, stage in CHECKPOINT_STAGES.items():
-        ckpt = newest_step_dir(run_dir / stage / "checkpoints")
-        if ckpt is None and (run_dir / stage / "hf" / "config.json").is_file():
-            ckpt = run_dir / stage / "hf"
-        if ckpt is not None:
-            found[label] = ckpt
-    return found
-
-
-def run_dir_of(path: Path) -> Path | None:
-    """The run directory holding a checkpoint: the nearest ancestor with `data/tokenizer.json`."""
-    for parent in list(Path(path).resolve().parents)[:5]:
-        if (parent / "data" / "tokenizer.json").is_file():
-            return parent
-    return None
-
-
-def label_of(path: Path, run_dir: Path | None) -> str:
-    if run_dir is not None:
-        stage = Path(path).resolve().relative_to(run_dir).parts[0]
-        for label, s in CHECKPOINT_STAGES.items():
-            if s == stage:
-                return label
-    return "ckpt"
-
-
-def resolve_tokenizer(ckpt: Path, explicit: str | None, data_dir: Path | None) -> Path:
-    candidates = [Path(explicit)] if explicit else [Path(ckpt) / "tokenizer.json"]
-    if data_dir is not None and not explicit:
-        candidates.append(data_dir / "tokenizer.json")
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"no tokenizer for {ckpt}: tried {[str(c) for c in candidates]} (set eval.tokenizer=)")
-
-
-def load_checkpoint(path: Path, precision: str = "fp32", backend: str = "auto", device: torch.device | None = None):
-    """A model from a DCP checkpoint directory (with model_config.json) or a Hugging Face directory (config.json)."""
-    path = Path(path)
-    device = device or torch.device("cpu")
-    if (path / "model_config.json").is_file():
-        model, _ = load_policy(path, precision, backend, device)
-    elif (path / "config.json").is_file():
-        from model.hf import import_hf
-
-        model = import_hf(path).to(device)
-    else:
-        raise ValueError(f"ckpt={path} is neither a DCP checkpoint (model_config.json) nor an HF dir (config.json)")
-    return model.eval()
 
 
 # ---------------------------------------------------------------- one checkpoint
@@ -146,8 +81,6 @@ def evaluate_checkpoint(
     """{suite: metrics + {"ci": {metric: [low, high]}, "floor": {metric: {floor: value}}}} of one model; sample tables
     go to the tracker as `samples_<label>_<suite>`. The generative suites' floors do not depend on the model: pass
     the same `floor_cache` dict for every checkpoint of a run and they are computed once."""
-    from eval import suite_code, suite_lm, suite_reasoning
-
     cache = floor_cache if floor_cache is not None else {}
     problems = load_problems()
     workers = ecfg.sandbox_workers
@@ -195,7 +128,7 @@ def evaluate_checkpoint(
         if tracker is not None and res.samples:
             columns = list(res.samples[0])
             tracker.log_table(f"samples_{label}_{suite}", columns, [[row[c] for c in columns] for row in res.samples])
-        print(f"[eval] {label}/{suite}: {summarize(res.metrics)}", flush=True)
+        log.info("[eval] %s/%s: %s", label, suite, summarize(res.metrics))
     results["generation"] = dict(gen.stats)
     return results
 
@@ -256,8 +189,6 @@ def run(cfg: Config) -> dict:
     stage = StageRun(cfg, STAGE, inputs=inputs)
     if stage.up_to_date():
         return stage.previous_metrics()
-    from train.runtime import device_for, dist_info
-
     device = device_for(dist_info())
     with stage:
         for old in stage.dir.glob("samples_*.jsonl"):  # tables of a previous execution
@@ -265,7 +196,7 @@ def run(cfg: Config) -> dict:
         results, floor_cache = {}, {}
         for label, path in checkpoints.items():
             seed_everything(ecfg.seed, cfg.run.deterministic)
-            model = load_checkpoint(path, cfg.precision, cfg.kernels.backend, device)
+            model = load_checkpoint(path, cfg.precision, cfg.kernels.backend, device, cfg.kernels.scale_formats())
             tok = load_tokenizer(tokenizers[label])
             results[label] = evaluate_checkpoint(
                 model, tok, ecfg, data, cfg.precision, stage.tracker, label, floor_cache

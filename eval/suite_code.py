@@ -6,13 +6,16 @@ the sandbox (`rewards/sandbox.py`); the program construction and the pass@k esti
 HumanEval (Chen et al. 2021)
 ----------------------------
 (a) prompts: each problem's `prompt` (signature + docstring) as a raw document prefix;
-(b) `n_samples` completions per prompt at the configured temperature / top-p;
-(c) each completion is cut at the first top-level stop sequence of the Codex paper (`\\nclass`, `\\ndef`, `\\n#`,
-    `\\nif`, `\\nprint`: the body ends where a new top-level statement begins), then `prompt + completion + test +
-    check(entry_point)` runs in the sandbox; pass@k is the unbiased estimator over the n samples, averaged over the
-    problems evaluated (`max_problems` first ones; 0 = all 164, the default). The default decodes greedily (one
-    sample, temperature 0: pass@1 as lm-evaluation-harness's `humaneval` task reports it) with room for a whole
-    function body (`max_new_tokens`).
+(b) `n_samples` completions per prompt at the configured temperature / top-p; the decoding of each stops at the
+    first step whose text holds one of the Codex paper's stop sequences (`rewards.humaneval.STOP_SEQUENCES`:
+    `\\nclass`, `\\ndef`, `\\n#`, `\\nif`, `\\nprint`; the body ends where a new top-level statement begins), as
+    lm-evaluation-harness stops its own, so a finished function costs no more tokens
+    (`eval.humaneval.stop_sequences=false` decodes up to EOS or max_new_tokens: the same scores, more tokens);
+(c) each completion is cut at the first stop sequence (`truncate_completion`: the same program whether decoding
+    stopped there or not), then `prompt + completion + test + check(entry_point)` runs in the sandbox; pass@k is the
+    unbiased estimator over the n samples, averaged over the problems evaluated (`max_problems` first ones; 0 = all
+    164, the default). The default decodes greedily (one sample, temperature 0: pass@1 as lm-evaluation-harness's
+    `humaneval` task reports it) with room for a whole function body (`max_new_tokens`).
 (d) interval: Wilson over problems for one sample each, else the bootstrap over problems of the per-problem pass@k;
     floor: the empty completion (the prompt's signature and docstring alone, a body that returns None), run through
     the same sandbox.
@@ -23,7 +26,7 @@ Single-line infilling (Bavarian et al. 2022, section 6)
     build_fim_tasks`), of which `max_tasks` are drawn with a fixed seed (0 = all; the same tasks for every
     checkpoint); each task becomes a PSM and an SPM prompt with `data.fim.fim_prompt`, the exact layouts the data
     stage trained with;
-(b) one greedy completion per prompt, stopped at the first newline;
+(b) one greedy completion per prompt, whose decoding stops at the first step whose text holds a newline;
 (c) exact match against the masked line (trailing whitespace ignored) and pass@1 of `prefix + line + suffix` under
     the problem's tests (`rewards.humaneval.evaluate_fim`);
 (d) interval: Wilson over tasks; floor: the empty line, whose pass@1 is not 0 (where a masked line is a comment, or
@@ -39,18 +42,18 @@ from data.fim import fim_prompt
 from eval.config import FimEvalConfig, HumanEvalConfig
 from eval.generation import GenerateFn, Prompt, Sampling, SuiteResult, check_completions
 from eval.stats import problem_interval
-from rewards.humaneval import FimTask, Problem, build_fim_tasks, evaluate_fim, evaluate_samples, pass_at_k
-
-STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
-
+from rewards.humaneval import (
+    STOP_SEQUENCES,
+    FimTask,
+    Problem,
+    build_fim_tasks,
+    evaluate_fim,
+    evaluate_samples,
+    pass_at_k,
+    truncate_completion,
+)
 
 # ---------------------------------------------------------------- HumanEval
-
-
-def truncate_completion(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
-    """The completion up to the earliest stop sequence (the function body, without what follows it)."""
-    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))
-    return text[:cut]
 
 
 def humaneval_prompts(problems: Sequence[Problem]) -> list[Prompt]:
@@ -93,12 +96,17 @@ def run_humaneval(
         problems = problems[: cfg.max_problems]
     prompts = humaneval_prompts(problems)
     sampling = Sampling(
-        n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
+        n=cfg.n_samples,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        stop_strings=STOP_SEQUENCES if cfg.stop_sequences else (),
     )
     completions = generate_fn(prompts, sampling)
     check_completions(prompts, sampling, completions)
     metrics, passed, intervals = score_humaneval(problems, completions, cfg.ks, workers)
     metrics |= {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}
+    metrics["stop_sequences"] = int(cfg.stop_sequences)
     flat = [(p, c) for p, cs in zip(problems, completions) for c in cs]
     rows = [
         {"task_id": p.task_id, "completion": truncate_completion(c), "passed": ok} for (p, c), ok in zip(flat, passed)
@@ -147,7 +155,7 @@ def run_fim(
 ) -> SuiteResult:
     """`floors`: those of an earlier call on the same tasks (they do not depend on the model), else computed."""
     tasks = select_fim_tasks(problems, cfg.max_tasks, seed)
-    sampling = Sampling(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, stop_at_newline=True)
+    sampling = Sampling(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, stop_strings=("\n",))
     metrics: dict = {"n_tasks": len(tasks)}
     intervals: dict = {}
     rows: list[dict] = []

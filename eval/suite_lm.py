@@ -48,6 +48,7 @@ from data.tokenizer import EOS
 from eval.config import BpbEvalConfig, MoEEvalConfig
 from eval.generation import SuiteResult
 from eval.stats import bootstrap_interval, bootstrap_ratio_interval
+from model.moe import DeepseekMoE
 from rewards.humaneval import Problem
 from train.heldout import fixed_batches, token_byte_lengths
 from train.metrics import max_violation
@@ -209,8 +210,6 @@ def code_bpb(
 @torch.no_grad()
 def run_moe(model: torch.nn.Module, batches: list[Batch], cfg: MoEEvalConfig, precision: str = "fp32") -> SuiteResult:
     """Expert load per MoE layer over the batches, MaxVio per layer and per batch (see the module docstring)."""
-    from model.moe import DeepseekMoE
-
     if not any(isinstance(layer.mlp, DeepseekMoE) for layer in model.model.layers):  # (MTP's MoE is not evaluated)
         return SuiteResult({"skipped": "dense model: no MoE layers"})
     device = next(model.parameters()).device

@@ -7,7 +7,7 @@
 (b) k samples per prompt at the stated temperature and top-p (DeepSeek-R1 reports pass@1 as the mean correctness of
     k samples at temperature 0.6, top-p 0.95: less noisy than one greedy answer, and what the model does when
     sampled).
-(c) `train.grpo.score_completions`: the RL reward's own graders (`rewards/graders.py` answer match, Countdown through
+(c) `train.policy.score_completions`: the RL reward's own graders (`rewards/graders.py` answer match, Countdown through
     `data.reasoning.verify`, the `<think>/<answer>` format), so the number RL optimizes is the number reported.
     pass@1 = mean correctness over the n x k samples; pass@k = the unbiased estimator (`rewards.humaneval.pass_at_k`);
     think rate = the share of samples whose `<think>` holds any reasoning (`rewards.graders.shows_thinking`).
@@ -24,17 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
+from data.gsm8k import load_gsm8k
 from eval.config import ReasoningEvalConfig
 from eval.generation import GenerateFn, Prompt, Sampling, SuiteResult, check_completions
 from eval.stats import problem_interval
+from rewards.graders import shows_thinking
 from rewards.humaneval import mean_pass_at_k, pass_at_k
+from train.policy import score_completions
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def load_test_rows(reasoning_dir: Path, n: int = 0) -> list[dict]:
     """The first `n` rows (0 = all) of the held-out reasoning test split written by the data stage."""
-    from datasets import load_from_disk
+    from datasets import load_from_disk  # deferred: datasets is a heavy import, needed only here
 
     test = load_from_disk(str(reasoning_dir))["test"]
     if n > 0:
@@ -48,8 +51,6 @@ def load_gsm8k_rows(path: str | None, n: int = 0) -> tuple[list[dict], str | Non
         return [], "eval.reasoning.gsm8k_path is not set (no GSM8K data ships with this machine)"
     if not Path(path).exists():
         return [], f"GSM8K path {path} does not exist"
-    from data.gsm8k import load_gsm8k
-
     ds = load_gsm8k(path, split="test")
     if n > 0:
         ds = ds.select(range(min(n, len(ds))))
@@ -61,9 +62,6 @@ def score_reasoning(
 ) -> tuple[dict, list[float], dict]:
     """pass@1 (mean correctness), pass@k, format rate, response length and grader errors; per-sample correctness
     in prompt-major order; the 95% interval over prompts of pass@1, pass@k, format and think rates."""
-    from rewards.graders import shows_thinking
-    from train.grpo import score_completions
-
     flat_rows = [r for r, cs in zip(rows, completions, strict=True) for _ in cs]
     flat = [c for cs in completions for c in cs]
     s = score_completions(flat, flat_rows, format_weight=0.0)

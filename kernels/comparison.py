@@ -33,6 +33,7 @@ def convertible(module: nn.Module, fqn: str, names: Collection[str]) -> bool:
 
 def convert_linears_torchao(model: nn.Module, names: Collection[str]) -> nn.Module:
     """Swap the eligible linear layers of ``model`` for torchao's ``Float8Linear`` (row-wise recipe), in place."""
+    # deferred: torchao is optional, only for the comparison backend
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     config = Float8LinearConfig.from_recipe_name("rowwise")
@@ -42,7 +43,7 @@ def convert_linears_torchao(model: nn.Module, names: Collection[str]) -> nn.Modu
 
 
 def is_torchao_linear(module: nn.Module) -> bool:
-    from torchao.float8.float8_linear import Float8Linear
+    from torchao.float8.float8_linear import Float8Linear  # deferred: torchao is optional
 
     return isinstance(module, Float8Linear)
 

@@ -51,7 +51,7 @@ class Launch:
 @contextlib.contextmanager
 def recording() -> Iterator[list[tuple[object, tuple, dict]]]:
     """Within the block, launching any Triton kernel records (kernel, args, kwargs) instead of running it."""
-    from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.autotuner import Autotuner, Heuristics  # deferred: Triton only when kernels are checked
     from triton.runtime.jit import JITFunction
 
     calls: list[tuple[object, tuple, dict]] = []
@@ -76,7 +76,7 @@ def meta(*shape: int, dtype: torch.dtype = FP8) -> torch.Tensor:
 def cases() -> list[tuple[str, bool, Callable[[], object]]]:
     """(label, fast, call of a launcher on meta tensors); shapes of DeepSeek-V3 (hidden 7168, expert MLP 2048,
     256 experts, 4096 tokens x 8 routed) and of the tiny CPU model (K = 64: not a production shape)."""
-    from kernels import fp8_gemm, grouped_gemm, quant
+    from kernels import fp8_gemm, grouped_gemm, quant  # deferred: these modules import Triton
 
     M, D, F, E = 4096, 7168, 2048, 256
     Mr = 8 * M  # routed token copies
@@ -179,7 +179,7 @@ def launches(only: list[str] | None = None) -> list[Launch]:
 
 def variants(launch: Launch) -> list[tuple[object, dict]]:
     """(JITFunction, keyword arguments incl. the config's) for every config the launch could run with."""
-    from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.autotuner import Autotuner, Heuristics  # deferred: Triton only when kernels are checked
 
     kernel, kwargs = launch.kernel, launch.kwargs
     configs = [{}]
@@ -201,7 +201,7 @@ def variants(launch: Launch) -> list[tuple[object, dict]]:
 
 def compile_launch(fn, args: tuple, kwargs: dict, arch: int):
     """Compile one launch as the JIT would: its binder's specialisation, then ``triton.compile``."""
-    import triton
+    import triton  # deferred: Triton only when kernels are checked
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature

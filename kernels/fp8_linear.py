@@ -59,6 +59,7 @@ from torch import nn
 from kernels import reference as ref
 from kernels.backend import resolve_backend
 from kernels.caches import ActQuantCache, WeightCache
+from kernels.comparison import convert_linears_torchao
 from kernels.formats import ScaleFormats
 
 
@@ -84,6 +85,7 @@ def ops_for(backend: str) -> _Ops:
             ref.grouped_wgrad_ref,
         )
     assert backend == "triton", backend
+    # deferred: these modules import Triton, needed only by the triton backend
     from kernels import fp8_gemm, grouped_gemm, quant
 
     return _Ops(
@@ -399,8 +401,6 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", scale_formats: Scale
     resolved = resolve_backend(backend)
     formats = as_formats(scale_formats)
     if resolved == "torchao":
-        from kernels.comparison import convert_linears_torchao
-
         convert_linears_torchao(model, FP8_LINEAR_NAMES)
         resolved = resolve_backend("auto")
     for _, parent in list(model.named_modules()):

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from model.generate import GenerationOutput, generate
+from model.hf import import_hf
 
 USER, ASSISTANT, EOS = "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"
 
@@ -152,8 +153,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-speculative", action="store_true", help="decode without the MTP module's drafts")
     args = p.parse_args(argv)
-
-    from model.hf import import_hf
 
     tok_file = args.ckpt / "tokenizer.json"
     if not tok_file.is_file():

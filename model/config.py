@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 # HF config keys that carry no information for this implementation (or are derived); from_hf ignores them silently.
 _IGNORED_HF_KEYS = {
     "architectures",
@@ -296,8 +298,6 @@ def load_preset(name: str, **overrides: Any) -> ModelConfig:
 
     Merged onto the structured schema, so a misspelt or mistyped key fails at once, naming the key.
     """
-    from omegaconf import OmegaConf
-
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))

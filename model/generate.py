@@ -13,7 +13,11 @@ How it works, step by step:
    (`model.sampling`). A row that draws a stop token is finished: it keeps its stop token and leaves the batch
    (its cache rows are dropped with `cache.index_select`), so long rollouts do not pay for the ones already done.
    Decoding ends when every row is finished or `max_new_tokens` is reached.
-4. **Speculative decoding (default when the model has an MTP module).** The MTP module drafts each next token and
+4. **Stop strings.** With `stop_strings` and a `decode` function (token ids -> text), a row is also finished at the
+   first step whose decoded continuation contains one of the strings (HumanEval's `"\ndef"`: the function is
+   complete), and leaves the batch like a stop token. Each check decodes only the tokens a new match could touch
+   (`StopStrings`), and the output's `texts` hold each row's decoded continuation cut before its first stop string.
+5. **Speculative decoding (default when the model has an MTP module).** The MTP module drafts each next token and
    one forward of the main model over [last token, draft] verifies it: up to two tokens per forward, greedy output
    identical to plain decoding and sampled output distributed exactly as plain sampling (`model.speculative`).
    `speculative=False` decodes one token per forward; the output's `acceptance_rate` says how often drafts held.
@@ -70,6 +74,7 @@ class GenerationOutput:
     draft_tokens: int = 0  # tokens the MTP module drafted and the main model verified
     accepted_tokens: int = 0  # drafts the main model accepted
     drafts_stopped: bool = False  # the default stopped drafting: acceptance below break-even (model.speculative)
+    texts: list[str] | None = None  # with stop_strings: decode(tokens[i]) cut before its first stop string
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -81,15 +86,72 @@ class GenerationOutput:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else float("nan")
 
 
+DecodeFn = Callable[[list[int]], str]  # token ids -> text (e.g. a tokenizer's decode)
+
+
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` up to the earliest occurrence of any of the stop strings (all of it when none occurs)."""
+    return text[: min((i for s in stop_strings if (i := text.find(s)) >= 0), default=len(text))]
+
+
+class StopStrings:
+    """Which output rows' decoded continuations contain a stop string, found as the tokens are drawn.
+
+    A row's check decodes only its tokens drawn since the last check plus the `lookback` tokens before them: a match
+    that is new ends in a new token and spans at most as many tokens as it has UTF-8 bytes, provided `decode` gives
+    every token at least one byte of text (byte-level BPE does, special tokens included when they are kept). So a
+    step costs a decode of a few tokens per row, never the whole row. A window that starts inside a multi-byte
+    character decodes that character as U+FFFD, which no stop string is expected to contain.
+
+    The text cut where the engine stops is the text "decode everything, then cut at the earliest stop string" gives,
+    unless one stop string contains another past its first character ("ab" inside "xabc": the engine stops at "ab"
+    before "xabc" is complete); none of the code stop sequences contains another.
+    """
+
+    def __init__(self, stop_strings: Sequence[str], decode: DecodeFn, R: int) -> None:
+        self.strings, self.decode = tuple(stop_strings), decode
+        self.lookback = max(len(s.encode("utf-8")) for s in self.strings)
+        self.tokens: list[list[int]] = [[] for _ in range(R)]
+        self.checked = [0] * R  # tokens of each row already searched
+        self.hit = [False] * R
+
+    def add(self, rows: list[int], toks: list[int]) -> None:
+        for r, t in zip(rows, toks):
+            self.tokens[r].append(t)
+
+    def stopped(self, rows: list[int]) -> list[bool]:
+        """For each row: does its continuation contain a stop string now? (Decodes only the new tail.)"""
+        for r in rows:
+            toks, start = self.tokens[r], self.checked[r]
+            if self.hit[r] or start == len(toks):
+                continue
+            tail = self.decode(toks[max(0, start - self.lookback) :])
+            self.hit[r] = any(s in tail for s in self.strings)
+            self.checked[r] = len(toks)
+        return [self.hit[r] for r in rows]
+
+    def texts(self, tokens: list[list[int]]) -> list[str]:
+        return [cut_at_stop_strings(self.decode(t), self.strings) for t in tokens]
+
+
 class RowOutputs:
     """The R output rows' tokens and log-probabilities, appended as they are drawn (at most N per row).
 
     Decoding loops keep only their active rows (rows_A: each active row's output row) and call `emit`; a row's
     tokens are written at its own length, so rows may advance by different counts per step (speculative decoding).
+    A row is done when it drew a stop token, holds N tokens (`full`) or its text holds a stop string (`stopped`).
     """
 
-    def __init__(self, R: int, N: int, device: torch.device, stream: StreamFn | None, with_logprobs: bool) -> None:
-        self.N, self.stream, self.with_logprobs = N, stream, with_logprobs
+    def __init__(
+        self,
+        R: int,
+        N: int,
+        device: torch.device,
+        stream: StreamFn | None,
+        with_logprobs: bool,
+        stops: StopStrings | None = None,
+    ) -> None:
+        self.N, self.stream, self.with_logprobs, self.stops = N, stream, with_logprobs, stops
         self.tokens_RN = torch.full((R, N), PAD_ID, dtype=torch.long, device=device)
         self.logprobs_RN = torch.zeros((R, N), dtype=torch.float32, device=device)
         self.lengths_R = torch.zeros(R, dtype=torch.long, device=device)
@@ -109,15 +171,24 @@ class RowOutputs:
                 lp_A if take_A is None else torch.where(take_A, lp_A, self.logprobs_RN[rows_A, at_A])
             )
         self.lengths_R[rows_A] += 1 if take_A is None else take_A.long()
-        if self.stream is not None:
+        if self.stream is not None or self.stops is not None:
             takes = [True] * len(rows_A) if take_A is None else take_A.tolist()
-            for r, t, k in zip(rows_A.tolist(), tok_A.tolist(), takes):
-                if k:
+            taken = [(r, t) for r, t, k in zip(rows_A.tolist(), tok_A.tolist(), takes) if k]
+            if self.stops is not None:
+                self.stops.add([r for r, _ in taken], [t for _, t in taken])
+            if self.stream is not None:
+                for r, t in taken:
                     self.stream(r, t)
 
     def full(self, rows_A: Tensor) -> Tensor:
         """Rows that hold N tokens already (bool [A])."""
         return self.lengths_R[rows_A] >= self.N
+
+    def stopped(self, rows_A: Tensor) -> Tensor:
+        """Rows whose decoded continuation contains a stop string (bool [A]; all False without stop strings)."""
+        if self.stops is None:
+            return torch.zeros(rows_A.shape, dtype=torch.bool, device=rows_A.device)
+        return torch.tensor(self.stops.stopped(rows_A.tolist()), dtype=torch.bool, device=rows_A.device)
 
     def lists(self) -> tuple[list[list[int]], list[list[float]] | None, list[int]]:
         lengths = self.lengths_R.tolist()
@@ -223,7 +294,7 @@ def decode_plain(
     while True:
         tok_A = next_tokens(logits_AV, params, generator)
         out.emit(rows_A, tok_A, logits_AV, params)
-        done_A = torch.isin(tok_A, stop_S) | out.full(rows_A)
+        done_A = torch.isin(tok_A, stop_S) | out.full(rows_A) | out.stopped(rows_A)
         if bool(done_A.any()):  # finished rows leave the batch (and the cache)
             keep_A = (~done_A).nonzero().flatten()
             if keep_A.numel() == 0:
@@ -253,6 +324,8 @@ def generate(
     stream: StreamFn | None = None,
     placement: Tensor | None = None,
     speculative: bool | None = None,
+    stop_strings: Sequence[str] = (),
+    decode: DecodeFn | None = None,
 ) -> GenerationOutput:
     """Sample `n_samples` continuations of each prompt with a latent KV cache (see the module docstring).
 
@@ -266,9 +339,16 @@ def generate(
     acceptance is below break-even (`break_even_acceptance`); True = always draft (required); False = never.
     Greedy tokens are those of plain decoding; sampled tokens follow the same distribution (another draw for the
     same seed).
+    `stop_strings` (with `decode`, token ids -> text): a row is finished at the first step whose decoded
+    continuation contains one of them (see `StopStrings`); its tokens keep the one that completed the match, and the
+    output's `texts` hold `decode(tokens)` cut before the earliest stop string, for every row.
     """
     cfg = model.config
     _check_args(prompts, n_samples, max_new_tokens, cfg.vocab_size)
+    if stop_strings and decode is None:
+        raise ValueError("stop_strings need decode (token ids -> text) to read the continuation")
+    if any(not s for s in stop_strings):
+        raise ValueError(f"stop_strings must be non-empty strings, got {list(stop_strings)!r}")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     params.validate()
     has_mtp = len(getattr(model, "mtp", ())) > 0
@@ -312,7 +392,8 @@ def generate(
             pos_BL = pos_BL.repeat_interleave(n_samples, dim=0)
         _sync(device)
         t1 = time.perf_counter()
-        rows = RowOutputs(R, max_new_tokens, device, stream, return_logprobs)
+        stops = StopStrings(stop_strings, decode, R) if stop_strings else None
+        rows = RowOutputs(R, max_new_tokens, device, stream, return_logprobs, stops)
         next_pos_R1 = pos_BL[:, -1:] + 1
         if use_mtp:
             state = (logits_RV, hidden_R1D, mask_BS, next_pos_R1)
@@ -348,6 +429,7 @@ def generate(
         draft_tokens=drafted,
         accepted_tokens=accepted,
         drafts_stopped=use_mtp and handoff is not None,
+        texts=stops.texts(tokens) if stops is not None else None,
     )
     if use_mtp:
         log.info(

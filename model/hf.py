@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 from torch import Tensor
 
 from model.config import ModelConfig
@@ -216,8 +217,6 @@ def _chat_template(vocab: dict[str, int]) -> str | None:
 
 
 def _write_tokenizer(tokenizer_path: Path, out_dir: Path, cfg: ModelConfig) -> None:
-    from tokenizers import Tokenizer
-
     src = tokenizer_path / "tokenizer.json" if tokenizer_path.is_dir() else tokenizer_path
     if not src.is_file():
         raise FileNotFoundError(f"tokenizer file {src} does not exist")

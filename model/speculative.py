@@ -21,8 +21,9 @@ token in the report, ~1.8x tokens per second). How it works here, per decoding s
 rejected, the second position holds a token that is not part of the sequence: its slot stays in the caches but is
 masked out of every later attention (the same mechanism as left padding), and the row's RoPE positions continue
 from the real tokens. So rows of a batch may accept different counts without any cache copy or re-alignment; the
-caches hold up to 2 positions per new token. Rows that draw a stop token or reach max_new_tokens leave the batch
-(their cache rows are dropped), as in plain decoding.
+caches hold up to 2 positions per new token. Rows that draw a stop token, complete a stop string or reach
+max_new_tokens leave the batch (their cache rows are dropped), as in plain decoding; when the first token of a step
+ends the row, its bonus token is dropped, so the row ends on the token plain decoding ends on.
 
 **Prefill.** The prompt goes through the main model once; the MTP module then prefills its cache over the prompt
 positions 0..L-2 (the token after each is known), once per prompt, before the cache rows are copied to the n samples
@@ -115,7 +116,7 @@ def decode_speculative(
     rows_A = torch.arange(logits_AV.shape[0], device=dev)
     tok_A = next_tokens(logits_AV, params, generator)  # the first token, from the prefill
     out.emit(rows_A, tok_A, logits_AV, params)
-    done_A = torch.isin(tok_A, stop_S) | out.full(rows_A)
+    done_A = torch.isin(tok_A, stop_S) | out.full(rows_A) | out.stopped(rows_A)
     pos_A1 = next_pos_A1  # position of tok_A
     # the MTP module's next input: hidden states, the tokens that follow them, positions; first the prompt's last
     mtp_h_AtD, mtp_ids_At, mtp_pos_At = hidden_A1D, tok_A[:, None], pos_A1 - 1
@@ -148,10 +149,10 @@ def decode_speculative(
         bonus_A = next_tokens(o.logits_BTV[:, 1], params, generator)
         first_A = torch.where(acc_A, d_A, fix_A)
         out.emit(rows_A, first_A, o.logits_BTV[:, 0], params)
-        stop_first_A = torch.isin(first_A, stop_S)
+        stop_first_A = torch.isin(first_A, stop_S) | out.stopped(rows_A)  # then the bonus token is not taken
         take_bonus_A = acc_A & ~stop_first_A & ~out.full(rows_A)
         out.emit(rows_A, bonus_A, o.logits_BTV[:, 1], params, take_bonus_A)
-        done_A = stop_first_A | (take_bonus_A & torch.isin(bonus_A, stop_S)) | out.full(rows_A)
+        done_A = stop_first_A | (take_bonus_A & torch.isin(bonus_A, stop_S)) | out.full(rows_A) | out.stopped(rows_A)
         drafted += acc_A.shape[0]
         accepted_A = accepted_A + acc_A.sum()
         mask_AS[:, -1] = acc_A  # a rejected draft's position is a hole from now on

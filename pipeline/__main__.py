@@ -14,6 +14,7 @@ of every stage are written to `outputs/<run>/pipeline.json`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from omegaconf import DictConfig
 from pipeline.config import to_config
 from pipeline.io import atomic_write_json
 from pipeline.stage import MANIFEST
+
+log = logging.getLogger(__name__)
 
 # stage name -> module with `run(cfg)` and a Hydra `main`
 STAGES: dict[str, str] = {
@@ -57,7 +60,7 @@ def run(cfg, overrides: list[str]) -> dict:
     record_path = run_dir / "pipeline.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"stages": {}}
     for name in cfg.pipeline.stages:
-        print(f"\n=== stage {name} ({STAGES[name]}) ===", flush=True)
+        log.info("=== stage %s (%s) ===", name, STAGES[name])
         t0 = time.time()
         res = run_stage(STAGES[name], overrides)
         manifest = run_dir / name / MANIFEST

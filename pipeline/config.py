@@ -12,6 +12,9 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -113,8 +116,6 @@ class Config:
 def register_schema() -> None:
     """Make the dataclasses the base of conf/config.yaml (its first default, `schema`): every field is then
     overridable from the command line and type-checked while Hydra composes."""
-    from hydra.core.config_store import ConfigStore
-
     ConfigStore.instance().store(name="schema", node=Config)
 
 
@@ -167,9 +168,6 @@ def to_config(dcfg: DictConfig | dict) -> Config:
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> Config:
     """Compose `conf/<config_name>.yaml` with command-line style overrides (for tests and notebooks)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         dcfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     return to_config(dcfg)

@@ -103,7 +103,7 @@ def reference_artifact(wandb: Any, entry: dict) -> Any:
 
 def use_online(run: Any, entry: dict) -> bool:
     """Declare `entry` as an input of the live online `run`; True when W&B accepted it."""
-    import wandb
+    import wandb  # deferred: wandb is imported lazily (online runs only)
 
     if entry["external"]:
         if not Path(entry["path"]).exists():

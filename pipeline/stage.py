@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -54,6 +55,8 @@ from pipeline.config_reads import ConfigReads, lookup, plain
 from pipeline.io import atomic_write_json, clean_temporaries, hash_config, hash_path
 from pipeline.lineage import artifact_name, artifact_type, consumed
 from pipeline.tracking import FIGURES, RUN_RECORD, Tracker, new_run_id, sweep_group, sweep_overrides
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 IN_PROGRESS = "in_progress.json"
@@ -100,7 +103,7 @@ def _read_json(path: Path) -> dict | None:
 def _barrier() -> None:
     """A barrier across the job's processes when torch.distributed is running (torch imported only then)."""
     if "torch" in sys.modules:
-        import torch.distributed as dist
+        import torch.distributed as dist  # deferred: torch only when the job already imported it
 
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
@@ -250,7 +253,7 @@ class StageRun:
                 p.rename(moved / p.name)
             if ckpts in stale:
                 why = "resume=none" if self.resume == "none" else "written under another config or other inputs"
-                print(f"stage {self.stage!r}: starting over; checkpoints/ ({why}) moved to {moved}")
+                log.info("stage %r: starting over; checkpoints/ (%s) moved to %s", self.stage, why, moved)
         if resumed and previous is not None:
             self.wandb_id = previous.get("wandb_id")
             if same_work:  # the dead attempt's reads are this work's too (it may have read more before dying)
@@ -298,7 +301,7 @@ class StageRun:
             system_metrics_interval_s=w.system_metrics_interval_s,
         )
         if resumed:
-            print(f"stage {self.stage!r}: continuing W&B run {self.wandb_id}")
+            log.info("stage %r: continuing W&B run %s", self.stage, self.wandb_id)
         for input_name, path in self.inputs.items():
             for entry in consumed(path, input_name, self._input_hashes[input_name], self.run_name, self.stage):
                 if entry["name"] not in {e["name"] for e in self.tracker.consumed}:

@@ -28,6 +28,7 @@ Lineage: outputs are logged as reference artifacts (the bytes stay in the run di
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -40,7 +41,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.io import atomic_write_json
+from pipeline.lineage import use_online
+from pipeline.wandb_records import read_run, run_files, wait_exited
 
 log = logging.getLogger(__name__)
 RUN_RECORD = "wandb_run.json"
@@ -176,7 +181,7 @@ class Tracker:
         stats = cuda_present() if system_metrics is None else system_metrics
         try:
             with scoped_env(self._env):
-                import wandb
+                import wandb  # deferred: wandb is imported lazily, once a run starts
 
                 self._wandb = wandb
                 self._run = wandb.init(
@@ -342,8 +347,6 @@ class Tracker:
             return
         self.consumed.append(entry)
         if self._run is not None and self.mode == "online":
-            from pipeline.lineage import use_online
-
             used = self._call(f"use_artifact:{entry['name']}", lambda: use_online(self._run, entry))
             entry["used_online"] = bool(used)
         if self._run is not None:
@@ -414,8 +417,6 @@ class Tracker:
     def _wait_written(self) -> None:
         """`finish()` returns before wandb-core has written the run file: wait for it, so that a finished stage's
         offline run can be read (and synced) at once."""
-        from pipeline.wandb_records import wait_exited
-
         path = Path(self._record["dir"]) / f"run-{self._record['id']}.wandb"
         if not wait_exited(path):
             raise TimeoutError(f"W&B did not finish writing {path} within 30 s")
@@ -423,7 +424,7 @@ class Tracker:
 
 # ---- figures ------------------------------------------------------------------------------------------------------
 def _pyplot():
-    import matplotlib
+    import matplotlib  # deferred: matplotlib only when figures are drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -432,8 +433,6 @@ def _pyplot():
 
 
 def draw_heatmap(matrix: Any, png: Path, title: str, xlabel: str, ylabel: str) -> Path:
-    import numpy as np
-
     plt = _pyplot()
     m = np.asarray(matrix, dtype=float)
     if m.ndim != 2:
@@ -466,6 +465,7 @@ def draw_curves(series: dict[str, list[tuple[int, float]]], png: Path) -> Path:
 def sweep_overrides() -> list[str]:
     """Under a Hydra multirun, this job's values of the swept keys (`precision=fp8`, ...); else []."""
     try:
+        # deferred: hydra only under a Hydra job; pipeline.tracking stays light
         from hydra.core.hydra_config import HydraConfig
         from hydra.core.override_parser.overrides_parser import OverridesParser
         from hydra.types import RunMode
@@ -481,6 +481,7 @@ def sweep_overrides() -> list[str]:
 def sweep_group() -> str | None:
     """The W&B group shared by the members of one Hydra multirun: `sweep-<its sweep directory's name>`."""
     try:
+        # deferred: hydra only under a Hydra job; pipeline.tracking stays light
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
     except ImportError:
@@ -502,8 +503,6 @@ def list_runs(root: Path, include_superseded: bool = False) -> list[dict]:
 
 def describe(run: dict) -> str:
     """What the run holds, read from its newest offline segment: rows, tables, figures, artifacts."""
-    from pipeline.wandb_records import read_run, run_files
-
     segments = run_files(Path(run["stage_dir"]), run["id"])
     if not segments:
         return "online: see the W&B app" if run["mode"] == "online" else "no offline segment"
@@ -526,8 +525,6 @@ def describe(run: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m pipeline.tracking [ROOT]`: the offline W&B runs under ROOT (default outputs/), by group."""
-    import argparse
-
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("root", nargs="?", default="outputs", type=Path)
     ap.add_argument("--superseded", action="store_true", help="also list runs set aside under superseded/")

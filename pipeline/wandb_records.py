@@ -66,7 +66,7 @@ def raw_records(path: Path) -> tuple[list[bytes], bool]:
 
 def records(path: Path) -> Iterator:
     """The `Record` messages of one run file, in order."""
-    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.proto import wandb_internal_pb2 as pb  # deferred: wandb is imported lazily
 
     payloads, _ = raw_records(path)
     for raw in payloads:

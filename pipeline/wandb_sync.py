@@ -15,12 +15,16 @@ get the second pass only. Runs under `superseded/` are left out unless `--supers
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.lineage import find_version, reference_artifact
 from pipeline.tracking import list_runs
 from pipeline.wandb_records import run_files
+
+log = logging.getLogger(__name__)
 
 
 def plan(root: Path, include_superseded: bool = False) -> list[dict]:
@@ -66,9 +70,7 @@ def _wandb_cli(*args: str) -> subprocess.CompletedProcess:
 
 def replay(run: dict) -> None:
     """Resume the uploaded `run` and use its consumed artifacts by name and digest."""
-    import wandb
-
-    from pipeline.lineage import find_version, reference_artifact
+    import wandb  # deferred: wandb is imported lazily
 
     resumed = wandb.init(
         id=run["id"],
@@ -85,10 +87,10 @@ def replay(run: dict) -> None:
                 if Path(entry["path"]).exists():
                     resumed.use_artifact(reference_artifact(wandb, entry))
                 else:
-                    print(f"  {entry['name']}: {entry['path']} is gone; edge left out")
+                    log.warning("%s: %s is gone; edge left out", entry["name"], entry["path"])
                 continue
             if not entry.get("digest"):
-                print(f"  {entry['name']}: no digest recorded (producer ran without W&B); edge left out")
+                log.warning("%s: no digest recorded (producer ran without W&B); edge left out", entry["name"])
                 continue
             resumed.use_artifact(find_version(api, resumed.entity, resumed.project, entry))
     finally:

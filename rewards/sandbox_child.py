@@ -95,7 +95,7 @@ def drop_privileges(uid: int | None, nproc: int | None) -> None:
         posix.setresgid(uid, uid, uid)
         posix.setresuid(uid, uid, uid)  # from uid 0 to another: every capability is gone
     if nproc is not None:
-        import resource
+        import resource  # deferred: not a builtin module; only where limits are set (see the docstring)
 
         resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 
@@ -267,7 +267,7 @@ def tests_process(names: TestGlobals, secret: tuple, verdict_fd: int) -> None:
 
 
 def main(job: dict, job_fd: int, secret_fd: int, verdict_fd: int) -> None:
-    import resource
+    import resource  # deferred: not a builtin module; only where limits are set (see the docstring)
 
     posix.close(job_fd)
     for name, soft, hard in job["rlimits"]:

@@ -196,7 +196,6 @@ class CheckpointManager:
                 return path, self.load(path, model, optimizer, ema)
             except CheckpointError as e:
                 log.warning("skipping corrupt checkpoint %s: %s", path, e)
-                print(f"WARNING: skipping corrupt checkpoint {path}: {e}")
         return None
 
 

@@ -42,13 +42,12 @@ Where this departs from DeepSeek-R1's recipe, and why:
   the code reward exists in rewards/graders.py but is not in the default mix.
 - Cold start: R1's cold-start traces all reason. Here half of them answer directly (`data.reasoning.cot_fraction`
   = 0.5), so that RL has a behaviour to select, as R1-Zero's base model sometimes reasons and RL makes it reason
-  more. What RL can and cannot do at this scale, measured from one pretrained base (`bench/rl_gain.py`, 500 held-out
-  prompts, greedy): from the mixed cold start, 17.2% -> 34.0% (+16.8). The policy learns to reason on arithmetic
-  (reasoning rate 14% -> 99% there; 36% of reasoned answers right against 11% of direct ones) and to answer
-  Countdown directly (this model's Countdown reasoning does not help; direct answers 20% -> 28%). From an all-
-  reasoning cold start (`cot_fraction=1`), SFT alone reaches 39.2% and GRPO 45.4% (+6.2, mostly Countdown). So RL
-  here selects and sharpens behaviours the cold start shows; it does not teach the tiny model arithmetic it lacks,
-  and the mixed start ends below the all-reasoning SFT because it saw half the worked examples.
+  more. What RL can and cannot do at this scale is measured from one pretrained base by `bench/rl_gain.py`
+  (held-out prompts, greedy; the figures are in bench/results/ and the README): from the mixed cold start the
+  policy learns to reason on arithmetic and to answer Countdown directly (this model's Countdown reasoning does not
+  help); from an all-reasoning cold start (`cot_fraction=1`) SFT alone scores higher and GRPO adds less, mostly on
+  Countdown. So RL here selects and sharpens behaviours the cold start shows; it does not teach the tiny model
+  arithmetic it lacks, and the mixed start ends below the all-reasoning SFT because it saw half the worked examples.
 - Rollout temperature 0.7 (R1: 1.0), and the policy that is optimized is the one sampled, pi_tau = softmax(logits /
   tau): the log-probabilities of the surrogate, the old policy and the KL reference all divide the logits by tau
   (as TRL and verl do), so the ratio is exact and mu = 1 stays on-policy. Measured with the earlier all-reasoning,
@@ -59,10 +58,10 @@ Where this departs from DeepSeek-R1's recipe, and why:
   the entropy of a small policy from collapsing; `rl.clip_eps_high=0.2 rl.loss_agg=seq_mean` is R1's objective.
 - The reference model is the SFT checkpoint, frozen for the whole run (R1 periodically resets it); beta = 0.01.
 - One update per batch by default (mu = 1: purely on-policy, the ratio is 1 and clipping never binds; the paper's
-  mu > 1 is `rl.updates_per_batch`): measured on 2 CPU cores the learner, not the sampler, takes ~70-90% of a step,
-  so fresh rollouts cost less than extra passes over old ones. With mu > 1 the old-policy log-probabilities are
-  recomputed with the training forward pass (not taken from the sampler), so the first update's ratio is exactly 1
-  even though the sampler runs the absorbed-MLA cached path.
+  mu > 1 is `rl.updates_per_batch`): on CPU the learner, not the sampler, takes most of a step (the logged
+  `gen_time_frac` is the sampler's share), so fresh rollouts cost less than extra passes over old ones. With mu > 1
+  the old-policy log-probabilities are recomputed with the training forward pass (not taken from the sampler), so
+  the first update's ratio is exactly 1 even though the sampler runs the absorbed-MLA cached path.
 - Keeping the base model: with `rl.lm_mix` > 0 (the default) every update also takes the pretraining loss on
   packed train windows (InstructGPT's PPO-ptx, train/lm_mix.py), as SFT does with `sft.lm_mix`; R1 instead mixes
   non-reasoning data into its SFT rounds.
@@ -93,7 +92,7 @@ from datasets import load_from_disk
 from omegaconf import DictConfig
 from torch import Tensor
 
-from data.prepare import stage_outputs
+from data.outputs import stage_outputs
 from data.tokenizer import load_tokenizer
 from model.generate import generate
 from model.hf import export_hf

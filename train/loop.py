@@ -119,7 +119,7 @@ class Loop:
         self.start, self.bad_total = state["step"], state.get("bad_steps", 0)
         if self.tracker is not None:  # rows logged after the checkpoint go; the W&B run continues from here
             self.tracker.resume_at(self.start)
-        print(f"{self.name}: resumed from {path} at step {self.start}", flush=True)
+        log.info("%s: resumed from %s at step %d", self.name, path, self.start)
         return state
 
     # ---------------------------------------------------------------------------------------------- steps
@@ -230,5 +230,5 @@ class Loop:
             if self.stop_signum is not None and not last:
                 self.ckpts.wait()
                 if self.is_main:
-                    print(f"{self.name}: preempted (signal {self.stop_signum}); checkpoint at {path}", flush=True)
+                    log.info("%s: preempted (signal %d); checkpoint at %s", self.name, self.stop_signum, path)
                 raise Preempted(128 + self.stop_signum)

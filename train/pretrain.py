@@ -1,6 +1,6 @@
 """Pretraining: the DeepSeekMoE model learns next-token (and multi-token) prediction from the packed shards.
 
-    python -m train.pretrain                                   # CPU default: tiny MoE, ~10 minutes on 2 cores
+    python -m train.pretrain                                   # CPU default: the tiny MoE
     python -m train.pretrain model=small precision=fp8 train.steps=2000
     python -m train.pretrain precision=bf16 train.resume=none run.name=bf16_baseline
     make pretrain RUN=<run>
@@ -53,7 +53,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from data.prepare import stage_outputs
+from data.outputs import stage_outputs
 from pipeline.config import Config, stage_dir, to_config
 from pipeline.stage import StageRun
 from train.loop import TrainingError

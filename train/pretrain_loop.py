@@ -22,6 +22,7 @@ import torch
 
 from data.loader import PackedDataset, ShardLoader
 from data.tokenizer import load_tokenizer
+from kernels.fp8_linear import fp8_stats
 from pipeline.config import Config
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
@@ -151,9 +152,6 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelM
         if n_moe and (loop.log_due(step) or evaluating):  # the loads reach the host only when logged
             metrics |= expert_metrics(load_LE, cum_load_LE)
         if cfg.precision == "fp8" and loop.log_due(step):
-            # deferred on purpose: kernels.fp8_linear imports Triton, which only fp8 runs need
-            from kernels.fp8_linear import fp8_stats
-
             metrics |= {f"fp8/{k}": v for k, v in fp8_stats(layout.model).items()}
         if evaluating:
             metrics |= validation_metrics(layout, ema, val_batches, byte_len)

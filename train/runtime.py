@@ -2,7 +2,7 @@
 
 Precision (`precision=`):
 - fp32: everything in FP32.
-- bf16: FP32 master weights, compute under `torch.autocast(bfloat16)` (bf16 matmuls are ~3x faster on AMX CPUs).
+- bf16: FP32 master weights, compute under `torch.autocast(bfloat16)` (bf16 matmuls are faster on AMX CPUs).
 - fp8:  as bf16, plus the DeepSeek-V3 FP8 recipe on the attention projections and every expert/MLP linear
         (`kernels.fp8_linear.convert_to_fp8`):
         1x128 activation tiles, 128x128 weight blocks, e4m3, FP32 promotion; sizes that are not multiples of
@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kernels.formats import ScaleFormats
+from kernels.fp8_linear import convert_to_fp8
 from model.config import ModelConfig
 from model.transformer import DeepseekV3
 
@@ -85,7 +86,5 @@ def build_model(
     else:
         model = DeepseekV3(mcfg).to(device)
     if precision == "fp8":
-        from kernels.fp8_linear import convert_to_fp8
-
         convert_to_fp8(model, backend=kernels_backend, scale_formats=scale_formats)
     return model

@@ -16,8 +16,8 @@ Here each train row is one exchange rendered with the chat template (train/chat.
     <bos><｜User｜>{prompt}<｜Assistant｜><think>{cot}</think><answer>{answer}</answer><｜end▁of▁sentence｜>
 
 where, by default, half the train rows answer directly, `<think></think><answer>...</answer>` (data.reasoning
-`cot_fraction`: the cold start shows both behaviours and GRPO learns which one pays; train/grpo.py says what that
-measured). The loss is the model's own (next-token CE + MTP + balance) on the response tokens only: prompt
+`cot_fraction`: the cold start shows both behaviours and GRPO learns which one pays; bench/rl_gain.py measures
+which). The loss is the model's own (next-token CE + MTP + balance) on the response tokens only: prompt
 positions get the ignore index -100, so the model is never trained to produce the question. Examples are
 right-padded: causal attention means a padded position never influences a real one, and pad targets are ignored.
 
@@ -46,7 +46,7 @@ import torch
 from datasets import load_from_disk
 from omegaconf import DictConfig
 
-from data.prepare import stage_outputs
+from data.outputs import stage_outputs
 from data.tokenizer import load_tokenizer
 from model.config import ModelConfig
 from model.hf import export_hf

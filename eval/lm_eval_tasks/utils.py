@@ -13,6 +13,8 @@ from dataclasses import asdict
 import datasets
 
 from data.tokenizer import ASSISTANT, BOS, EOS, USER
+from rewards.humaneval import Problem, evaluate_samples, load_problems, truncate_completion
+from train.policy import score_completions
 
 
 def _first(ds: datasets.Dataset, n: int) -> datasets.DatasetDict:
@@ -20,8 +22,6 @@ def _first(ds: datasets.Dataset, n: int) -> datasets.DatasetDict:
 
 
 def _humaneval(n: int) -> datasets.DatasetDict:
-    from rewards.humaneval import load_problems
-
     return _first(datasets.Dataset.from_list([asdict(p) for p in load_problems()]), n)
 
 
@@ -45,9 +45,6 @@ def program_text(doc: dict) -> str:
 
 
 def humaneval_results(doc: dict, results: list[str]) -> dict[str, float]:
-    from eval.suite_code import truncate_completion
-    from rewards.humaneval import Problem, evaluate_samples
-
     problem = Problem(**{k: doc[k] for k in ("task_id", "prompt", "entry_point", "canonical_solution", "test")})
     res = evaluate_samples([problem], [(problem.task_id, truncate_completion(results[0]))], ks=(1,), max_workers=1)
     return {"pass@1": res["pass@1"]}
@@ -66,7 +63,5 @@ def reasoning_prompt(doc: dict) -> str:
 
 
 def reasoning_results(doc: dict, results: list[str]) -> dict[str, float]:
-    from train.grpo import score_completions
-
     s = score_completions([results[0]], [doc], format_weight=0.0)
     return {"accuracy": s.correct[0], "format_rate": s.format[0]}

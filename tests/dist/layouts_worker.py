@@ -12,6 +12,7 @@ under DETAIL, torch 2.13's DualPipeV with MTP trips on a stride of the balance l
 """
 
 import json
+import logging
 import sys
 
 import torch.distributed as dist
@@ -25,6 +26,8 @@ def main() -> None:
     overrides, names = json.loads(sys.argv[1]), sys.argv[2:]
     root = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.root="))
     dist.init_process_group("gloo")
+    if dist.get_rank() == 0:  # the stages' messages ("resumed from ...") on stdout, as Hydra's job logging gives a CLI
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s: %(message)s")
     for name in names:
         layout = [o.replace("{root}", root) for o in layout_overrides(LAYOUTS[name])]  # a layout may name a checkpoint
         cfg = compose([*overrides, f"run.name={name}", *layout])

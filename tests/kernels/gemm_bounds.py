@@ -15,6 +15,11 @@ from kernels.accumulation import HOPPER, INTERPRETER, AccumulationModel, emulate
 BF16_UNIT = 2.0**-8  # half an ulp of bf16, relative
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
 def dequant(q: torch.Tensor, s: torch.Tensor, blockwise: bool) -> torch.Tensor:
     """The exact values of a quantized operand, float64 on the CPU."""
     q, s = q.cpu(), s.cpu()

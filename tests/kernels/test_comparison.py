@@ -16,7 +16,8 @@ from torch import nn
 from kernels.comparison import is_torchao_linear, rowwise_quant, rowwise_scaled_mm
 from kernels.fp8_linear import FP8GroupedMM, FP8Linear, convert_to_fp8, fp8_modules
 from model.transformer import DeepseekV3
-from tests.kernels.test_fp8_linear import rel_err, tiny_config
+from tests.kernels.gemm_bounds import rel_err
+from tests.kernels.tiny_model import tiny_config
 
 pytest.importorskip("torchao")
 

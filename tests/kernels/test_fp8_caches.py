@@ -13,7 +13,7 @@ from kernels.caches import ActQuantCache, WeightCache
 from kernels.fp8_linear import FP8GroupedMM, FP8Linear, convert_to_fp8, fp8_grouped_mm, fp8_linear
 from model.moe import MLP
 from model.transformer import DeepseekV3
-from tests.kernels.test_fp8_linear import tiny_config
+from tests.kernels.tiny_model import tiny_config
 
 
 def step(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -35,11 +35,8 @@ from kernels.fp8_linear import (
 from model.config import ModelConfig
 from model.moe import grouped_mm
 from model.transformer import DeepseekV3
-from tests.kernels.gemm_bounds import assert_within, bf16_bound, dequant, gemm_bound, grouped_bounds
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+from tests.kernels.gemm_bounds import assert_within, bf16_bound, dequant, gemm_bound, grouped_bounds, rel_err
+from tests.kernels.tiny_model import tiny_config
 
 
 def assert_rel(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> None:
@@ -204,34 +201,6 @@ def test_fp8_grouped_mm_matches_model_grouped_mm(counts, device):
         assert rel_err(results["torch"][i], results["fp64"][i]) <= 0.06, name
     empty = [e for e, c in enumerate(counts) if c == 0]
     assert bool((results["triton"][2][empty] == 0).all())
-
-
-def tiny_config() -> ModelConfig:
-    return ModelConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_shared_experts=1,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        kv_lora_rank=32,
-        q_lora_rank=48,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        max_position_embeddings=64,
-        rope_scaling=None,
-        num_nextn_predict_layers=1,
-        bos_token_id=0,
-        eos_token_id=1,
-    ).validate()
 
 
 def test_convert_to_fp8_swaps_exactly_the_deepseek_v3_gemms():

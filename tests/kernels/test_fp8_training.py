@@ -20,36 +20,13 @@ from kernels.fp8_linear import convert_to_fp8, fp8_modules
 from model.config import ModelConfig
 from model.transformer import DeepseekV3
 from tests.kernels.gemm_bounds import emulated_ops
+from tests.kernels.tiny_model import tiny_config as shared_tiny_config
 
 STEPS = 2
 
 
 def tiny_config() -> ModelConfig:
-    return ModelConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        n_shared_experts=1,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        kv_lora_rank=32,
-        q_lora_rank=48,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        max_position_embeddings=64,
-        rope_scaling=None,
-        num_nextn_predict_layers=0,
-        bos_token_id=0,
-        eos_token_id=1,
-    ).validate()
+    return shared_tiny_config(vocab_size=128, num_attention_heads=2, num_key_value_heads=2, num_nextn_predict_layers=0)
 
 
 def train(

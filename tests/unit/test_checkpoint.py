@@ -60,7 +60,7 @@ def test_partial_write_is_ignored_and_cleaned(tmp_path):
     assert not (tmp_path / ".tmp-step_000002").exists()
 
 
-def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     m, opt = _model_opt(0)
     mgr = CheckpointManager(tmp_path, keep_last=3)
     mgr.save(1, m, opt, {"tag": "good"}, {})
@@ -76,7 +76,7 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
     m3, opt3 = _model_opt(3)
     path, state = mgr.load_latest_valid(m3, opt3)
     assert path.name == "step_000001" and state["tag"] == "good"
-    assert "skipping corrupt checkpoint" in capsys.readouterr().out
+    assert "skipping corrupt checkpoint" in caplog.text
 
 
 def test_incomplete_directory_is_not_a_checkpoint(tmp_path):

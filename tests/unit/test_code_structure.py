@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench.code_structure import Report, analyse_module, arrow_against_flow
+from bench.code_structure import Report, analyse, analyse_module, arrow_against_flow
 
 
 @pytest.mark.parametrize(
@@ -35,3 +35,9 @@ def test_in_function_and_type_checking_imports():
     assert [(m, d) for m, _, d in report.inner_imports] == [("train.pretrain", "json"), ("train.pretrain", "eval.run")]
     assert report.arrows == [("train.pretrain", "eval.run", "imports a stage module")]
     assert report.functions == [("train.pretrain", "f", 4)]
+
+
+def test_this_checkout_has_no_arrow_against_the_flow():
+    """No stage module imports another, no library imports a stage, no stage imports a later one (DESIGN.md)."""
+    report = analyse()
+    assert report.arrows == [], "\n".join(f"{src} -> {dst}: {why}" for src, dst, why in report.arrows)

@@ -29,11 +29,6 @@ REPO = Path(__file__).resolve().parents[2]
 STAGES = {"data.prepare", "train.pretrain", "train.sft", "train.grpo", "distill.run", "eval.run", "pipeline"}
 ONE_PROCESS = {"train.sft", "train.grpo", "distill.run", "pipeline"}
 SOURCES = ["data", "model", "kernels", "rewards", "train", "distill", "eval", "pipeline", "bench"]
-# commands documented in files this change does not own, known to fail; each entry says the fix
-KNOWN_BROKEN = {
-    "python -m pipeline +experiment=smoke": "pipeline/__main__.py: `+experiment=smoke` -> `experiment=smoke` "
-    "(conf/config.yaml already lists `experiment: null`, so `+` cannot append it)",
-}
 
 
 @dataclass
@@ -180,16 +175,12 @@ def test_the_scan_finds_the_documented_commands():
     assert max(c.world for c in COMMANDS) >= 16 and any(c.multirun for c in COMMANDS)
     assert sum(c.where.startswith("conf/experiment/") for c in COMMANDS) == len(list(CONF_DIR.glob("experiment/*")))
     assert any(c.expect_failure for c in COMMANDS) and len(COMMANDS) >= 30, len(COMMANDS)
+    assert ("pipeline/__main__.py", "python -m pipeline experiment=smoke") in {(c.where, c.text) for c in COMMANDS}
 
 
 @pytest.mark.parametrize(
     "cmd",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BROKEN[c.text]))
-        if c.text in KNOWN_BROKEN
-        else c
-        for c in COMMANDS
-    ],
+    COMMANDS,
     ids=lambda c: f"{c.where}: {c.text}"[:150],
 )
 def test_documented_command_passes_validation(hydra_conf, cmd: Command):

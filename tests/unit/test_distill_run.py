@@ -6,18 +6,20 @@ oracle (right answer for sample 0 and 1, wrong for 2, unfinished for 3); everyth
 """
 
 import json
+import logging
 import shutil
 
 import pytest
-from test_distill_traces import oracle
-from test_sft import make_micro_run, micro_overrides, one_thread  # noqa: F401  (fixture)
 
 import distill.traces
 from data.tokenizer import load_tokenizer
 from distill.run import resolve_teacher
 from distill.run import run as run_distill
 from pipeline.config import compose
+from tests.unit.micro import make_micro_run, micro_overrides, oracle
 from train.checkpoint import read_model_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # the micro run has no pretraining shards, so no student base: these tests start the student from random weights
 # (the student base, student_init=pretrain, runs in the smoke pipeline: tests/e2e)
@@ -70,25 +72,26 @@ def test_stage_writes_traces_student_and_manifest_then_skips(tmp_path, monkeypat
     assert again["skipped"] and len(calls) == 1
 
 
-def test_falls_back_to_sft_teacher(tmp_path, monkeypatch, capsys):
+def test_falls_back_to_sft_teacher(tmp_path, monkeypatch, caplog):
     run, _ = _setup(tmp_path, monkeypatch, teacher_stage="sft")
     cfg = compose(micro_overrides(tmp_path) + SCRATCH)
     path, source = resolve_teacher(run, cfg.distill)
     assert source == "sft" and path.parent == run / "sft" / "checkpoints"
-    assert "no RL checkpoint" in capsys.readouterr().out
+    assert "no RL checkpoint" in caplog.text
     (run / "sft").rename(run / "elsewhere")
     with pytest.raises(FileNotFoundError, match="no teacher"):
         resolve_teacher(run, cfg.distill)
 
 
-def test_traces_reused_and_student_resumed_with_online_kd(tmp_path, monkeypatch, capsys):
+def test_traces_reused_and_student_resumed_with_online_kd(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
     run, calls = _setup(tmp_path, monkeypatch)
     base = micro_overrides(tmp_path) + SCRATCH + ["distill.kd_mode=online"]
     run_distill(compose(base + ["distill.steps=2"]))
     assert len(calls) == 1
     ckpt = run / "distill" / "checkpoints" / "step_000002"
     res = run_distill(compose(base + ["distill.steps=3", f"distill.resume={ckpt}"]))  # extend the student
-    out = capsys.readouterr().out
+    out = caplog.text
     assert len(calls) == 1 and "reusing" in out and "distill: resumed from" in out
     assert res["steps"] == 3 and res["kd_loss"] >= 0
     assert (run / "distill" / "checkpoints" / "step_000003").is_dir()

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from test_sft import micro_config, one_thread  # noqa: F401  (fixture)
 
 from data.reasoning import build_splits
 from data.tokenizer import train_tokenizer
@@ -20,8 +19,11 @@ from distill.traces import (
     trace_key,
 )
 from model.transformer import DeepseekV3
+from tests.unit.micro import micro_config, oracle
 from train.chat import encode_chat, eos_id, render_prompt
 from train.sft import make_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -30,31 +32,6 @@ def tok_rows():
     rows = ds["train"].to_list()
     tok = train_tokenizer([r["prompt"] + " " + r["completion"] for r in rows] * 4, vocab_size=300)
     return tok, rows
-
-
-def oracle(tok, rows):
-    """A teacher that answers sample j of every prompt: 0 correct, 1 the same correct text again, 2 a wrong answer,
-    3 correct but cut off before end-of-sentence. Records the seeds it was called with."""
-    by_prompt = {tuple(render_prompt(tok, r["prompt"])): r for r in rows}
-    eos = eos_id(tok)
-    calls = []
-
-    def enc(text):
-        return tok.encode(text, add_special_tokens=False).ids
-
-    def sample(prompts, n, seed):
-        calls.append(seed)
-        out = []
-        for p in prompts:
-            r = by_prompt[tuple(p)]
-            right = enc(r["completion"])
-            wrong = enc("<think>guess</think><answer>-999999</answer>")
-            answers = [right + [eos], right + [eos], wrong + [eos], right]
-            out += [answers[j % 4] for j in range(n)]
-        return out
-
-    sample.calls = calls
-    return sample
 
 
 def test_rejection_sampling_keeps_correct_finished_distinct(tok_rows):

@@ -14,14 +14,15 @@ import torch
 from data.pack import ShardWriter
 from data.reasoning import write_reasoning_sets
 from data.tokenizer import EOS, FIM_BEGIN, save_tokenizer, train_tokenizer
+from eval.checkpoints import discover_checkpoints, label_of, load_checkpoint, newest_step_dir, run_dir_of
 from eval.config import BpbEvalConfig, MoEEvalConfig
 from eval.generation import ModelGenerator, Prompt, Sampling
-from eval.run import _ckpt_shorthand, discover_checkpoints, label_of, load_checkpoint, newest_step_dir, run_dir_of
+from eval.run import _ckpt_shorthand
 from eval.suite_lm import code_documents, document_batches, rolling_windows, run_bpb, run_moe
 from model.config import ModelConfig
 from model.generate import generate
 from model.transformer import DeepseekV3
-from rewards.humaneval import load_problems
+from rewards.humaneval import STOP_SEQUENCES, load_problems, truncate_completion
 from train.chat import render_prompt
 from train.checkpoint import CheckpointManager
 
@@ -95,10 +96,23 @@ def test_generator_matches_generate_and_stops_at_newlines(tokenizer):
     ids = [gen.encode(p) for p in prompts]
     ref = generate(model, ids, max_new_tokens=12, temperature=0.0, stop_token_ids=[gen.eos])
     assert [c[0] for c in out] == [gen.decode(t) for t in ref.tokens]
-    lines = gen(prompts, Sampling(n=1, temperature=1.0, max_new_tokens=40, stop_at_newline=True))
-    for (c,) in lines:
-        assert "\n" not in c or c.split("\n", 1)[1].strip() == "", repr(c)
+    lines = gen(prompts, Sampling(n=1, temperature=1.0, max_new_tokens=40, stop_strings=("\n",)))
+    assert all("\n" not in c for (c,) in lines), lines
     assert gen.stats["prompts"] == 6 and gen.stats["generated_tokens"] > 0
+
+
+def test_generator_stop_strings_equal_decoding_everything_then_cutting(tokenizer, problems):
+    """The generator's completions under stop strings are its unconstrained greedy completions cut at the first
+    stop string (`rewards.humaneval.truncate_completion`, the scorer's cut), for fewer generated tokens."""
+    gen = ModelGenerator(micro_model(), tokenizer, batch_size=2)
+    prompts = [Prompt(p.prompt) for p in problems[:3]]
+    free = [c for (c,) in gen(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=24))]
+    tokens_free, early_free = gen.stats["generated_tokens"], gen.stats["finished_early"]
+    stops = (free[0][10:13], free[1][20:23], *STOP_SEQUENCES)  # two that occur in the random model's text
+    out = gen(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=24, stop_strings=stops))
+    assert [c for (c,) in out] == [truncate_completion(c, stops) for c in free]
+    assert gen.stats["generated_tokens"] - tokens_free < tokens_free
+    assert gen.stats["finished_early"] - early_free >= 2  # at least the rows the two stop strings ended
 
 
 def test_generator_truncates_long_prompts_to_the_context(tokenizer):

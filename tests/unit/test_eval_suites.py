@@ -9,18 +9,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lm_eval
 import pytest
+import yaml
 
 from data.fim import fim_prompt
 from data.reasoning import build_test_tasks, task_row
 from eval.config import FimEvalConfig, HumanEvalConfig, ReasoningEvalConfig
 from eval.generation import Prompt, Sampling
 from eval.stats import wilson_interval
-from eval.suite_code import fim_floors, run_fim, run_humaneval, select_fim_tasks, truncate_completion
+from eval.suite_code import fim_floors, run_fim, run_humaneval, select_fim_tasks
 from eval.suite_reasoning import copy_prompt_answer, load_gsm8k_rows, run_reasoning
-from rewards.humaneval import load_problems
+from rewards.humaneval import STOP_SEQUENCES, load_problems, truncate_completion
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +52,36 @@ def test_truncate_completion_stops_at_top_level_statements():
     assert truncate_completion(body + "\ndef other():\n    pass") == body
     assert truncate_completion(body + "\nprint(f(1))") == body
     assert truncate_completion(body) == body  # nested `if` is indented: not a stop
+
+
+class _TaskYaml(yaml.SafeLoader):
+    """lm-eval task files tag functions (`!function utils.x`); their names are all a test needs."""
+
+
+_TaskYaml.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def until_of(path: Path) -> tuple[str, ...]:
+    return tuple(yaml.load(path.read_text(), Loader=_TaskYaml)["generation_kwargs"]["until"])
+
+
+def test_stop_sequences_are_lm_evals_humaneval_stop_sequences():
+    """One list: lm-evaluation-harness's own humaneval task (the installed package), ours, and our lm-eval task."""
+    theirs = until_of(Path(lm_eval.__file__).parent / "tasks" / "humaneval" / "humaneval.yaml")
+    assert theirs == STOP_SEQUENCES == until_of(REPO / "eval" / "lm_eval_tasks" / "ds_humaneval.yaml")
+
+
+def test_code_suites_stop_decoding_at_their_stop_strings(problems):
+    seen = []
+
+    def recording(prompts, sampling):
+        seen.append(sampling.stop_strings)
+        return [[""] * sampling.n for _ in prompts]
+
+    run_humaneval(recording, problems, HumanEvalConfig(max_problems=1), floors={})
+    run_humaneval(recording, problems, HumanEvalConfig(max_problems=1, stop_sequences=False), floors={})
+    run_fim(recording, problems, FimEvalConfig(modes=["psm"], max_tasks=1), floors={})
+    assert seen == [STOP_SEQUENCES, (), ("\n",)]
 
 
 def test_humaneval_oracle_scores_one_and_adversaries_zero(problems):

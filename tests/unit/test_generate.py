@@ -7,6 +7,7 @@ at a time, no padding); transformers' TopK/TopP logits warpers for the truncatio
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -279,6 +280,90 @@ def test_chat_turn_streams_what_it_generates(model):
     eos = {tok.token_to_id(EOS), model.config.eos_token_id}
     assert buf.getvalue() == reply == tok.decode([t for t in res.tokens[0] if t not in eos])
     assert res.tokens[0] == generate(model, [prompt], max_new_tokens=10, temperature=0.0, stop_token_ids=eos).tokens[0]
+
+
+# ------------------------------------------------------------------------------------------------ stop strings
+
+
+def cut_by_regex(text: str, stops: list[str]) -> str:
+    """The reference cut: everything before the leftmost match of any stop string."""
+    return re.split("|".join(map(re.escape, stops)), text, maxsplit=1)[0]
+
+
+def first_hit(tokens: list[int], stops: list[str], decode) -> int:
+    """Length of the shortest prefix whose full decoding contains a stop string (all tokens when none does)."""
+    return next((k for k in range(1, len(tokens) + 1) if any(s in decode(tokens[:k]) for s in stops)), len(tokens))
+
+
+def spanning_stop(tokens: list[int], decode, near: int) -> str:
+    """Three characters of the row's text across a token boundary at or after token `near` (none of them U+FFFD)."""
+    text = decode(tokens)
+    for k in range(near, len(tokens)):
+        head = decode(tokens[:k])
+        piece = text[len(head) - 1 : len(head) + 2]
+        if text.startswith(head) and len(piece) == 3 and "\ufffd" not in piece:
+            return piece
+    raise AssertionError(f"no clean token boundary after {near} in {text!r}")
+
+
+@pytest.mark.parametrize("speculative", [False, True, None])  # None: drafts, then plain decoding from step 8
+def test_stop_strings_equal_decoding_everything_then_cutting(model, speculative):
+    """Rows finish at the first step whose text holds a stop string, and report that text cut before it: exactly
+    what decoding the unconstrained greedy continuation and cutting it at the leftmost stop string gives. The
+    tokenizer is byte-level BPE with multi-byte characters split across tokens, and special tokens in the text."""
+    tok = tiny_tokenizer()
+
+    def decode(ids: list[int]) -> str:
+        return tok.decode(ids, skip_special_tokens=False)
+
+    n = 16
+    free = generate(model, PROMPTS, max_new_tokens=n, temperature=0.0, speculative=False)
+    stops = [spanning_stop(free.tokens[0], decode, 4), spanning_stop(free.tokens[1], decode, 10)]
+    out = generate(
+        model,
+        PROMPTS,
+        max_new_tokens=n,
+        temperature=0.0,
+        speculative=speculative,
+        stop_strings=stops,
+        decode=decode,
+        return_logprobs=True,
+    )
+    assert out.speculative == (speculative is not False) and out.drafts_stopped == (speculative is None)
+    lengths = [first_hit(t, stops, decode) for t in free.tokens]
+    assert out.tokens == [t[:k] for t, k in zip(free.tokens, lengths)]
+    assert out.texts == [cut_by_regex(decode(t), stops) for t in free.tokens]
+    assert len(set(lengths)) > 1 and min(lengths) < n, f"rows must stop at different steps: {lengths}"
+    assert [len(lp) for lp in out.logprobs] == [len(t) for t in out.tokens]
+    assert out.num_generated_tokens == sum(lengths)
+
+
+def test_stop_strings_decode_only_the_new_tail(model):
+    """Each check decodes the token drawn since the last one plus a lookback of the longest stop string's bytes;
+    the whole row is decoded once, for the output's text."""
+    tok = tiny_tokenizer()
+    windows: list[int] = []
+
+    def decode(ids: list[int]) -> str:
+        windows.append(len(ids))
+        return tok.decode(ids, skip_special_tokens=False)
+
+    n, stops = 40, ["\ndef", "zz"]
+    for speculative in (False, True, None):
+        windows.clear()
+        kw = dict(max_new_tokens=n, temperature=0.0, speculative=speculative, stop_strings=stops, decode=decode)
+        out = generate(model, PROMPTS, **kw)
+        assert all(s not in t for t in out.texts for s in stops), "the test wants rows that never stop early"
+        checks, final = windows[: -len(PROMPTS)], windows[-len(PROMPTS) :]
+        assert len(checks) == n * len(PROMPTS) and max(checks) == len("\ndef") + 1, (speculative, max(checks))
+        assert final == [len(t) for t in out.tokens] == [n] * len(PROMPTS)
+
+
+def test_stop_strings_are_checked(model):
+    with pytest.raises(ValueError, match="decode"):
+        generate(model, [[1]], max_new_tokens=2, stop_strings=["x"])
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(model, [[1]], max_new_tokens=2, stop_strings=["x", ""], decode=str)
 
 
 # ------------------------------------------------------------------------------------------------ EPLB replicas

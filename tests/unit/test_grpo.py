@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sft import make_micro_run, micro_config, micro_overrides, one_thread  # noqa: F401  (fixture)
 
 from model.generate import generate
 from model.transformer import DeepseekV3
 from pipeline.config import compose
+from tests.unit.micro import make_micro_run, micro_config, micro_overrides
 from train.grpo import (
     aggregate,
     clipped_surrogate,
@@ -27,6 +27,8 @@ from train.grpo import run as run_grpo
 from train.optim import build_optimizer
 from train.post_config import GRPOConfig
 from train.sft import run as run_sft
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_group_advantages_normalize_within_groups_and_flag_degenerate_ones():

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sft import make_micro_run, micro_config, micro_overrides, one_thread  # noqa: F401  (fixture)
 
 from data.loader import PackedDataset
 from data.tokenizer import load_tokenizer
 from model.transformer import DeepseekV3
 from pipeline.config import compose
+from tests.unit.micro import make_micro_run, micro_config, micro_overrides
 from train.grpo import grpo_update, pack_sequences
 from train.grpo import run as run_grpo
 from train.lm_mix import LMMix
@@ -23,6 +23,8 @@ from train.optim import build_optimizer
 from train.policy import load_policy
 from train.post_config import GRPOConfig
 from train.sft import run as run_sft
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vocab_of(run: Path) -> int:

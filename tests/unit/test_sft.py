@@ -1,109 +1,26 @@
 """Cold-start SFT: batches mask prompts, the loss learns only responses, and the stage runs, skips and resumes.
 
-`make_micro_run` builds a whole run directory in tmp_path (tokenizer, reasoning splits, packed train shards of this
-repository's own code for the pretraining-LM term, a freshly initialised micro model saved as the "pretrain"
-checkpoint); test_grpo.py and test_lm_mix.py reuse it.
+`make_micro_run` (tests/unit/micro.py) builds a whole run directory in tmp_path (tokenizer, reasoning splits, packed
+train shards for the pretraining-LM term, a freshly initialised micro model saved as the "pretrain" checkpoint).
 """
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from data.pack import ShardWriter
 from data.reasoning import build_splits
 from data.tokenizer import train_tokenizer
-from model.config import ModelConfig
 from model.transformer import IGNORE_INDEX, DeepseekV3
 from pipeline.config import compose
+from tests.unit.micro import make_micro_run, micro_config, micro_overrides
 from train.chat import encode_chat, eos_id
-from train.checkpoint import CheckpointManager
 from train.sft import batch_indices, make_batch
 from train.sft import run as run_sft
 
-REPO = Path(__file__).resolve().parents[2]
-SEQ_LEN = 32
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models run fastest single-threaded (and a loaded 2-core machine makes 2 threads spin)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def micro_config(vocab_size: int, **kw) -> ModelConfig:
-    base = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        n_shared_experts=1,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        kv_lora_rank=16,
-        q_lora_rank=24,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-        max_position_embeddings=256,
-        rope_scaling=None,
-        num_nextn_predict_layers=1,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    base.update(kw)
-    return ModelConfig(**base).validate()
-
-
-def write_code_shards(data: Path, tok) -> Path:
-    """<data>/train: windows of SEQ_LEN tokens of the repository's train/*.py, packed as the data stage does."""
-    eos = eos_id(tok)
-    writer = ShardWriter(data / "train", tok.get_vocab_size(with_added_tokens=True), eos, tokens_per_shard=4096)
-    for path in sorted((REPO / "train").glob("*.py"))[:6]:
-        writer.add(tok.encode(path.read_text(), add_special_tokens=False).ids + [eos])
-    writer.close(seq_len=SEQ_LEN)
-    return data / "train"
-
-
-def make_micro_run(root: Path, name: str = "micro") -> Path:
-    """outputs-like tree: <root>/<name>/data/{tokenizer.json, reasoning/, train/} and
-    pretrain/checkpoints/step_000001."""
-    run = root / name
-    data = run / "data"
-    data.mkdir(parents=True)
-    ds = build_splits(n_train=24, n_test=8, seed=1)
-    texts = [r["prompt"] + " " + r["completion"] for r in ds["train"]] * 4
-    tok = train_tokenizer(texts, vocab_size=320)
-    tok.save(str(data / "tokenizer.json"))
-    ds.save_to_disk(str(data / "reasoning"))
-    write_code_shards(data, tok)
-    torch.manual_seed(0)
-    cfg = micro_config(tok.get_vocab_size(with_added_tokens=True))
-    CheckpointManager(run / "pretrain" / "checkpoints").save(1, DeepseekV3(cfg), None, {}, asdict(cfg))
-    return run
-
-
-def micro_overrides(root: Path, name: str = "micro") -> list[str]:
-    return [
-        "experiment=smoke",
-        f"run.root={root}",
-        f"run.name={name}",
-        "wandb.mode=disabled",
-        "sft.export_hf=false",
-        "rl.export_hf=false",
-    ]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _examples(tok, rows):

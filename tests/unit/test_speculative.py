@@ -15,7 +15,7 @@ import torch
 from scipy.stats import chisquare
 
 from model.config import ModelConfig
-from model.generate import generate
+from model.generate import RowOutputs, generate
 from model.sampling import SamplingParams, sampling_probs, verify_draft
 from model.transformer import DeepseekV3
 
@@ -114,6 +114,53 @@ def test_streams_the_tokens_it_returns(trained):
         stream=lambda r, t: seen.setdefault(r, []).append(t),
     )
     assert [seen[r] for r in range(4)] == out.tokens
+
+
+# a decoding of the 32-token vocabulary: pieces of 1-3 characters, some starting with a newline
+LETTERS = "abcdefghijklmnopqrstuvwxyz0123"
+PIECES = ["<s>", "</s>"] + [("\n" if i % 4 == 0 else "") + LETTERS[i - 2] * (1 + i % 3) for i in range(2, 32)]
+
+
+def decode_pieces(ids: list[int]) -> str:
+    return "".join(PIECES[i] for i in ids)
+
+
+def test_stop_strings_end_rows_on_the_token_plain_decoding_ends_on(trained, monkeypatch):
+    """Stop strings that complete on the first token of a verify step (its bonus token must then be dropped) and on
+    a bonus token: speculative output equals plain output, and both equal the unconstrained greedy continuation cut
+    at the first step whose text holds a stop string."""
+    prompts = prompts_of([5, 1, 8, 2], seed=1)
+    kw = dict(n_samples=2, max_new_tokens=13, temperature=0.0, return_logprobs=True)
+    free = generate(trained, prompts, speculative=False, **kw)
+    texts = [decode_pieces(t) for t in free.tokens]
+    # two characters across the boundary of tokens k-1 and k of rows 0, 2 and 4
+    stops = sorted({texts[r][len(decode_pieces(free.tokens[r][:k])) - 1 :][:2] for r, k in ((0, 3), (2, 4), (4, 5))})
+    plain = generate(trained, prompts, speculative=False, stop_strings=stops, decode=decode_pieces, **kw)
+    last_kind: dict[int, str] = {}  # output row -> how its latest token came: "first" of a step or "bonus"
+    emit = RowOutputs.emit
+
+    def spy(self, rows_A, tok_A, logits_AV, params, take_A=None):
+        emit(self, rows_A, tok_A, logits_AV, params, take_A)
+        takes = [True] * len(rows_A) if take_A is None else take_A.tolist()
+        last_kind.update({r: "first" if take_A is None else "bonus" for r, k in zip(rows_A.tolist(), takes) if k})
+
+    monkeypatch.setattr(RowOutputs, "emit", spy)
+    spec = generate(trained, prompts, speculative=True, stop_strings=stops, decode=decode_pieces, **kw)
+    lengths = [
+        next((k for k in range(1, len(t) + 1) if any(s in decode_pieces(t[:k]) for s in stops)), len(t))
+        for t in free.tokens
+    ]
+    assert spec.tokens == plain.tokens == [t[:k] for t, k in zip(free.tokens, lengths)]
+    assert spec.texts == plain.texts == [cut_at_first(x, stops) for x in texts]
+    stopped = [r for r, k in enumerate(lengths) if k < kw["max_new_tokens"]]
+    assert {last_kind[r] for r in stopped} == {"first", "bonus"}, (stops, lengths, last_kind)
+    assert spec.accepted_tokens > 0  # (this model's drafts hold: a row that stopped on a "first" dropped its bonus)
+    for a, b in zip(spec.logprobs, plain.logprobs):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=0), (a, b)
+
+
+def cut_at_first(text: str, stops: list[str]) -> str:
+    return text[: min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))]
 
 
 def chi_square_p(samples: torch.Tensor, probs: torch.Tensor) -> float:

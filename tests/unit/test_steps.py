@@ -4,13 +4,16 @@ gets init_weights()'s fill, reproducibly, from its own seeded generator)."""
 
 import copy
 
+import pytest
 import torch
-from test_sft import micro_config, one_thread  # noqa: F401  (fixture)
 
 from model.transformer import DeepseekV3
+from tests.unit.micro import micro_config
 from train.meta_init import init_plan, materialize
 from train.runtime import build_model
 from train.steps import checkpoint_activations
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_activation_checkpointing_recomputes_each_layer_and_keeps_the_gradients():

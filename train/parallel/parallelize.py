@@ -32,7 +32,7 @@ applies ``fully_shard`` to each held decoder layer and then to each stage module
 over ``("dp_replicate", "dp_shard")`` of this pp coordinate. The stage module is the FSDP root the schedule calls;
 ``PipelineStage`` defers the gradient reduce-scatter to the last micro-batch's backward. Under ``dualpipev`` each
 stage module is ONE unit (no per-layer units): with per-layer units inside the two stage roots of one rank, torch
-2.13 gave the last stage's decoder layers wrong gradients (about 1% off a single process; measured, cause not
+2.13 gave the last stage's decoder layers wrong gradients (off a single process's; cause not
 isolated), whole-stage units match. PP x EP is refused.
 
 Gradient clipping: dense and expert gradients are DTensors on different meshes, which torch's
