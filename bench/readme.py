@@ -260,6 +260,23 @@ def seeds() -> tuple[str, list[Row]]:
     return f"RL gain over {r['n']} seeds: {float(r['mean']):+.1f} +- {float(r['sd']):.1f} points", [r]
 
 
+def code_retention() -> tuple[str, list[Row]]:
+    """The newest chain per LM-term weight: code bpb after RL over the pretrained model's, and the RL gain."""
+    found = {r["lm_mix_sft"]: r for r in rows("code_retention")}
+    if not found:
+        return "", []
+    parts = [
+        f"lm_mix={float(w):g}: code bpb {num(r, 'pretrain_code_bpb', '.3f')} -> {num(r, 'sft_code_bpb', '.3f')} (SFT)"
+        f" -> {num(r, 'rl_code_bpb', '.3f')} (RL, x{num(r, 'rl_code_bpb_over_pretrain', '.3f')}); held-out greedy "
+        f"{pct(r, 'sft_heldout_greedy')} -> {pct(r, 'rl_heldout_greedy')} ({float(r['gain_points']):+.1f})"
+        for w, r in sorted(found.items())
+    ]
+    n = next(iter(found.values()))["n_heldout"]
+    return "SFT -> GRPO from one pretrained checkpoint, one seed, " + n + " prompts: " + "; ".join(parts), list(
+        found.values()
+    )
+
+
 def distill_vs_rl() -> tuple[str, list[Row]]:
     arms = ("student_sft_ref+grpo", "student_distill", "student_distill+kd")
     found = [last("distill_vs_rl", arm=a) for a in arms]
@@ -315,6 +332,7 @@ ENTRIES: list[tuple[str, Callable[[], tuple[str, list[Row]]], str]] = [
     ("evaluation cost", eval_cost, "bench/eval_cost.py"),
     ("GRPO gain", rl_gain, "bench/rl_gain.py"),
     ("GRPO gain over seeds", seeds, "bench/seeds.py"),
+    ("post-training keeps code (PPO-ptx term)", code_retention, "bench/code_retention.py"),
     ("distillation vs RL at equal student FLOPs", distill_vs_rl, "bench/distill_vs_rl.py"),
     ("whole pipeline", pipeline_total, "bench/pipeline_stages.py"),
     ("code structure", code_structure, "bench/code_structure.py"),
