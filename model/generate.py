@@ -17,10 +17,11 @@ How it works, step by step:
    first step whose decoded continuation contains one of the strings (HumanEval's `"\ndef"`: the function is
    complete), and leaves the batch like a stop token. Each check decodes only the tokens a new match could touch
    (`StopStrings`), and the output's `texts` hold each row's decoded continuation cut before its first stop string.
-5. **Speculative decoding (default when the model has an MTP module).** The MTP module drafts each next token and
-   one forward of the main model over [last token, draft] verifies it: up to two tokens per forward, greedy output
-   identical to plain decoding and sampled output distributed exactly as plain sampling (`model.speculative`).
-   `speculative=False` decodes one token per forward; the output's `acceptance_rate` says how often drafts held.
+5. **Speculative decoding (default when the model has an MTP module and runs on a GPU).** The MTP module drafts
+   each next token and one forward of the main model over [last token, draft] verifies it: up to two tokens per
+   forward, greedy output identical to plain decoding and sampled output distributed exactly as plain sampling
+   (`model.speculative`). `speculative=False` decodes one token per forward, `True` drafts on any device; the
+   output's `acceptance_rate` says how often drafts held.
 
 Output order is prompt-major: prompt 0 samples 0..n-1, prompt 1 samples 0..n-1, ...
 
@@ -309,6 +310,14 @@ def decode_plain(
 
 
 @torch.inference_mode()
+def drafts_by_default(device: torch.device) -> bool:
+    """Whether `speculative=None` drafts: on a GPU, where one decode step is bound by reading the weights and a
+    forward over 2 positions costs about as much as over 1, yes; on a CPU, where the tiny models' decode is bound by
+    compute and per-op overhead, a verify step costs more than an accepted draft saves even at high acceptance
+    (bench/model_vs_hf.py's speculative rows), so no."""
+    return torch.device(device).type == "cuda"
+
+
 def generate(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -334,9 +343,10 @@ def generate(
     every token as soon as it is drawn (the chat CLI prints with it). `placement` (phy2log [MoE layers, slots], e.g.
     from `model.eplb.rebalance_experts`) routes expert requests to replicas and fills the output's
     `expert_load_XE` / `slot_load_XP` (see the module docstring); it never changes the tokens.
-    `speculative`: decode with the MTP module's drafts (`model.speculative`): None (default) = whenever the model
-    has an MTP module, stopping the drafts for the rest of the call when, after the first verify steps, their
-    acceptance is below break-even (`break_even_acceptance`); True = always draft (required); False = never.
+    `speculative`: decode with the MTP module's drafts (`model.speculative`): None (default) = when the model has an
+    MTP module and runs on a GPU (`drafts_by_default`), stopping the drafts for the rest of the call when, after the
+    first verify steps, their acceptance is below break-even (`break_even_acceptance`); True = always draft
+    (required); False = never.
     Greedy tokens are those of plain decoding; sampled tokens follow the same distribution (another draw for the
     same seed).
     `stop_strings` (with `decode`, token ids -> text): a row is finished at the first step whose decoded
@@ -354,8 +364,8 @@ def generate(
     has_mtp = len(getattr(model, "mtp", ())) > 0
     if speculative and not has_mtp:
         raise ValueError("speculative=True needs a model with an MTP module (num_nextn_predict_layers > 0)")
-    use_mtp = has_mtp if speculative is None else speculative
     device = next(model.parameters()).device
+    use_mtp = (has_mtp and drafts_by_default(device)) if speculative is None else speculative
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device)

@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+import model.generate as model_generate
 from model.chat import EOS, TextStreamer, chat_turn, render_chat
 from model.config import ModelConfig
 from model.generate import generate, left_pad
@@ -307,10 +308,11 @@ def spanning_stop(tokens: list[int], decode, near: int) -> str:
 
 
 @pytest.mark.parametrize("speculative", [False, True, None])  # None: drafts, then plain decoding from step 8
-def test_stop_strings_equal_decoding_everything_then_cutting(model, speculative):
+def test_stop_strings_equal_decoding_everything_then_cutting(model, speculative, monkeypatch):
     """Rows finish at the first step whose text holds a stop string, and report that text cut before it: exactly
     what decoding the unconstrained greedy continuation and cutting it at the leftmost stop string gives. The
     tokenizer is byte-level BPE with multi-byte characters split across tokens, and special tokens in the text."""
+    monkeypatch.setattr(model_generate, "drafts_by_default", lambda device: True)  # the GPU default, on CPU
     tok = tiny_tokenizer()
 
     def decode(ids: list[int]) -> str:
@@ -404,7 +406,7 @@ def test_placement_routes_to_replicas_without_changing_tokens(skewed_model):
     n_main = seen[0].shape[0]  # MTP's MoE does not run while decoding without drafts: its row stays zero
     assert torch.equal(ident.expert_load_XE[:n_main].float(), torch.stack(seen).sum(0))
     assert (ident.expert_load_XE[n_main:] == 0).all() and torch.equal(ident.slot_load_XP, ident.expert_load_XE)
-    spec = generate(m, PROMPTS, max_new_tokens=10, temperature=0.0, placement=identity_XP)
+    spec = generate(m, PROMPTS, max_new_tokens=10, temperature=0.0, placement=identity_XP, speculative=True)
     assert spec.speculative and spec.tokens == plain.tokens
     assert (spec.expert_load_XE[n_main:] > 0).any(), "with MTP drafts the MTP layer's requests are counted too"
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+import model.generate
 from model.config import ModelConfig
-from model.generate import RowOutputs, generate
+from model.generate import RowOutputs, drafts_by_default, generate
 from model.sampling import SamplingParams, sampling_probs, verify_draft
 from model.transformer import DeepseekV3
 
@@ -62,6 +63,21 @@ def progressions(n: int, T: int, g: torch.Generator) -> torch.Tensor:
     """Arithmetic progressions mod 30 over tokens 2..31 (random start and stride 1..3): predictable from 2 tokens."""
     start, stride = torch.randint(0, 30, (n, 1), generator=g), torch.randint(1, 4, (n, 1), generator=g)
     return 2 + (start + stride * torch.arange(T)) % 30
+
+
+@pytest.fixture(autouse=True)
+def drafts_as_on_a_gpu(monkeypatch):
+    """`speculative=None` drafts only on a GPU (`drafts_by_default`); these tests run that default on the CPU."""
+    monkeypatch.setattr(model.generate, "drafts_by_default", lambda device: True)
+
+
+def test_the_default_drafts_on_a_gpu_only(monkeypatch):
+    monkeypatch.undo()
+    assert drafts_by_default(torch.device("cuda")) and not drafts_by_default(torch.device("cpu"))
+    torch.manual_seed(0)
+    m = DeepseekV3(small_config()).eval()
+    out = generate(m, prompts_of([3, 5], seed=1), max_new_tokens=6, temperature=0.0)
+    assert not out.speculative and out.draft_tokens == 0
 
 
 @pytest.fixture(scope="module")
