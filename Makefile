@@ -27,12 +27,14 @@ $(VENV): pyproject.toml
 
 setup: $(VENV)  ## create .venv and install everything (nothing is downloaded at run time afterwards)
 
-# one torch thread per process in tests: distributed and end-to-end tests run several processes on 2 cores
+# one torch thread per process in tests: distributed and end-to-end tests run several processes on 2 cores.
+# TEST_WORKERS pytest-xdist workers (one per core of the 2-core CI machine); worksteal keeps both busy until the end
+TEST_WORKERS ?= 2
 test: $(VENV)  ## run the whole test suite (what CI runs)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: $(VENV)  ## the suite without the slow and distributed tests
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not dist"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow and not dist"
 
 lint: $(VENV)  ## ruff check + format check
 	.venv/bin/ruff check .
