@@ -12,7 +12,7 @@ from transformers import DeepseekV3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
-from model.attention import MLA, build_attention_mask
+from model.attention import MLA, absorbed_weights_cached, build_attention_mask, causal_attention_blocked
 from model.cache import MLACache
 from model.config import ModelConfig
 from model.norm import RMSNorm
@@ -227,3 +227,53 @@ def test_rms_norm_fp32_fast_path_is_bit_identical_to_the_formula():
     xb = x.bfloat16()
     want = norm.weight * (xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
     assert torch.equal(norm(xb), want)  # other dtypes: the formula itself
+
+
+@pytest.mark.parametrize("T", [1, 7, 16])
+@pytest.mark.parametrize("n_blocks", [1, 2, 3])
+def test_blocked_causal_attention_equals_sdpa_forward_and_backward(T, n_blocks):
+    """The CPU path's query blocks (skipping fully masked keys, values narrower than q/k) against SDPA's causal."""
+    torch.manual_seed(0)
+    B, H, Q, V = 2, 3, 12, 8
+    q, k, v = (torch.randn(B, H, T, w, requires_grad=True) for w in (Q, Q, V))
+    out = causal_attention_blocked(q, k, v, scale=0.3, n_blocks=n_blocks)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0), report(out, ref)
+    probe = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * probe).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * probe).sum(), (q, k, v))
+    for g, g_ref in zip(grads, ref_grads):
+        assert torch.allclose(g, g_ref, atol=1e-5, rtol=0), report(g, g_ref)
+
+
+@pytest.mark.parametrize("q_lora_rank", [48, None])
+def test_absorbed_weights_cached_changes_nothing_and_is_dropped_after(q_lora_rank):
+    """Decode steps inside `absorbed_weights_cached` give exactly the outputs of the same steps outside it (which
+    fold the weights on every forward), and the folded weights are not kept past the block."""
+    torch.manual_seed(0)
+    cfg = small_cfg(q_lora_rank=q_lora_rank)
+    mla = MLA(cfg, layer_idx=0).eval()
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    B, P = 2, 5
+    x = torch.randn(B, P + 2, cfg.hidden_size)
+    rope = RotaryEmbedding(cfg)
+    pos = torch.arange(P + 2)[None].expand(B, P + 2)
+
+    def decode_two() -> torch.Tensor:
+        cache = MLACache(1, B, P + 2, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=torch.float32)
+        mla(x[:, :P], rope(pos[:, :P]), build_attention_mask(None, P, 0, x.device), cache)
+        cache.advance(P)
+        outs = []
+        for t in (P, P + 1):
+            outs.append(mla(x[:, t : t + 1], rope(pos[:, t : t + 1]), build_attention_mask(None, 1, t, "cpu"), cache))
+            cache.advance(1)
+        return torch.cat(outs, dim=1)
+
+    with torch.inference_mode():
+        plain = decode_two()
+        with absorbed_weights_cached(mla):
+            assert mla._absorbed is not None
+            cached = decode_two()
+    assert torch.equal(cached, plain)
+    assert mla._absorbed is None
