@@ -26,10 +26,11 @@ into the output, and attend directly over the cached latents:
 which costs O(C) per cached token and head and reads only the (C + R)-wide cache: the memory-bound decode step
 moves 57x fewer bytes than a multi-head cache would. All heads and query positions share the same keys, so it runs
 as ONE single-head SDPA over the cache rows [c_KV ; k^R] with T * H queries [W_UK^T q^C ; q^R]. W_UK is folded into
-the query projection's weight and W_UV into o_proj's (`MLA.absorbed_weights`, computed once per generate call by
-`absorbed_weights_cached`), so a decode step runs no per-head einsum on its activations. Which path a cached
-forward takes is a cost rule (`MLA.absorbed_is_cheaper`): absorbed for decoding, speculative verification and short
-chunks, expanded for a prefill. The two paths are equal in exact arithmetic; the tests check it in fp32.
+the query projection's weight and W_UV into o_proj's when both are plain nn.Linear (`MLA.absorbed_weights`, once
+per generate call by `absorbed_weights_cached`), so a decode step runs no per-head einsum on its activations.
+Which path a cached forward takes is a cost rule (`MLA.absorbed_is_cheaper`): absorbed for decoding, speculative
+verification and short chunks, expanded for a prefill. The two paths are equal in exact arithmetic; the tests check
+it in fp32.
 
 The softmax scale is 1/sqrt(qk_nope + qk_rope) times YaRN's mscale^2 (`ModelConfig.softmax_scale`).
 
@@ -79,7 +80,7 @@ def build_attention_mask(attention_mask_BS: Tensor | None, T: int, past: int, de
 def absorbed_weights_cached(model: nn.Module) -> Iterator[None]:
     """Within the block, every MLA layer of `model` computes its absorbed weights once instead of per forward: for
     a generate call, whose weights cannot change while it runs (nothing is kept past the block)."""
-    layers = [m for m in model.modules() if isinstance(m, MLA)]
+    layers = [m for m in model.modules() if isinstance(m, MLA) and m.folds_projections()]
     try:
         for layer in layers:
             layer._absorbed = layer.absorbed_weights()
@@ -155,12 +156,15 @@ class MLA(nn.Module):
         # decode, speculative verification, short chunks: attend over the cached latents (see absorbed_is_cheaper)
         absorbed = cache is not None and cache.seq_len > 0 and self.absorbed_is_cheaper(T, cache.seq_len + T)
         q_in = x_BTD if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x_BTD))
-        if absorbed:  # W_UK folded into the query projection: the latent query [W_UK^T q^C ; q^R] in one matmul
+        folded = absorbed and self.folds_projections()
+        if folded:  # W_UK folded into the query projection: the latent query [W_UK^T q^C ; q^R] in one matmul
             w_q_absorbed, w_o_absorbed = self.absorbed_weights()
             q_latent_BTHC, q_rope_BTHR = F.linear(q_in, w_q_absorbed).view(B, T, H, C + R).split([C, R], dim=-1)
         else:
             q = self.q_proj(q_in) if self.q_lora_rank is None else self.q_b_proj(q_in)
             q_nope_BTHK, q_rope_BTHR = q.view(B, T, H, K + R).split([K, R], dim=-1)
+            if absorbed:  # a swapped-in projection (FP8) keeps its own GEMM: absorb W_UK into the activations
+                q_latent_BTHC = torch.einsum("bthk,hkc->bthc", q_nope_BTHK, self._w_uk_uv()[0])
         latent_BTC, k_rope_BTR = self.kv_a_proj_with_mqa(x_BTD).split([C, R], dim=-1)
         latent_BTC = self.kv_a_layernorm(latent_BTC)
         # one rotation for the H query heads and the shared key (as an extra head): the same elementwise ops
@@ -179,13 +183,26 @@ class MLA(nn.Module):
             S = kv_BSX.shape[1]
             if mask_B1TS is None and S != T:  # causal, aligned to the end of the cached history
                 mask_B1TS = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(S - T)[None, None]
-            if absorbed:  # W_UV folded into the output projection: it takes the latent output directly
+            if absorbed:
                 o_latent_BTHC = self._forward_absorbed(q_latent_BTHC, q_rope_BTHR, kv_BSX, mask_B1TS)
-                return F.linear(o_latent_BTHC.reshape(B, T, H * C), w_o_absorbed, self.o_proj.bias)
-            # prefill: expanding keys/values once beats the absorbed path's [T, S] latent scores
-            latent_BSC, k_rope_BSR = kv_BSX.split([C, R], dim=-1)
-            o_BTHV = self._forward_full(q_nope_BTHK, q_rope_BTHR, latent_BSC, k_rope_BSR, mask_B1TS)
+                if folded:  # W_UV folded into the output projection: it takes the latent outputs directly
+                    return F.linear(o_latent_BTHC.reshape(B, T, H * C), w_o_absorbed, self.o_proj.bias)
+                o_BTHV = torch.einsum("bthc,hvc->bthv", o_latent_BTHC, self._w_uk_uv()[1])
+            else:  # prefill: expanding keys/values once beats the absorbed path's [T, S] latent scores
+                latent_BSC, k_rope_BSR = kv_BSX.split([C, R], dim=-1)
+                o_BTHV = self._forward_full(q_nope_BTHK, q_rope_BTHR, latent_BSC, k_rope_BSR, mask_B1TS)
         return self.o_proj(o_BTHV.reshape(B, T, H * self.v_head_dim))
+
+    def folds_projections(self) -> bool:
+        """Whether the absorbed path may fold W_UK and W_UV into the query and output projections' weights: only
+        when both are plain `nn.Linear` (an FP8 projection, `kernels.fp8_linear.FP8Linear`, keeps its GEMM)."""
+        q_linear = self.q_proj if self.q_lora_rank is None else self.q_b_proj
+        return type(q_linear) is nn.Linear and type(self.o_proj) is nn.Linear
+
+    def _w_uk_uv(self) -> tuple[Tensor, Tensor]:
+        """(W_UK [H, K, C], W_UV [H, V, C]): views of kv_b_proj's weight."""
+        H, K, V = self.n_heads, self.qk_nope_head_dim, self.v_head_dim
+        return self.kv_b_proj.weight.view(H, K + V, self.kv_lora_rank).split([K, V], dim=1)
 
     def absorbed_weights(self) -> tuple[Tensor, Tensor]:
         """(w_q [H * (C + R), q_lora_rank or D], w_o [D, H * C]): the query projection with W_UK folded into its
@@ -195,7 +212,7 @@ class MLA(nn.Module):
         if self._absorbed is not None:
             return self._absorbed
         H, K, R, C, V = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank, self.v_head_dim
-        w_uk_HKC, w_uv_HVC = self.kv_b_proj.weight.view(H, K + V, C).split([K, V], dim=1)
+        w_uk_HKC, w_uv_HVC = self._w_uk_uv()
         w_q_HQI = (self.q_proj if self.q_lora_rank is None else self.q_b_proj).weight.view(H, K + R, -1)
         w_nope_HKI, w_rope_HRI = w_q_HQI.split([K, R], dim=1)
         w_q = torch.cat([w_uk_HKC.transpose(1, 2) @ w_nope_HKI, w_rope_HRI], dim=1).reshape(H * (C + R), -1)

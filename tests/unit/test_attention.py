@@ -277,3 +277,38 @@ def test_absorbed_weights_cached_changes_nothing_and_is_dropped_after(q_lora_ran
             cached = decode_two()
     assert torch.equal(cached, plain)
     assert mla._absorbed is None
+
+
+def test_swapped_projections_are_not_folded_and_decode_the_same():
+    """A projection that is not a plain nn.Linear (the FP8 path's) keeps its own GEMM on the absorbed path."""
+
+    class OwnLinear(torch.nn.Linear):  # stands for kernels.fp8_linear.FP8Linear: an nn.Linear subclass
+        pass
+
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    mla = MLA(cfg, layer_idx=0).eval()
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    B, P = 2, 4
+    x = torch.randn(B, P + 1, cfg.hidden_size)
+    rope = RotaryEmbedding(cfg)
+    pos = torch.arange(P + 1)[None].expand(B, P + 1)
+
+    def last_step() -> torch.Tensor:
+        cache = MLACache(1, B, P + 1, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=torch.float32)
+        mla(x[:, :P], rope(pos[:, :P]), build_attention_mask(None, P, 0, x.device), cache)
+        cache.advance(P)
+        return mla(x[:, P:], rope(pos[:, P:]), build_attention_mask(None, 1, P, x.device), cache)
+
+    with torch.no_grad():
+        folded = last_step()
+        own = OwnLinear(mla.o_proj.in_features, mla.o_proj.out_features, bias=False)
+        own.weight = mla.o_proj.weight
+        mla.o_proj = own
+        assert not mla.folds_projections()
+        calls = []
+        own.register_forward_hook(lambda *_: calls.append(1))
+        unfolded = last_step()
+    assert calls, "the swapped-in output projection was bypassed"
+    assert torch.allclose(unfolded, folded, atol=1e-5, rtol=0), report(unfolded, folded)
