@@ -64,13 +64,17 @@ def build_attention_mask(attention_mask_BS: Tensor | None, T: int, past: int, de
     S = past + T
     if attention_mask_BS is None and past == 0:
         return None
+    if attention_mask_BS is not None and attention_mask_BS.shape[1] != S:
+        raise ValueError(f"attention_mask_BT covers {attention_mask_BS.shape[1]} positions, expected {S} (cached+new)")
+    if attention_mask_BS is not None and T == 1:  # one query (a decode step): every real key, and itself
+        allowed_BS = attention_mask_BS.bool().clone()
+        allowed_BS[:, -1] = True
+        return allowed_BS[:, None, None, :]
     q_pos_T1 = torch.arange(past, S, device=device)[:, None]
     k_pos_1S = torch.arange(S, device=device)[None, :]
     allowed_TS = k_pos_1S <= q_pos_T1
     if attention_mask_BS is None:
         return allowed_TS[None, None]
-    if attention_mask_BS.shape[1] != S:
-        raise ValueError(f"attention_mask_BT covers {attention_mask_BS.shape[1]} positions, expected {S} (cached+new)")
     allowed_BTS = allowed_TS[None] & attention_mask_BS.bool()[:, None, :]
     allowed_BTS = allowed_BTS | (k_pos_1S == q_pos_T1)[None]
     return allowed_BTS[:, None]

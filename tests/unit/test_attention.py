@@ -172,6 +172,18 @@ def test_attention_mask_left_padding():
         build_attention_mask(torch.ones(1, 3, dtype=torch.bool), 2, 2, "cpu")
 
 
+@pytest.mark.parametrize("last_is_real", [True, False])
+def test_decode_step_mask_is_the_last_row_of_the_full_mask(last_is_real):
+    """One new query after a cache (the decode shortcut) gets the last query row of the general rule's mask, and
+    the caller's mask is left unchanged."""
+    mask_BS = torch.tensor([[False, True, True, last_is_real], [True, True, False, last_is_real]])
+    before = mask_BS.clone()
+    step = build_attention_mask(mask_BS, 1, 3, "cpu")
+    full = build_attention_mask(mask_BS, 4, 0, "cpu")
+    assert step.shape == (2, 1, 1, 4) and torch.equal(step[:, :, 0], full[:, :, -1])
+    assert torch.equal(mask_BS, before)
+
+
 def test_cache_repeat_interleave_and_overflow():
     cache = MLACache(2, 2, 4, 3, 2, dtype=torch.float32)
     c = torch.arange(2 * 2 * 3, dtype=torch.float32).view(2, 2, 3)
