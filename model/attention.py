@@ -82,12 +82,13 @@ def build_attention_mask(attention_mask_BS: Tensor | None, T: int, past: int, de
 
 @contextmanager
 def absorbed_weights_cached(model: nn.Module) -> Iterator[None]:
-    """Within the block, every MLA layer of `model` computes its absorbed weights once instead of per forward: for
-    a generate call, whose weights cannot change while it runs (nothing is kept past the block)."""
-    layers = [m for m in model.modules() if isinstance(m, MLA) and m.folds_projections()]
+    """Within the block, every MLA layer of `model` that folds its projections computes the folded weights once (in
+    its first absorbed forward) instead of per forward: for a generate call, whose weights cannot change while it
+    runs (nothing is kept past the block)."""
+    layers = [m for m in model.modules() if isinstance(m, MLA)]
     try:
-        for layer in layers:
-            layer._absorbed = layer.absorbed_weights()
+        for layer in layers:  # filled by the first absorbed forward (inside it, where FSDP has gathered the weights)
+            layer._absorbed = []
         yield
     finally:
         for layer in layers:
@@ -141,7 +142,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=cfg.attention_bias)
-        self._absorbed: tuple[Tensor, Tensor] | None = None  # set only inside `absorbed_weights_cached`
+        self._absorbed: list[tuple[Tensor, Tensor]] | None = None  # a cache only inside `absorbed_weights_cached`
 
     def forward(
         self,
@@ -198,10 +199,19 @@ class MLA(nn.Module):
         return self.o_proj(o_BTHV.reshape(B, T, H * self.v_head_dim))
 
     def folds_projections(self) -> bool:
-        """Whether the absorbed path may fold W_UK and W_UV into the query and output projections' weights: only
-        when both are plain `nn.Linear` (an FP8 projection, `kernels.fp8_linear.FP8Linear`, keeps its GEMM)."""
+        """Whether the absorbed path folds W_UK and W_UV into the query and output projections' weights: when both
+        are plain `nn.Linear` (an FP8 projection, `kernels.fp8_linear.FP8Linear`, keeps its GEMM) and the folded
+        projections take no more multiply-adds per token than projecting and then absorbing. That holds for small
+        latents (the tiny presets: C <= V); DeepSeek-V3's C = 512 > V = 128 would make the folded o_proj 4x o_proj's
+        size, so it absorbs into the activations (as DeepSeek's own inference code does)."""
         q_linear = self.q_proj if self.q_lora_rank is None else self.q_b_proj
-        return type(q_linear) is nn.Linear and type(self.o_proj) is nn.Linear
+        if type(q_linear) is not nn.Linear or type(self.o_proj) is not nn.Linear:
+            return False
+        H, K, R, C, V = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank, self.v_head_dim
+        I, D = q_linear.in_features, self.o_proj.out_features
+        folded = H * (C + R) * I + D * H * C
+        unfolded = H * (K + R) * I + H * K * C + H * C * V + D * H * V
+        return folded <= unfolded
 
     def _w_uk_uv(self) -> tuple[Tensor, Tensor]:
         """(W_UK [H, K, C], W_UV [H, V, C]): views of kv_b_proj's weight."""
@@ -213,15 +223,18 @@ class MLA(nn.Module):
         per-head nope rows (they give W_UK^T q^C, the latent query, directly; the rope rows are kept), and o_proj with
         W_UV folded in (it maps the per-head latent outputs). Products of the weights only: `absorbed_weights_cached`
         computes them once for a whole generate call; without it every absorbed forward recomputes them."""
-        if self._absorbed is not None:
-            return self._absorbed
+        if self._absorbed:
+            return self._absorbed[0]
         H, K, R, C, V = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank, self.v_head_dim
         w_uk_HKC, w_uv_HVC = self._w_uk_uv()
         w_q_HQI = (self.q_proj if self.q_lora_rank is None else self.q_b_proj).weight.view(H, K + R, -1)
         w_nope_HKI, w_rope_HRI = w_q_HQI.split([K, R], dim=1)
-        w_q = torch.cat([w_uk_HKC.transpose(1, 2) @ w_nope_HKI, w_rope_HRI], dim=1).reshape(H * (C + R), -1)
-        w_o_DHV = self.o_proj.weight.view(-1, H, V)
-        w_o = torch.einsum("dhv,hvc->dhc", w_o_DHV, w_uv_HVC).reshape(w_o_DHV.shape[0], H * C)
+        with torch.autocast(w_q_HQI.device.type, enabled=False):  # folded in the weights' dtype (fp32 masters)
+            w_q = torch.cat([w_uk_HKC.transpose(1, 2) @ w_nope_HKI, w_rope_HRI], dim=1).reshape(H * (C + R), -1)
+            w_o_DHV = self.o_proj.weight.view(-1, H, V)
+            w_o = torch.einsum("dhv,hvc->dhc", w_o_DHV, w_uv_HVC).reshape(w_o_DHV.shape[0], H * C)
+        if self._absorbed is not None:
+            self._absorbed.append((w_q, w_o))
         return w_q, w_o
 
     def absorbed_is_cheaper(self, T: int, S: int) -> bool:

@@ -285,10 +285,26 @@ def test_absorbed_weights_cached_changes_nothing_and_is_dropped_after(q_lora_ran
     with torch.inference_mode():
         plain = decode_two()
         with absorbed_weights_cached(mla):
-            assert mla._absorbed is not None
             cached = decode_two()
+            # computed by the first absorbed forward and reused by the second (when the shapes fold at all)
+            assert len(mla._absorbed) == int(mla.folds_projections())
     assert torch.equal(cached, plain)
     assert mla._absorbed is None
+
+
+def test_projections_are_folded_only_when_it_saves_multiply_adds():
+    """The tiny shapes fold; DeepSeek-V3's (C = 512 > V = 128) would quadruple o_proj, so they do not."""
+    assert MLA(small_cfg(), layer_idx=0).folds_projections()
+    v3 = small_cfg(
+        hidden_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        q_lora_rank=96,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+    )
+    assert not MLA(v3, layer_idx=0).folds_projections()
 
 
 def test_swapped_projections_are_not_folded_and_decode_the_same():
