@@ -27,6 +27,13 @@ What is measured (fp32, `torch.set_num_threads(--threads)`, same weights: our mo
   with --ckpt (a Hugging Face directory our `model.hf.export_hf` wrote, e.g. a pipeline's `pretrain/hf`, with its
   tokenizer) the prompts are Python source from the standard library, encoded with the checkpoint's tokenizer.
 
+- train_roofline (one row per run): the training step's floor on this CPU in fp32: its FLOPs as
+  `torch.utils.flop_counter.FlopCounterMode` counts them on transformers' step (matmuls and the eager attention's
+  batched matmuls: every score, as a kernel without causal skipping computes them; ours is counted too) divided by
+  the best fp32 GEMM rate measured in the same run on the step's typical shapes (the head forward and backward, an
+  expert's gate/up projection, the attention scores). Both steps' CPU time as multiples of that floor; hf_x_floor is
+  also the most any fp32 implementation could beat transformers by here.
+
 Timing: best (minimum) of the timed repetitions over --rounds interleaved rounds of fresh workers, in wall-clock
 seconds and in process CPU seconds (`time.process_time`). On a shared machine the wall clock measures the neighbours
 too; with one torch thread the CPU-time figure is the robust one (it counts only this process's work, though a
@@ -183,7 +190,8 @@ def worker(args: argparse.Namespace) -> dict:
     return out
 
 
-def run_worker(name: str, hf_dir: Path, args: argparse.Namespace) -> dict:
+def run_worker(name: str, hf_dir: Path, args: argparse.Namespace, tree: Path = ROOT) -> dict:
+    """Run one worker in a fresh process, importing the code of source tree `tree` (this one, or --before's)."""
     cmd = [sys.executable, "-m", "bench.model_vs_hf", "--worker", name, "--hf-dir", str(hf_dir)]
     for k in (
         "threads",
@@ -197,10 +205,93 @@ def run_worker(name: str, hf_dir: Path, args: argparse.Namespace) -> dict:
         "new_tokens",
     ):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree)}
+    res = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"worker {name} failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ roofline
+
+
+def step_flops(impl: str, model, ids_BT: torch.Tensor) -> int:
+    """Floating-point operations of one training step as `torch.utils.flop_counter.FlopCounterMode` counts them
+    (matmuls, batched matmuls and attention kernels; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _train_step(impl, model, ids_BT)
+    return counter.get_total_flops()
+
+
+def gemm_shapes(cfg, batch: int, seq: int) -> dict[str, tuple[int, int, int, int]]:
+    """(batch of matrices, M, K, N) of the training step's typical GEMMs: the head (forward, input gradient, weight
+    gradient), a routed expert's fused gate/up projection, the attention scores."""
+    N, D, V = batch * seq, cfg.hidden_size, cfg.vocab_size
+    rows_per_expert = N * cfg.num_experts_per_tok // cfg.n_routed_experts
+    H, Q = cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    return {
+        "head": (1, N, D, V),
+        "head_dx": (1, N, V, D),
+        "head_dw": (1, V, N, D),
+        "expert": (1, rows_per_expert, D, 2 * cfg.moe_intermediate_size),
+        "scores": (batch * H, seq, Q, seq),
+    }
+
+
+def sgemm_rate(shapes: dict[str, tuple[int, int, int, int]], reps: int = 10) -> tuple[float, str]:
+    """(best fp32 GEMM rate in FLOP per CPU second over `shapes`, the shape that reached it): `torch.matmul`, best
+    of `reps` after a warm-up. The head's weight gradient multiplies a transposed operand, as autograd does."""
+    best, best_name = 0.0, ""
+    for name, (Bm, M, K, N) in shapes.items():
+        a = torch.randn(K, M).t() if name == "head_dw" else torch.randn(Bm, M, K).squeeze(0)
+        b = torch.randn(Bm, K, N).squeeze(0)
+        torch.matmul(a, b)
+        times = []
+        for _ in range(reps):
+            c0 = time.process_time()
+            torch.matmul(a, b)
+            times.append(time.process_time() - c0)
+        rate = 2 * Bm * M * K * N / min(times)
+        if rate > best:
+            best, best_name = rate, name
+    return best, best_name
+
+
+def roofline_worker(args: argparse.Namespace) -> dict:
+    """FLOPs of both training steps on the same weights, and this CPU's fp32 GEMM rate, in one process."""
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(1)
+    out: dict = {}
+    for impl in ("ours", "hf"):
+        model = _load(impl, args.hf_dir).train()
+        ids_BT = torch.randint(2, model.config.vocab_size, (args.batch, args.seq + 1), generator=gen)
+        out[f"{impl}_flops"] = step_flops(impl, model, ids_BT)
+    rate, shape = sgemm_rate(gemm_shapes(tiny_config(False), args.batch, args.seq))
+    out.update(sgemm_flop_per_s=rate, sgemm_shape=shape)
+    return out
+
+
+def roofline_row(roof: dict, ours: dict, hf: dict, args: argparse.Namespace) -> dict:
+    """The training step's floor: transformers' counted FLOPs (its eager attention computes every score, as a
+    kernel without causal skipping must) at the measured GEMM rate, and both steps' CPU time as multiples of it."""
+    n_tokens = args.batch * args.seq
+    floor_s = roof["hf_flops"] / roof["sgemm_flop_per_s"]
+    ours_s, hf_s = n_tokens / ours["tokens_per_cpu_s"], n_tokens / hf["tokens_per_cpu_s"]
+    return {
+        "step_gflop_hf": round(roof["hf_flops"] / 1e9, 3),
+        "step_gflop_ours": round(roof["ours_flops"] / 1e9, 3),
+        "sgemm_gflop_per_cpu_s": round(roof["sgemm_flop_per_s"] / 1e9, 1),
+        "sgemm_shape": roof["sgemm_shape"],
+        "floor_cpu_s": round(floor_s, 4),
+        "ours_cpu_s": round(ours_s, 4),
+        "hf_cpu_s": round(hf_s, 4),
+        "ours_x_floor": round(ours_s / floor_s, 2),
+        "hf_x_floor": round(hf_s / floor_s, 2),
+        "max_speedup_over_hf": round(hf_s / floor_s, 2),  # what a perfect fp32 implementation could reach
+    }
 
 
 # ------------------------------------------------------------------------------------------------ profile
@@ -320,13 +411,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all workers; the best is kept")
     p.add_argument("--ckpt", type=Path, default=None, help="a Hugging Face directory written by model.hf.export_hf")
     p.add_argument("--compile", action="store_true", help="+ rows of ours with model.compile=true (minutes each)")
+    p.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="an earlier source tree (git archive <commit> | tar -x -C DIR): its ours-workers run in the same rounds "
+        "and every row gains cpu_ratio_to_before (ours now / ours then)",
+    )
     p.add_argument("--no-csv", action="store_true", help="print only, do not append to the CSV")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of ours and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--hf-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args)))
+        print(json.dumps(roofline_worker(args) if args.worker == "roofline" else worker(args)))
         return
     if args.profile:
         profile(args)
@@ -339,6 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     jobs = sorted(
         {j for _, o, h, _, _ in rows_spec for j in (o, h)} | {PLAIN_OF[o] for _, o, *_ in rows_spec if o in PLAIN_OF}
     )
+    if args.before:  # the same ours-jobs on the earlier tree ("before|" + job)
+        jobs += sorted({"before|" + o for _, o, *_ in rows_spec})
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {"ckpt": args.ckpt}
@@ -350,11 +450,14 @@ def main(argv: list[str] | None = None) -> None:
             for job in jobs:
                 print(f"round {rnd + 1}/{args.rounds}: {job} ...", file=sys.stderr, flush=True)
                 name, weights = job.split("@")
-                r = run_worker(name, dirs[weights], args)
+                before = name.startswith("before|")
+                tree = args.before if before else ROOT
+                r = run_worker(name.removeprefix("before|"), dirs[weights], args, tree)
                 best = results.setdefault(job, r)
                 for k in ("tokens_per_s", "tokens_per_cpu_s", "decode_tokens_per_s", "decode_tokens_per_cpu_s"):
                     if k in r:
                         best[k] = max(best[k], r[k])
+        results["roofline"] = run_worker("roofline", dirs["plain"], args)
 
     cfg = tiny_config(True)
     shape = f"tiny L{cfg.num_hidden_layers} D{cfg.hidden_size} E{cfg.n_routed_experts} k{cfg.num_experts_per_tok}"
@@ -382,6 +485,11 @@ def main(argv: list[str] | None = None) -> None:
             "same_greedy_tokens": o["tokens"] == h["tokens"] if "tokens" in o else "",
             "ours_first_call_s": round(o["first_call_s"], 1),  # warm-up: includes inductor's compile when compiled
         }
+        if args.before:  # the same workload on the earlier tree, in the same rounds
+            then = results["before|" + ours_key]
+            row["before_tree"] = args.before.name
+            row["before_per_cpu_s"] = round(then[cpu_field], 1)
+            row["cpu_ratio_to_before"] = round(o[cpu_field] / then[cpu_field], 3)
         if ours_key in PLAIN_OF:  # speculative: acceptance, against our own plain decoding on the same weights
             plain = results[PLAIN_OF[ours_key]]
             row["acceptance"] = round(o["accepted"] / max(o["drafted"], 1), 3)
@@ -392,6 +500,7 @@ def main(argv: list[str] | None = None) -> None:
             f"(x{row['cpu_speed_ratio']:.2f})  tok/s x{row['speed_ratio']:.2f}  "
             f"peak MiB ours {row['ours_peak_extra_mib']:6.1f} hf {row['hf_peak_extra_mib']:6.1f}  "
             f"same tokens: {row['same_greedy_tokens']}"
+            + (f"  x{row['cpu_ratio_to_before']:.2f} vs before" if args.before else "")
             + (
                 f"  acceptance {row['acceptance']:.2f}, x{row['cpu_ratio_to_ours_plain']:.2f} vs our plain "
                 f"(same tokens: {row['same_tokens_as_ours_plain']})"
@@ -401,7 +510,24 @@ def main(argv: list[str] | None = None) -> None:
         )
         if not args.no_csv:
             append_result("model_vs_hf", row)
+    roof = roofline_row(results["roofline"], results["ours:train:plain@plain"], results["hf:train:plain@plain"], args)
+    print(
+        f"train_roofline: {roof['step_gflop_hf']} GFLOP (FlopCounterMode, transformers' step; ours "
+        f"{roof['step_gflop_ours']}) at {roof['sgemm_gflop_per_cpu_s']} GFLOP/cpu-s (sgemm, {roof['sgemm_shape']}): "
+        f"floor {roof['floor_cpu_s']} s; ours {roof['ours_x_floor']}x, transformers {roof['hf_x_floor']}x the floor"
+    )
     if not args.no_csv:
+        append_result(
+            "model_vs_hf",
+            {
+                "threads": args.threads,
+                "shape": shape,
+                "workload": describe("train_tokens_per_s", args, cfg) + ", floor of a perfect fp32 implementation",
+                "metric": "train_roofline",
+                "load_avg_1m": load,
+                **roof,
+            },
+        )
         print("appended to bench/results/model_vs_hf.csv")
 
 

@@ -136,7 +136,16 @@ def model_vs_hf() -> tuple[str, list[Row]]:
             f"MTP speculative decode on a pretrained checkpoint: {pct(spec, 'acceptance', 0)} of drafts accepted, "
             f"{num(spec, 'cpu_ratio_to_ours_plain', '.2f')}x our plain decode"
         )
-    return "CPU-time ratio, ours / transformers: " + ", ".join(parts), [*found.values(), *([spec] if spec else [])]
+    used = [*found.values(), *([spec] if spec else [])]
+    roof = last("model_vs_hf", metric="train_roofline")
+    if roof is not None:
+        parts.append(
+            f"training-step floor ({num(roof, 'step_gflop_hf')} GFLOP by FlopCounterMode at "
+            f"{num(roof, 'sgemm_gflop_per_cpu_s')} GFLOP/s sgemm): ours {num(roof, 'ours_x_floor', '.2f')}x, "
+            f"transformers {num(roof, 'hf_x_floor', '.2f')}x it"
+        )
+        used.append(roof)
+    return "CPU-time ratio, ours / transformers: " + ", ".join(parts), used
 
 
 def cpu_autocast() -> tuple[str, list[Row]]:

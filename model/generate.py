@@ -44,11 +44,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from model.attention import absorbed_weights_cached
 from model.cache import MLACache
 from model.sampling import SamplingParams, next_tokens, token_logprobs
 from model.speculative import break_even_acceptance, decode_speculative, prefill_mtp
@@ -309,7 +311,6 @@ def decode_plain(
         next_pos_A1 = next_pos_A1 + 1
 
 
-@torch.inference_mode()
 def drafts_by_default(device: torch.device) -> bool:
     """Whether `speculative=None` drafts: on a GPU, where one decode step is bound by reading the weights and a
     forward over 2 positions costs about as much as over 1, yes; on a CPU, where the tiny models' decode is bound by
@@ -318,6 +319,7 @@ def drafts_by_default(device: torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+@torch.inference_mode()
 def generate(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -377,9 +379,11 @@ def generate(
     model.eval()
     drafted = accepted = 0
     handoff = None
+    stack = ExitStack()
     try:
         if dispatch is not None:
             dispatch.attach()
+        stack.enter_context(absorbed_weights_cached(model))  # the weights stay fixed for the whole call
         ids_BL, mask_BS, pos_BL = left_pad(prompts, device)
         B, L = ids_BL.shape
         R = B * n_samples
@@ -422,6 +426,7 @@ def generate(
         _sync(device)
         t2 = time.perf_counter()
     finally:
+        stack.close()
         model.train(was_training)
         if dispatch is not None:
             dispatch.detach()

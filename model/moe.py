@@ -138,11 +138,32 @@ class RoutedExperts(nn.Module):
             up_MF = self.grouped_mm(x_MD, self.up_proj, offsets_E1)
         return self.grouped_mm(F.silu(gate_MF) * up_MF, self.down_proj, offsets_E1)
 
+    def dense_is_cheaper(self, x_ND: Tensor, K: int) -> bool:
+        """Whether to run every expert on every token (`forward_dense`): on the CPU with the default GEMM, when the
+        experts average at most 4 rows each (decoding), where a grouped GEMM is E tiny matmul calls per projection
+        and three calls of E / K times the work cost less. Never on a GPU, where the grouped kernel is one launch and
+        reads only the experts that received rows."""
+        N, E = x_ND.shape[0], self.n_experts
+        return x_ND.device.type == "cpu" and self.grouped_mm is grouped_mm and N * K <= 4 * E
+
+    def forward_dense(self, x_ND: Tensor, topk_idx_NK: Tensor, topk_weight_NK: Tensor) -> Tensor:
+        """The same sum as `forward`, computing all E experts for all N tokens and keeping each token's K: two
+        matmuls over the stacked gate and up weights and one batched matmul over the experts' down weights."""
+        (N, K), (E, F_, D) = topk_idx_NK.shape, self.gate_proj.shape
+        gate_NEF = (x_ND @ self.gate_proj.view(E * F_, D).T).view(N, E, F_)
+        up_NEF = (x_ND @ self.up_proj.view(E * F_, D).T).view(N, E, F_)
+        h_ENF = (F.silu(gate_NEF) * up_NEF).transpose(0, 1)
+        y_NED = torch.bmm(h_ENF, self.down_proj.transpose(1, 2)).transpose(0, 1)
+        y_NKD = y_NED.gather(1, topk_idx_NK[:, :, None].expand(N, K, D))
+        return (y_NKD * topk_weight_NK.unsqueeze(-1)).sum(dim=1).to(x_ND.dtype)  # gates are fp32: fp32 combine
+
     def forward(
         self, x_ND: Tensor, topk_idx_NK: Tensor, topk_weight_NK: Tensor, capacity: int | None = None
     ) -> tuple[Tensor, int]:
         """sum_k gate[n, k] * expert_{idx[n, k]}(x[n]) for every token: ([N, D] in x's dtype, dropped assignments)."""
         N, K = topk_idx_NK.shape
+        if capacity is None and self.dense_is_cheaper(x_ND, K):
+            return self.forward_dense(x_ND, topk_idx_NK, topk_weight_NK), 0
         order_M, offsets_E1, dropped = dispatch_order(topk_idx_NK, topk_weight_NK, self.n_experts, capacity)
         y_MD = self.forward_sorted(x_ND[order_M // K], offsets_E1)
         y_MD = y_MD * topk_weight_NK.reshape(-1)[order_M].unsqueeze(-1)  # gates are fp32: the combine is fp32

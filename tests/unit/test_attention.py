@@ -12,7 +12,7 @@ from transformers import DeepseekV3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
-from model.attention import MLA, build_attention_mask
+from model.attention import MLA, absorbed_weights_cached, build_attention_mask, causal_attention_blocked
 from model.cache import MLACache
 from model.config import ModelConfig
 from model.norm import RMSNorm
@@ -172,6 +172,18 @@ def test_attention_mask_left_padding():
         build_attention_mask(torch.ones(1, 3, dtype=torch.bool), 2, 2, "cpu")
 
 
+@pytest.mark.parametrize("last_is_real", [True, False])
+def test_decode_step_mask_is_the_last_row_of_the_full_mask(last_is_real):
+    """One new query after a cache (the decode shortcut) gets the last query row of the general rule's mask, and
+    the caller's mask is left unchanged."""
+    mask_BS = torch.tensor([[False, True, True, last_is_real], [True, True, False, last_is_real]])
+    before = mask_BS.clone()
+    step = build_attention_mask(mask_BS, 1, 3, "cpu")
+    full = build_attention_mask(mask_BS, 4, 0, "cpu")
+    assert step.shape == (2, 1, 1, 4) and torch.equal(step[:, :, 0], full[:, :, -1])
+    assert torch.equal(mask_BS, before)
+
+
 def test_cache_repeat_interleave_and_overflow():
     cache = MLACache(2, 2, 4, 3, 2, dtype=torch.float32)
     c = torch.arange(2 * 2 * 3, dtype=torch.float32).view(2, 2, 3)
@@ -227,3 +239,104 @@ def test_rms_norm_fp32_fast_path_is_bit_identical_to_the_formula():
     xb = x.bfloat16()
     want = norm.weight * (xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
     assert torch.equal(norm(xb), want)  # other dtypes: the formula itself
+
+
+@pytest.mark.parametrize("T", [1, 7, 16])
+@pytest.mark.parametrize("n_blocks", [1, 2, 3])
+def test_blocked_causal_attention_equals_sdpa_forward_and_backward(T, n_blocks):
+    """The CPU path's query blocks (skipping fully masked keys, values narrower than q/k) against SDPA's causal."""
+    torch.manual_seed(0)
+    B, H, Q, V = 2, 3, 12, 8
+    q, k, v = (torch.randn(B, H, T, w, requires_grad=True) for w in (Q, Q, V))
+    out = causal_attention_blocked(q, k, v, scale=0.3, n_blocks=n_blocks)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0), report(out, ref)
+    probe = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * probe).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * probe).sum(), (q, k, v))
+    for g, g_ref in zip(grads, ref_grads):
+        assert torch.allclose(g, g_ref, atol=1e-5, rtol=0), report(g, g_ref)
+
+
+@pytest.mark.parametrize("q_lora_rank", [48, None])
+def test_absorbed_weights_cached_changes_nothing_and_is_dropped_after(q_lora_rank):
+    """Decode steps inside `absorbed_weights_cached` give exactly the outputs of the same steps outside it (which
+    fold the weights on every forward), and the folded weights are not kept past the block."""
+    torch.manual_seed(0)
+    cfg = small_cfg(q_lora_rank=q_lora_rank)
+    mla = MLA(cfg, layer_idx=0).eval()
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    B, P = 2, 5
+    x = torch.randn(B, P + 2, cfg.hidden_size)
+    rope = RotaryEmbedding(cfg)
+    pos = torch.arange(P + 2)[None].expand(B, P + 2)
+
+    def decode_two() -> torch.Tensor:
+        cache = MLACache(1, B, P + 2, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=torch.float32)
+        mla(x[:, :P], rope(pos[:, :P]), build_attention_mask(None, P, 0, x.device), cache)
+        cache.advance(P)
+        outs = []
+        for t in (P, P + 1):
+            outs.append(mla(x[:, t : t + 1], rope(pos[:, t : t + 1]), build_attention_mask(None, 1, t, "cpu"), cache))
+            cache.advance(1)
+        return torch.cat(outs, dim=1)
+
+    with torch.inference_mode():
+        plain = decode_two()
+        with absorbed_weights_cached(mla):
+            cached = decode_two()
+            # computed by the first absorbed forward and reused by the second (when the shapes fold at all)
+            assert len(mla._absorbed) == int(mla.folds_projections())
+    assert torch.equal(cached, plain)
+    assert mla._absorbed is None
+
+
+def test_projections_are_folded_only_when_it_saves_multiply_adds():
+    """The tiny shapes fold; DeepSeek-V3's (C = 512 > V = 128) would quadruple o_proj, so they do not."""
+    assert MLA(small_cfg(), layer_idx=0).folds_projections()
+    v3 = small_cfg(
+        hidden_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        q_lora_rank=96,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+    )
+    assert not MLA(v3, layer_idx=0).folds_projections()
+
+
+def test_swapped_projections_are_not_folded_and_decode_the_same():
+    """A projection that is not a plain nn.Linear (the FP8 path's) keeps its own GEMM on the absorbed path."""
+
+    class OwnLinear(torch.nn.Linear):  # stands for kernels.fp8_linear.FP8Linear: an nn.Linear subclass
+        pass
+
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    mla = MLA(cfg, layer_idx=0).eval()
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    B, P = 2, 4
+    x = torch.randn(B, P + 1, cfg.hidden_size)
+    rope = RotaryEmbedding(cfg)
+    pos = torch.arange(P + 1)[None].expand(B, P + 1)
+
+    def last_step() -> torch.Tensor:
+        cache = MLACache(1, B, P + 1, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=torch.float32)
+        mla(x[:, :P], rope(pos[:, :P]), build_attention_mask(None, P, 0, x.device), cache)
+        cache.advance(P)
+        return mla(x[:, P:], rope(pos[:, P:]), build_attention_mask(None, 1, P, x.device), cache)
+
+    with torch.no_grad():
+        folded = last_step()
+        own = OwnLinear(mla.o_proj.in_features, mla.o_proj.out_features, bias=False)
+        own.weight = mla.o_proj.weight
+        mla.o_proj = own
+        assert not mla.folds_projections()
+        calls = []
+        own.register_forward_hook(lambda *_: calls.append(1))
+        unfolded = last_step()
+    assert calls, "the swapped-in output projection was bypassed"
+    assert torch.allclose(unfolded, folded, atol=1e-5, rtol=0), report(unfolded, folded)

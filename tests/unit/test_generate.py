@@ -107,6 +107,23 @@ def test_cached_greedy_equals_full_recomputation(model):
 
 
 @pytest.mark.parametrize("speculative", [False, True])
+def test_generation_records_no_autograd_graph(model, speculative):
+    """Every forward of a generate call (prefill, decode, drafts) runs in inference mode: no graph, no balance loss."""
+    seen = []
+
+    def record(module, args, output):
+        seen.append((torch.is_inference_mode_enabled(), output.requires_grad))
+
+    handles = [layer.self_attn.register_forward_hook(record) for layer in [*model.model.layers, model.mtp[0].layer]]
+    try:
+        generate(model, PROMPTS, max_new_tokens=4, temperature=0.0, speculative=speculative)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen and all(inference and not grad for inference, grad in seen), seen
+
+
+@pytest.mark.parametrize("speculative", [False, True])
 def test_prompt_prefilled_once_and_shared_by_samples(model, speculative):
     calls, mtp_calls = [], []
     orig, orig_mtp = model.forward, model.mtp_forward

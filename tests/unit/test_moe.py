@@ -485,3 +485,36 @@ def test_dropless_moe_training_step_needs_no_host_sync(balance):
         assert stats.dropped == 0 and y.shape == (2, 16, D)
     with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(Exception):  # noqa: B017 (the test can fail)
         torch.randn(4).tolist()
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3, 16])
+def test_dense_expert_path_equals_grouped_forward_and_backward(n_tokens):
+    """Every expert on every token, keeping each token's K (the CPU decode path), against the grouped GEMM."""
+    moe = make_moe()
+    x = torch.randn(n_tokens, D, requires_grad=True)
+    idx, w, _ = moe.gate(x)
+    experts = moe.experts
+    assert experts.dense_is_cheaper(x, idx.shape[1])
+    dense = experts.forward_dense(x, idx, w)
+    order, offsets, _ = dispatch_order(idx, w, E)
+    y_sorted = experts.forward_sorted(x[order // idx.shape[1]], offsets) * w.reshape(-1)[order].unsqueeze(-1)
+    grouped = y_sorted.new_zeros(idx.numel(), D).index_copy(0, order, y_sorted).view(*idx.shape, D).sum(1)
+    assert_close(dense, grouped, atol=1e-6, rtol=1e-5, what="dense vs grouped experts")
+    probe = torch.randn_like(dense)
+    params = [x, experts.gate_proj, experts.up_proj, experts.down_proj]
+    for g, g_ref, name in zip(
+        torch.autograd.grad((dense * probe).sum(), params, retain_graph=True),
+        torch.autograd.grad((grouped * probe).sum(), params),
+        ["x", "gate_proj", "up_proj", "down_proj"],
+    ):
+        assert_close(g, g_ref, atol=1e-6, rtol=1e-5, what=f"grad {name}")
+
+
+def test_dense_expert_path_only_for_few_rows_on_cpu_with_the_default_gemm():
+    experts = make_moe().experts
+    K = 4
+    assert experts.dense_is_cheaper(torch.zeros(E, D), K)  # 4 rows per expert on average
+    assert not experts.dense_is_cheaper(torch.zeros(E + 1, D), K)
+    assert not experts.dense_is_cheaper(torch.zeros(1, D, device="meta"), K)  # not a CPU tensor
+    experts.grouped_mm = grouped_mm_reference  # a swapped-in GEMM (the FP8 path) keeps its own quantized calls
+    assert not experts.dense_is_cheaper(torch.zeros(1, D), K)

@@ -72,6 +72,25 @@ def test_losses_compose():
     assert cross_entropy(out.logits_BTV, torch.full_like(targets, -100)).item() == 0.0
 
 
+def test_cross_entropy_equals_torch_in_value_and_gradient():
+    """Our summed token cross-entropy (lean backward) against F.cross_entropy, with ignored targets, including an
+    ignored row whose clamped target logit is -inf (it must contribute 0, not NaN)."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11) * 3
+    targets = torch.randint(0, 11, (3, 5))
+    targets[0, :2] = -100
+    logits[0, 0, 0] = float("-inf")  # ignored row 0: its target is clamped to index 0
+    logits = logits.requires_grad_()
+    ours = cross_entropy(logits, targets)
+    ref = F.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1), ignore_index=-100)
+    assert torch.allclose(ours, ref, atol=1e-6, rtol=1e-6) and torch.isfinite(ours)
+    probe = torch.tensor(0.7)
+    (g,) = torch.autograd.grad(ours * probe, logits)
+    (g_ref,) = torch.autograd.grad(ref * probe, logits)
+    assert torch.allclose(g, g_ref, atol=1e-7, rtol=1e-6) and torch.isfinite(g).all()
+    assert (g[0, :2] == 0).all()
+
+
 def test_mtp_is_causal():
     """MTP depth k at position i sees tokens <= i + k only (it predicts token i + k + 1)."""
     model = make_model(num_nextn_predict_layers=2).eval()
