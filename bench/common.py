@@ -28,7 +28,8 @@ def commit() -> str:
     try:
         repo = RESULTS_DIR.parent.parent
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
-        status = ["git", "status", "--porcelain", "--untracked-files=no"]
+        # the results files themselves do not make the code dirty: a bench appending several rows labels each one
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results"]
         dirty = subprocess.run(status, cwd=repo, capture_output=True, text=True)
         return (sha.stdout.strip() or "unknown") + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
