@@ -23,11 +23,13 @@ completed (datatrove's completion markers), since the work directory's name is f
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import multiprocess
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactFindDedups
@@ -108,7 +110,10 @@ def build_stages(dcfg: DataConfig, work: Path, contamination: Contamination | No
     removed = f"{w}/minhash/remove" if near else ""
     train = TrainTokenizer(w, tok.vocab_size, tok.min_frequency, dcfg.pack.val_fraction, removed=removed)
     stages.append(Stage("tokenizer", [train], 1))
-    pack.append(TokenizePack(w, dcfg.fim, dcfg.pack, dcfg.seed))
+    # tasks running side by side on this machine share its cores (Slurm gives each task its own)
+    side_by_side = min(dcfg.num_proc, n) if dcfg.executor == "local" else 1
+    threads = max(1, (os.cpu_count() or 1) // side_by_side) if side_by_side > 1 else 0
+    pack.append(TokenizePack(w, dcfg.fim, dcfg.pack, dcfg.seed, threads=threads))
     stages.append(Stage("pack", pack, n))
     stages.append(Stage("merge", [MergeParts(w, dcfg.pack.seq_len, dcfg.report_examples)], 1))
     for s in stages:
@@ -118,7 +123,12 @@ def build_stages(dcfg: DataConfig, work: Path, contamination: Contamination | No
 
 
 def run_local(stages: list[Stage], work: Path, workers: int) -> dict[str, float]:
-    """Each stage in turn on this machine, `workers` tasks at a time (in this process when 1); seconds per stage."""
+    """Each stage in turn on this machine, `workers` tasks at a time (in this process when 1); seconds per stage.
+
+    datatrove starts each stage's worker processes from a fork server (one clean process, forked for each worker:
+    safe whatever threads this process runs). The fork server imports the stage's modules once, before its first
+    fork, so a worker starts with them loaded instead of importing datatrove, numpy and the steps itself."""
+    multiprocess.get_context("forkserver").set_forkserver_preload([__name__])
     timings = {}
     for s in tqdm(stages, desc="data stage (datatrove)", unit="stage"):
         t = time.time()
