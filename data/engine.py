@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactFindDedups
 from datatrove.pipeline.writers import JsonlWriter
+from multiprocess import forkserver
 from tqdm.auto import tqdm
 
 from data.config import DataConfig
@@ -122,13 +124,24 @@ def build_stages(dcfg: DataConfig, work: Path, contamination: Contamination | No
     return stages
 
 
-def run_local(stages: list[Stage], work: Path, workers: int) -> dict[str, float]:
-    """Each stage in turn on this machine, `workers` tasks at a time (in this process when 1); seconds per stage.
+def start_fork_server(dcfg: DataConfig) -> None:
+    """Start the process datatrove's local executor forks its workers from, when there will be workers.
 
     datatrove starts each stage's worker processes from a fork server (one clean process, forked for each worker:
-    safe whatever threads this process runs). The fork server imports the stage's modules once, before its first
-    fork, so a worker starts with them loaded instead of importing datatrove, numpy and the steps itself."""
-    multiprocess.get_context("forkserver").set_forkserver_preload([__name__])
+    safe whatever threads this process runs). The fork server imports the main module (as every worker would: the
+    CLI's imports bring torch) and the steps' modules once, before its first fork, so that a worker starts with
+    them loaded instead of importing them again for every stage. Started before the inputs are listed, it imports
+    them while this process lists. Starting it again is a no-op."""
+    if dcfg.executor != "local" or min(dcfg.num_proc, dcfg.n_tasks) < 2:
+        return
+    main = getattr(sys.modules["__main__"], "__spec__", None)  # `python -m data.prepare`: a module, not a path
+    modules = ["__main__", *([main.name] if main and main.name else []), __name__]
+    multiprocess.get_context("forkserver").set_forkserver_preload(modules)
+    forkserver.ensure_running()
+
+
+def run_local(stages: list[Stage], work: Path, workers: int) -> dict[str, float]:
+    """Each stage in turn on this machine, `workers` tasks at a time (in this process when 1); seconds per stage."""
     timings = {}
     for s in tqdm(stages, desc="data stage (datatrove)", unit="stage"):
         t = time.time()
@@ -188,4 +201,5 @@ def run_stages(dcfg: DataConfig, work: Path, contamination: Contamination | None
     stages = build_stages(dcfg, work, contamination)
     if dcfg.executor == "slurm":
         return run_slurm(stages, work, dcfg)
+    start_fork_server(dcfg)
     return run_local(stages, work, dcfg.num_proc)
