@@ -135,7 +135,10 @@ def start_fork_server(dcfg: DataConfig) -> None:
     if dcfg.executor != "local" or min(dcfg.num_proc, dcfg.n_tasks) < 2:
         return
     main = getattr(sys.modules["__main__"], "__spec__", None)  # `python -m data.prepare`: a module, not a path
-    modules = ["__main__", *([main.name] if main and main.name else []), __name__]
+    name = main.name if main and main.name else ""
+    # a package's __main__ is never imported under its own name (as multiprocessing's workers do not): it may run
+    # its program unguarded
+    modules = ["__main__", *([name] if name and not name.endswith("__main__") else []), __name__]
     multiprocess.get_context("forkserver").set_forkserver_preload(modules)
     forkserver.ensure_running()
 
