@@ -16,7 +16,8 @@ The corpus is the stage's default source (this interpreter's standard library an
 The goal is a pipeline at no less than half the raw encode rate. Both rates are given per wall second and per CPU
 second (all processes of the run, sampled from /proc: on a loaded machine the CPU figure is the fair one). Rows (one
 per P, with the raw rate measured in the same run, after it) go to bench/results/data_throughput.csv with the
-1-minute load average: on a shared machine compare rows of one run only.
+1-minute load average: on a shared machine compare rows of one run only. Each datatrove stage's wall and CPU
+seconds (stats.json's timings) are printed too, not recorded.
 
     .venv/bin/python -m bench.data_throughput --vs-checkout ../main --repeats 2
 
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 wall = time.perf_counter() - t
             cpu = cpu0.seconds - base
             tok = load_tokenizer(Path(d) / "tokenizer.json")
+            stats = json.loads((Path(d) / "stats.json").read_text())
+            print(json.dumps({"procs": procs, "stage_wall_s": stats["timings_s"], "stage_cpu_s": stats["cpu_s"]}))
         texts = readable_texts(dcfg)
         mb = sum(len(x.encode("utf-8", "surrogatepass")) for x in texts) / 1e6
         c = time.process_time()

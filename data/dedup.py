@@ -38,7 +38,6 @@ import struct
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 import regex
@@ -172,10 +171,13 @@ class MinhashSignatures(MinhashDedupSignature):
         return ngram_hashes(words, n, self.config.hash_config.precision).reshape((-1, 1))
 
     def get_signature(self, shingles: np.ndarray, chunk: int = 4096) -> list[list[int]]:
-        """datatrove's signature (the minimum of each permuted hash over the shingles), taken over chunks of
-        shingles so that a 500 KB document does not need a shingles x hashes matrix of 80 MB (tested equal)."""
+        """datatrove's signature (the minimum of each permuted hash over the shingles), taken over chunks of the
+        distinct shingles so that a 500 KB document does not need a shingles x hashes matrix of 80 MB (tested equal)."""
         a, b = self.parameters
         hc = self.config.hash_config
+        # each distinct shingle once: the minimum over a set is the minimum over the list (a repeated line of code
+        # repeats its shingles), and every shingle costs bands * rows hash evaluations
+        shingles = np.unique(shingles).reshape((-1, 1))
         mins = None
         with np.errstate(over="ignore"):
             for i in range(0, len(shingles), chunk):
@@ -258,20 +260,31 @@ def ngrams(text: str, n: int) -> set[str]:
     return {" ".join(w[i : i + n]) for i in range(len(w) - n + 1)}
 
 
-@dataclass(frozen=True)
 class Contamination:
     """The n-grams of the evaluation texts, the gram lengths to look for (n, plus any shorter whole texts), and for
     each gram's first two words the lengths of the grams that start with them (so a document position is joined
-    into a candidate gram only when its first two words start one: linear in the document, whatever the lengths)."""
+    into a candidate gram only when its first two words start one: linear in the document, whatever the lengths).
 
-    grams: frozenset[str]
-    n: int
-    lengths: tuple[int, ...]
-    starts: dict[str, tuple[int, ...]]  # (string keys: datatrove writes the steps' settings as JSON)
-    one_word: bool = False  # some evaluation text is a single word
+    A plain class, not a dataclass: datatrove writes every step's settings to its executor.json, a dataclass field
+    by field (a copy of every gram, for every stage), anything else as its short `repr`."""
+
+    __slots__ = ("grams", "n", "lengths", "starts", "one_word")
+
+    def __init__(
+        self,
+        grams: frozenset[str],
+        n: int,
+        lengths: tuple[int, ...],
+        starts: dict[str, tuple[int, ...]],
+        one_word: bool = False,  # some evaluation text is a single word
+    ) -> None:
+        self.grams, self.n, self.lengths, self.starts, self.one_word = grams, n, lengths, starts, one_word
 
     def __len__(self) -> int:
         return len(self.grams)
+
+    def __repr__(self) -> str:
+        return f"Contamination(n={self.n}, grams={len(self.grams)}, lengths={self.lengths})"
 
 
 def build_contamination_set(texts: Iterable[str], n: int) -> Contamination:
@@ -295,8 +308,9 @@ def is_contaminated(text: str, contamination: Contamination | None) -> bool:
     w = words(text)
     grams, starts = contamination.grams, contamination.starts
     one_word = contamination.one_word
-    for i in range(len(w)):
-        lengths = starts.get(" ".join(w[i : i + 2]), ())
+    pairs = map(" ".join, zip(w, w[1:] + [""]))  # "a b" at each position ("z " at the last: no gram starts so)
+    for i, pair in enumerate(pairs):
+        lengths = starts.get(pair, ())
         if one_word:
             lengths += starts.get(w[i], ())
         for k in lengths:

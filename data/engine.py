@@ -23,15 +23,19 @@ completed (datatrove's completion markers), since the work directory's name is f
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import multiprocess
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactFindDedups
 from datatrove.pipeline.writers import JsonlWriter
+from multiprocess import forkserver
 from tqdm.auto import tqdm
 
 from data.config import DataConfig
@@ -108,13 +112,35 @@ def build_stages(dcfg: DataConfig, work: Path, contamination: Contamination | No
     removed = f"{w}/minhash/remove" if near else ""
     train = TrainTokenizer(w, tok.vocab_size, tok.min_frequency, dcfg.pack.val_fraction, removed=removed)
     stages.append(Stage("tokenizer", [train], 1))
-    pack.append(TokenizePack(w, dcfg.fim, dcfg.pack, dcfg.seed))
+    # tasks running side by side on this machine share its cores (Slurm gives each task its own)
+    side_by_side = min(dcfg.num_proc, n) if dcfg.executor == "local" else 1
+    threads = max(1, (os.cpu_count() or 1) // side_by_side) if side_by_side > 1 else 0
+    pack.append(TokenizePack(w, dcfg.fim, dcfg.pack, dcfg.seed, threads=threads))
     stages.append(Stage("pack", pack, n))
     stages.append(Stage("merge", [MergeParts(w, dcfg.pack.seq_len, dcfg.report_examples)], 1))
     for s in stages:
         if not isinstance(s.pipeline[-1], MemoryProbe):
             s.pipeline.append(probe(s.name))
     return stages
+
+
+def start_fork_server(dcfg: DataConfig) -> None:
+    """Start the process datatrove's local executor forks its workers from, when there will be workers.
+
+    datatrove starts each stage's worker processes from a fork server (one clean process, forked for each worker:
+    safe whatever threads this process runs). The fork server imports the main module (as every worker would: the
+    CLI's imports bring torch) and the steps' modules once, before its first fork, so that a worker starts with
+    them loaded instead of importing them again for every stage. Started before the inputs are listed, it imports
+    them while this process lists. Starting it again is a no-op."""
+    if dcfg.executor != "local" or min(dcfg.num_proc, dcfg.n_tasks) < 2:
+        return
+    main = getattr(sys.modules["__main__"], "__spec__", None)  # `python -m data.prepare`: a module, not a path
+    name = main.name if main and main.name else ""
+    # a package's __main__ is never imported under its own name (as multiprocessing's workers do not): it may run
+    # its program unguarded
+    modules = ["__main__", *([name] if name and not name.endswith("__main__") else []), __name__]
+    multiprocess.get_context("forkserver").set_forkserver_preload(modules)
+    forkserver.ensure_running()
 
 
 def run_local(stages: list[Stage], work: Path, workers: int) -> dict[str, float]:
@@ -178,4 +204,5 @@ def run_stages(dcfg: DataConfig, work: Path, contamination: Contamination | None
     stages = build_stages(dcfg, work, contamination)
     if dcfg.executor == "slurm":
         return run_slurm(stages, work, dcfg)
+    start_fork_server(dcfg)
     return run_local(stages, work, dcfg.num_proc)

@@ -38,7 +38,7 @@ from tokenizers import Tokenizer
 
 from data.fim import WindowFim, fim_ids, fim_rng, split_document
 from data.langs import PROSE_LANGS
-from data.tokenizer import EOS, FIM_BEGIN, FIM_END, FIM_HOLE, token_dtype
+from data.tokenizer import EOS, FIM_BEGIN, FIM_END, FIM_HOLE, token_bytes, token_dtype
 
 INDEX = "index.json"
 DOC_STARTS = "doc_starts.npy"
@@ -82,12 +82,15 @@ def encode_documents(
     fim_rate: float,
     spm_rate: float,
     fim_langs: list[str],
+    table: list[bytes] | None = None,
 ) -> list[tuple[list[int], str, bool]]:
     """(ids ending in EOS, FIM mode "" / "psm" / "spm", round trip ok) per document.
 
     `tok` must have `encode_special_tokens` set. Document-level FIM (data/fim.py, deterministic in (seed, text)) cuts
-    the text into prefix/middle/suffix, each encoded on its own; the round trip check decodes every encoded piece
-    back to its text. Pass fim_rate=0 for window-level FIM, which works on the packed ids instead."""
+    the text into prefix/middle/suffix, each encoded on its own; the round trip check maps every encoded piece's
+    ids back to bytes (`table`, data.tokenizer.token_bytes, built when not given) and compares them with the piece's
+    UTF-8: decoding exactly, without building the decoded strings. Pass fim_rate=0 for window-level FIM, which works
+    on the packed ids instead."""
     assert tok.encode_special_tokens, "document text must be encoded with special-token parsing off"
     pieces, layout = [], []  # layout: (mode, index of the first piece)
     for text, lang in zip(texts, langs):
@@ -105,8 +108,8 @@ def encode_documents(
         else:
             pieces.append(text)
     ids = [e.ids for e in tok.encode_batch_fast(pieces, add_special_tokens=False)]
-    decoded = tok.decode_batch(ids, skip_special_tokens=False)
-    ok_piece = [d == p for d, p in zip(decoded, pieces)]
+    table = table or token_bytes(tok)
+    ok_piece = [b"".join(map(table.__getitem__, i)) == p.encode("utf-8") for i, p in zip(ids, pieces)]
     eos, sentinels = tok.token_to_id(EOS), sentinel_ids(tok)
     out = []
     for mode, k in layout:

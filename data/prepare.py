@@ -58,7 +58,7 @@ from omegaconf import DictConfig
 
 from data.config import DataConfig
 from data.dedup import build_contamination_set, humaneval_texts
-from data.engine import run_stages
+from data.engine import run_stages, start_fork_server
 from data.outputs import stage_outputs
 from data.reasoning import held_out_texts, write_reasoning_sets
 from data.sources import check_sources, list_items
@@ -108,6 +108,7 @@ def build(dcfg: DataConfig, out_dir: Path, tracker=None, listing: tuple[list, st
     outs = stage_outputs(out_dir)
     t0 = time.time()
     check_sources(dcfg.sources)
+    start_fork_server(dcfg)  # its imports overlap the listing
     items, fingerprint = listing or list_items(dcfg.sources, dcfg.seed)
     work = _work_dir(out_dir, hash_config(stage_config(dcfg, fingerprint))[:16])
     atomic_write_text(work / "items.jsonl", "".join(json.dumps(it) + "\n" for it in items))

@@ -31,7 +31,7 @@ from data.config import FilterConfig, FimConfig, PackConfig
 from data.dedup import Contamination, is_contaminated
 from data.filters import TextRules
 from data.pack import PART, PartWriter, encode_documents, merge_parts, split_hash
-from data.tokenizer import load_tokenizer, save_tokenizer, token_dtype, train_tokenizer
+from data.tokenizer import load_tokenizer, save_tokenizer, token_bytes, token_dtype, train_tokenizer
 
 
 class RejectWriter(JsonlWriter):
@@ -217,13 +217,21 @@ class TokenizePack(PipelineStep):
 
     name = "📦 tokenize + pack"
 
-    def __init__(self, work: str, fim: FimConfig, pack: PackConfig, seed: int, shuffle_tokens: int = 4_000_000) -> None:
+    def __init__(
+        self, work: str, fim: FimConfig, pack: PackConfig, seed: int, shuffle_tokens: int = 4_000_000, threads: int = 0
+    ) -> None:
         super().__init__()
         self.work, self.fim, self.pack, self.seed, self.shuffle_tokens = work, fim, pack, seed, shuffle_tokens
+        self.threads = threads  # encoding threads per task (0: the tokenizer's default, every core)
 
     def run(self, data, rank: int = 0, world_size: int = 1):
+        if self.threads:  # before the first encode of this process: rayon sizes its thread pool once
+            os.environ["RAYON_NUM_THREADS"] = str(self.threads)
+            if self.threads == 1:
+                os.environ["TOKENIZERS_PARALLELISM"] = "false"
         tok = load_tokenizer(Path(self.work, "tokenizer.json"))
         tok.encode_special_tokens = True  # document text is text: "<think>" in a file is not the special token
+        table = token_bytes(tok)
         rule = json.loads(Path(self.work, "split.json").read_text())
         window = self.fim.level == "window"
         window_fim = {"rate": self.fim.rate, "spm_rate": self.fim.spm_rate, "seed": [self.seed, rank]}
@@ -249,9 +257,8 @@ class TokenizePack(PipelineStep):
             nonlocal buffered
             fim_rate = 0.0 if window else self.fim.rate
             texts, langs = [d.text for d in batch], [d.metadata.get("lang", "text") for d in batch]
-            for doc, (ids, mode, ok) in zip(
-                batch, encode_documents(texts, langs, tok, self.seed, fim_rate, self.fim.spm_rate, self.fim.languages)
-            ):
+            fim = (self.seed, fim_rate, self.fim.spm_rate, self.fim.languages)
+            for doc, (ids, mode, ok) in zip(batch, encode_documents(texts, langs, tok, *fim, table)):
                 split = "val" if is_val(split_hash(doc.text), rule) else "train"
                 c = counts[split]
                 c["bytes_in"] += len(doc.text.encode("utf-8"))

@@ -117,6 +117,29 @@ def load_hf_tokenizer(path: Path):
     )
 
 
+def _byte_symbols() -> dict[str, int]:
+    """The byte-level alphabet as a map symbol -> byte: the 188 printable Latin-1 bytes stand for themselves, the
+    other 68 (controls, space, soft hyphen...) for the characters from U+0100 up, in byte order (GPT-2's table, which
+    `pre_tokenizers.ByteLevel` and `decoders.ByteLevel` use)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols = {chr(b): b for b in printable}
+    for k, b in enumerate(b for b in range(256) if b not in set(printable)):
+        symbols[chr(256 + k)] = b
+    return symbols
+
+
+def token_bytes(tok: Tokenizer) -> list[bytes]:
+    """The bytes each id decodes to (index = id): a byte-level token's symbols mapped back to bytes, a special
+    token's own text. `b"".join(table[i] for i in ids)` is what `tok.decode(ids, skip_special_tokens=False)`
+    decodes from UTF-8, so comparing it with the text's UTF-8 checks a round trip without decoding (test)."""
+    symbols = _byte_symbols()
+    special = {t.content for t in tok.get_added_tokens_decoder().values()}
+    table = [b""] * tok.get_vocab_size()
+    for token, i in tok.get_vocab(with_added_tokens=True).items():
+        table[i] = token.encode("utf-8") if token in special else bytes(symbols[c] for c in token)
+    return table
+
+
 def token_dtype(vocab_size: int):
     """The smallest numpy dtype for token ids: uint16 when the vocabulary has fewer than 65536 entries."""
     return np.uint16 if vocab_size < 2**16 else np.uint32

@@ -99,6 +99,13 @@ def test_pathological_python_is_invalid_not_a_crash(src):
     assert python_parses(src) is False
 
 
+@pytest.mark.parametrize("src", ["return 1\n", "def f():\n    nonlocal x\n", "break\n", "def f(a, a):\n    pass\n"])
+def test_python_the_compiler_refuses_is_invalid(src):
+    """Files that `ast.parse` accepts but the interpreter refuses to compile (so would never import)."""
+    assert python_parses(src) is False
+    assert python_parses("def f():\n    return 1\n") is True
+
+
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("lang", ["solidity", "c", "cpp", "javascript", "go", "rust", "java"])
 def test_rules_are_linear_on_adversarial_brace_code(lang):

@@ -262,3 +262,28 @@ def test_window_level_fim_keeps_every_example_inside_one_window(first_run, tmp_p
         docs = tok.decode(plain.tolist(), skip_special_tokens=False).split(EOS)
         assert docs[-1] == "" and all(docs[:-1])
     assert metrics["documents_kept"] == doc_level["documents_kept"]
+
+
+def test_fork_server_preloads_the_cli_module_never_a_package_main(monkeypatch):
+    """Workers fork from a server that imported the main module once; a `python -m pkg` main (`pkg.__main__`) is
+    not imported under its own name (it may run its program unguarded), and one process needs no server."""
+    import sys
+    import types
+
+    from data import engine
+
+    calls = []
+    monkeypatch.setattr(engine.forkserver, "ensure_running", lambda: calls.append("started"))
+    ctx = engine.multiprocess.get_context("forkserver")
+    monkeypatch.setattr(ctx, "set_forkserver_preload", lambda modules: calls.append(list(modules)))
+    two = compose(["data.num_proc=2"]).data
+    for spec, want in (("data.prepare", ["__main__", "data.prepare", "data.engine"]), ("tool.__main__", None)):
+        main = types.ModuleType("__main__")
+        main.__spec__ = types.SimpleNamespace(name=spec)
+        monkeypatch.setitem(sys.modules, "__main__", main)
+        calls.clear()
+        engine.start_fork_server(two)
+        assert calls == [want or ["__main__", "data.engine"], "started"]
+    calls.clear()
+    engine.start_fork_server(compose(["data.num_proc=1"]).data)
+    assert calls == []

@@ -15,6 +15,7 @@ from data.tokenizer import (
     load_hf_tokenizer,
     load_tokenizer,
     save_tokenizer,
+    token_bytes,
     token_dtype,
     train_tokenizer,
 )
@@ -47,6 +48,24 @@ def test_special_tokens_have_the_first_ids(tok):
 @pytest.mark.parametrize("text", CORPUS + HARD)
 def test_round_trip_is_exact(tok, text):
     assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
+
+
+def test_token_bytes_are_what_decode_decodes(tok):
+    """The packer's round-trip check (ids -> bytes through `token_bytes`) agrees with `tok.decode` on every token
+    that is whole UTF-8 on its own, on every text here, and on special tokens."""
+    table = token_bytes(tok)
+    assert len(table) == tok.get_vocab_size() and len(set(table)) == len(table)
+    for i, b in enumerate(table):
+        try:
+            text = b.decode("utf-8")
+        except UnicodeDecodeError:  # a piece of a multi-byte character: decode() would show U+FFFD
+            assert "\ufffd" in tok.decode([i])
+            continue
+        assert tok.decode([i], skip_special_tokens=False) == text
+    for text in CORPUS + HARD + ["<think> and " + EOS]:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert b"".join(table[i] for i in ids) == text.encode("utf-8")
+        assert b"".join(table[i] for i in ids).decode("utf-8") == tok.decode(ids, skip_special_tokens=False)
 
 
 def test_vocab_too_small_is_an_error():
