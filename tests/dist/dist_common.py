@@ -107,7 +107,14 @@ LAYOUTS_PP_4 = {
     "pp2_fsdp2": {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "pp_schedule": "1f1b", **NO_MTP},
     # bf16 parameters under FSDP's MixedPrecisionPolicy: the hidden state between stages is bf16
     "pp2_fsdp2_bf16": {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "pp_schedule": "1f1b", **NO_MTP, "precision": "bf16"},
-    "pp2_fsdp2_meta": {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "pp_schedule": "1f1b", **NO_MTP, "train.meta_init": "true"},
+    "pp2_fsdp2_meta": {
+        "pp": 2,
+        "dp_replicate": 1,
+        "dp_shard": 2,
+        "pp_schedule": "1f1b",
+        **NO_MTP,
+        "train.meta_init": "true",
+    },
     "pp2_fsdp2_dualpipev": {
         "pp": 2,
         "dp_replicate": 1,
@@ -198,6 +205,30 @@ def compare_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
         if not torch.allclose(got[k], want[k], atol=atol, rtol=rtol):
             err = (got[k] - want[k]).abs()
             bad.append(f"{k}: max abs err {err.max():.3e}, mean {err.mean():.3e}")
+    return bad
+
+
+def compare_params(got: dict, want: dict, moments: dict, atol: float, rtol: float, eps: float = 1e-8) -> list:
+    """`compare_tensors` for parameters after AdamW steps, held to atol/rtol except on the entries whose second
+    moment is below eps^2 (no gradient, or only rounding noise: 1e-9 beside 1e-4 in the same row, e.g. rare token
+    rows): there update = lr * m / (sqrt(v) + eps) passes the noise's relative error (a different summation order of
+    the same gradients, e.g. FSDP's reduce-scatter) straight into the weight. Those entries get 10 x atol; a layout
+    bug moves the gradient-driven entries, which keep the strict bound."""
+    bad = compare_tensors(
+        {k: v for k, v in got.items() if f"{k}.exp_avg_sq" not in moments},
+        {k: v for k, v in want.items() if f"{k}.exp_avg_sq" not in moments},
+        atol,
+        rtol,
+    )
+    for k, v_want in want.items():
+        v_sq = moments.get(f"{k}.exp_avg_sq")
+        if v_sq is None:
+            continue
+        noise = v_sq.sqrt() < eps
+        err = (got[k] - v_want).abs()
+        over = err > atol + rtol * v_want.abs()
+        if not got[k].isfinite().all() or (over & ~noise).any() or (err[noise] > 10 * atol).any():
+            bad.append(f"{k}: max abs err {err.max():.3e}, mean {err.mean():.3e}, noise-gradient entries {noise.sum()}")
     return bad
 
 

@@ -22,6 +22,7 @@ from tests.dist.dist_common import (
     MICRO_MODEL,
     MICRO_TRAIN,
     clone_run,
+    compare_params,
     compare_steps,
     compare_tensors,
     load_checkpoint,
@@ -86,5 +87,7 @@ def test_final_weights_and_optimizer_match(runs):
     ckpt = "pretrain/checkpoints/step_000008"
     p_want, m_want, _ = load_checkpoint(root / "straight" / ckpt)
     p_got, m_got, _ = load_checkpoint(root / "elastic" / ckpt)
-    bad = compare_tensors(p_got, p_want, atol=1e-5, rtol=1e-4) + compare_tensors(m_got, m_want, atol=1e-5, rtol=1e-4)
+    bad = compare_params(p_got, p_want, m_want, atol=1e-5, rtol=1e-4) + compare_tensors(
+        m_got, m_want, atol=1e-5, rtol=1e-4
+    )
     assert not bad, "\n".join(bad[:30])
