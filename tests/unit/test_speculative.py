@@ -19,6 +19,7 @@ from model.config import ModelConfig
 from model.generate import RowOutputs, drafts_by_default, generate
 from model.sampling import SamplingParams, sampling_probs, verify_draft
 from model.transformer import DeepseekV3
+from tests.kernels.tiny_model import tiny_config as shared_tiny_config
 
 ALPHA = 1e-3
 
@@ -32,31 +33,8 @@ def _one_torch_thread():
 
 
 def small_config(**kw) -> ModelConfig:
-    base = dict(
-        vocab_size=32,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_shared_experts=1,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        kv_lora_rank=32,
-        q_lora_rank=48,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        max_position_embeddings=256,
-        rope_scaling=None,
-        num_nextn_predict_layers=1,
-    )
-    base.update(kw)
-    return ModelConfig(**base).validate()
+    """The kernel tests' micro model (shared_tiny_config) with vocab_size=32, max_position_embeddings=256."""
+    return shared_tiny_config(**({"vocab_size": 32, "max_position_embeddings": 256} | kw))
 
 
 def progressions(n: int, T: int, g: torch.Generator) -> torch.Tensor:
