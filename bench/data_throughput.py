@@ -7,11 +7,12 @@ The corpus is the stage's default source (this interpreter's standard library an
 .rst, .txt) capped at `--mb` MB. Both sides get the same bytes:
 
 - pipeline: `data.prepare.build` with `data.num_proc = data.tasks = P`: listing, reading, quality filters
-  (including `ast.parse` of every Python file), decontamination, exact and MinHash dedup (datatrove's stages),
+  (including `compile` of every Python file), decontamination, exact and MinHash dedup (datatrove's stages),
   BPE training on the sample, FIM, tokenization with the round-trip check, packing and merging the shards: the
   whole stage but the reasoning sets (generated, not read). MB/s = input bytes / wall seconds.
 - raw: `tokenizer.encode_batch_fast(texts)` of every readable document with the tokenizer the run trained, in
-  one process (Rust, all cores): what a user would otherwise run to tokenize the corpus, and nothing else.
+  one process (Rust, all cores, whatever TOKENIZERS_PARALLELISM says, as the stage's own tokenizer steps): what a
+  user would otherwise run to tokenize the corpus, and nothing else.
 
 The goal is a pipeline at no less than half the raw encode rate. Both rates are given per wall second and per CPU
 second (all processes of the run, sampled from /proc: on a loaded machine the CPU figure is the fair one). Rows (one
@@ -112,7 +113,7 @@ def readable_texts(dcfg) -> list[str]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     from data.prepare import build
-    from data.tokenizer import load_tokenizer
+    from data.tokenizer import load_tokenizer, tokenizer_threads
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=float, default=16.0, help="MB of source files")
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         mb = sum(len(x.encode("utf-8", "surrogatepass")) for x in texts) / 1e6
         c = time.process_time()
         t = time.perf_counter()
-        tok.encode_batch_fast(texts)
+        with tokenizer_threads(0):
+            tok.encode_batch_fast(texts)
         raw = time.perf_counter() - t
         raw_cpu = time.process_time() - c
         row = {

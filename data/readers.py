@@ -1,7 +1,7 @@
 """datatrove readers of the stage's input items (listed by data/sources.py), each input counted, none fatal.
 
-`ItemReader` is the first step of the stage's datatrove pipeline: task `rank` of `world_size` reads items
-`rank, rank + world_size, ...` of the items file (hub sources: its shard of every stream) and yields one datatrove
+`ItemReader` is the first step of the stage's datatrove pipeline: task `rank` of `world_size` reads its share of
+the items file, balanced by bytes (`item_tasks`; hub sources: its shard of every stream) and yields one datatrove
 `Document` per record, kept or not. A record that cannot be used is a Document with empty text and
 `metadata["reason"]` set, so the next step (`data.steps.Rejects`) counts and lists it.
 
@@ -37,6 +37,21 @@ from data.config import SourceConfig
 from data.sources import read_text_file, record, row_record
 
 BOM = b"\xef\xbb\xbf"
+ITEM_OVERHEAD_BYTES = 4096  # what opening and listing one input costs a task, counted as this many bytes of text
+
+
+def item_tasks(items: Iterator[dict], world_size: int) -> Iterator[tuple[dict, int | None]]:
+    """(item, task) for each item in order: each local item goes to the task with the fewest bytes so far (ties:
+    the lowest task), so that one task does not get the big files while another idles; hub items: None (every task
+    reads its shard). Every task computes the same assignment from the same file, one item at a time."""
+    loads = [0] * world_size
+    for item in items:
+        if item["kind"] == "hub":
+            yield item, None
+            continue
+        task = min(range(world_size), key=loads.__getitem__)
+        loads[task] += item.get("size", 0) + ITEM_OVERHEAD_BYTES
+        yield item, task
 
 
 def to_document(rec: dict) -> Document:
@@ -212,9 +227,8 @@ class ItemReader(BaseReader):
             yield from data
         taken: dict[int, list[int]] = {}  # source index -> [rows, bytes] of kept rows in this task
         with open(self.items_file, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                item = json.loads(line)
-                if item["kind"] != "hub" and i % world_size != rank:
+            for item, task in item_tasks(map(json.loads, f), world_size):
+                if task is not None and task != rank:
                     continue
                 spec = self.specs[item["spec"]]
                 rows_cap = math.ceil(spec.max_files / world_size) if spec.max_files else 0

@@ -31,7 +31,14 @@ from data.config import FilterConfig, FimConfig, PackConfig
 from data.dedup import Contamination, is_contaminated
 from data.filters import TextRules
 from data.pack import PART, PartWriter, encode_documents, merge_parts, split_hash
-from data.tokenizer import load_tokenizer, save_tokenizer, token_bytes, token_dtype, train_tokenizer
+from data.tokenizer import (
+    load_tokenizer,
+    save_tokenizer,
+    token_bytes,
+    token_dtype,
+    tokenizer_threads,
+    train_tokenizer,
+)
 
 
 class RejectWriter(JsonlWriter):
@@ -197,7 +204,8 @@ class TrainTokenizer(PipelineStep):
                     if batch:
                         yield batch
 
-        tok = train_tokenizer(batches(), self.vocab_size, self.min_frequency)
+        with tokenizer_threads(0):  # the one task of its stage: every core of its machine
+            tok = train_tokenizer(batches(), self.vocab_size, self.min_frequency)
         save_tokenizer(tok, Path(self.work, "tokenizer.json"))
         Path(self.work, "split.json").write_text(json.dumps(rule))
 
@@ -225,10 +233,10 @@ class TokenizePack(PipelineStep):
         self.threads = threads  # encoding threads per task (0: the tokenizer's default, every core)
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        if self.threads:  # before the first encode of this process: rayon sizes its thread pool once
-            os.environ["RAYON_NUM_THREADS"] = str(self.threads)
-            if self.threads == 1:
-                os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        with tokenizer_threads(self.threads):
+            self._pack(data, rank)
+
+    def _pack(self, data, rank: int) -> None:
         tok = load_tokenizer(Path(self.work, "tokenizer.json"))
         tok.encode_special_tokens = True  # document text is text: "<think>" in a file is not the special token
         table = token_bytes(tok)

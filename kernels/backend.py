@@ -19,8 +19,6 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
 BACKENDS = ("auto", "triton", "torch", "torchao")
 _TRITON_MODULES = ("kernels.quant", "kernels.fp8_gemm", "kernels.grouped_gemm")
 
@@ -40,6 +38,8 @@ def resolve_backend(name: str) -> str:
         raise ValueError(f"kernels.backend must be one of {BACKENDS}, got {name!r}")
     if name in ("torch", "torchao"):
         return name
+    import torch  # here, not at the top: the config (pipeline/config.py) reads BACKENDS without loading torch
+
     if name == "auto":
         return "triton" if torch.cuda.is_available() else "torch"
     if torch.cuda.is_available():

@@ -196,3 +196,30 @@ def test_missing_paths_are_clear_errors(tmp_path):
     (tmp_path / "notes.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="jsonl"):
         check_sources([SourceConfig(kind="files", paths=[str(tmp_path / "notes.csv")])])
+
+
+def test_items_are_shared_between_tasks_by_bytes():
+    from data.readers import ITEM_OVERHEAD_BYTES, item_tasks
+
+    # one big file first, then small ones: by position (i % 2) task 0 would get 1 MB + 4 x 10 KB, task 1 4 x 10 KB
+    items = [{"kind": "text", "size": 10**6}] + [{"kind": "text", "size": 10_000} for _ in range(8)]
+    items.insert(3, {"kind": "hub"})
+    items.insert(5, {"kind": "reject"})
+    tasks = list(item_tasks(iter(items), 2))
+    assert [it for it, _ in tasks] == items  # every item, in order
+    assert [t for it, t in tasks if it["kind"] == "hub"] == [None]  # every task reads its shard of a hub source
+    load = [sum(it.get("size", 0) + ITEM_OVERHEAD_BYTES for it, t in tasks if t == r) for r in (0, 1)]
+    assert [t for it, t in tasks if it.get("size") == 10**6] == [0]
+    assert all(t == 1 for it, t in tasks if it.get("size") == 10_000)  # the small ones balance the big one
+    assert load[1] < load[0]
+    assert list(item_tasks(iter(items), 2)) == tasks  # every task computes the same assignment
+    assert {t for _, t in item_tasks(iter(items), 1)} == {0, None}
+
+
+def test_the_data_stage_never_loads_torch():
+    """`python -m data.prepare` and datatrove's fork server import the CLI module: torch is 1.5 s of CPU there."""
+    import subprocess
+    import sys
+
+    code = "import sys, data.prepare, pipeline.__main__; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

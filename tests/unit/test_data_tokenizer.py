@@ -92,3 +92,19 @@ def test_transformers_loads_it_and_agrees(tok, tmp_path):
 def test_token_dtype():
     assert token_dtype(4096) == np.uint16 and token_dtype(65535) == np.uint16
     assert token_dtype(65536) == np.uint32 and token_dtype(129280) == np.uint32
+
+
+def test_the_data_stage_sets_its_own_tokenizer_threads(monkeypatch):
+    import os
+
+    from data.tokenizer import tokenizer_threads
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # as the Makefile exports it
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    with tokenizer_threads(0):
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true" and "RAYON_NUM_THREADS" not in os.environ
+    with tokenizer_threads(1):
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false" and os.environ["RAYON_NUM_THREADS"] == "1"
+    with tokenizer_threads(3):
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true" and os.environ["RAYON_NUM_THREADS"] == "3"
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false" and "RAYON_NUM_THREADS" not in os.environ  # restored
