@@ -4,6 +4,7 @@ pretrained checkpoint, and the mean, sd and t interval of every headline metric.
     make seeds RUN=<run> SEEDS="0 1 2"            # python -m bench.seeds --run outputs/<run> --seeds 0 1 2
     python -m bench.seeds --run outputs/<run> --seeds 0 1 2 --overrides rl.steps=200 sft.steps=600
     python -m bench.seeds --run outputs/<run> --seeds 0 1 --overrides experiment=smoke   # micro scale (the test)
+    make seeds RUN=<run> ARGS="--jobs 3"          # the seeds side by side, each one's output in <run>_seed<s>.log
 
 `<run>` must have finished its data and pretrain stages. Seed s runs the pipeline's post-training stages as
 `outputs/<run>_seed<s>/` (`python -m pipeline pipeline.stages=[sft,rl,distill,eval] run.seed=<s>
@@ -27,10 +28,12 @@ README quotes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.common import append_result
@@ -85,15 +88,22 @@ def student_base(run_dir: Path, overrides: list[str]) -> Path:
     return pretrain_student_base(cfg)
 
 
-def run_seed(run_dir: Path, seed: int, init: Path, base: Path, overrides: list[str], timeout: int) -> Path:
-    """The post-training stages of one seed, as a pipeline run of their own; returns its run directory."""
+def run_seed(
+    run_dir: Path, seed: int, init: Path, base: Path, overrides: list[str], timeout: int, log: bool = False
+) -> Path:
+    """The post-training stages of one seed, as a pipeline run of their own; returns its run directory. With `log`
+    (seeds running side by side) its output goes to `<run>_seed<s>.log` beside the run directories."""
     name = f"{run_dir.name}_seed{seed}"
     cmd = [sys.executable, "-m", "pipeline", f"pipeline.stages={POST_STAGES}", f"run.root={run_dir.parent}"]
     cmd += [f"run.name={name}", f"run.seed={seed}", f"run.data_from={run_dir.name}", f"sft.init={init}"]
     cmd += [f"distill.student_init={base}", *overrides]
-    print(f"[seeds] seed {seed}: {' '.join(cmd[1:])}", flush=True)
+    log_path = run_dir.parent / f"{name}.log"
+    print(f"[seeds] seed {seed}: {' '.join(cmd[1:])}" + (f" > {log_path}" if log else ""), flush=True)
     env = os.environ | {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, timeout=timeout)
+    with open(log_path, "w") if log else contextlib.nullcontext() as out:
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=env, timeout=timeout, stdout=out, stderr=subprocess.STDOUT if log else None
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"seed {seed} failed with exit code {proc.returncode}: {' '.join(cmd)}")
     return run_dir.parent / name
@@ -120,15 +130,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides for every seed (sft.*, rl.*, ...)")
     ap.add_argument("--timeout", type=int, default=6 * 3600, help="seconds allowed for one seed's chain")
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="seeds run side by side (each stage of a tiny model uses ~1 core)"
+    )
     args = ap.parse_args(argv)
 
     run_dir = args.run.resolve()
     init = newest_checkpoint(run_dir / "pretrain" / "checkpoints")
     base = student_base(run_dir, args.overrides)
     base_eval = read_json(run_dir / "eval" / "eval.json")
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait: each seed is a subprocess
+        futures = {
+            s: pool.submit(run_seed, run_dir, s, init, base, args.overrides, args.timeout, args.jobs > 1)
+            for s in args.seeds
+        }
     per_seed = {}
     for seed in args.seeds:
-        seed_dir = run_seed(run_dir, seed, init, base, args.overrides, args.timeout)
+        seed_dir = futures[seed].result()
         per_seed[seed] = seed_metrics(seed_dir, base_eval)
         append_result(
             "seeds", {"run": str(run_dir), "seed": seed, "overrides": " ".join(args.overrides)} | per_seed[seed]

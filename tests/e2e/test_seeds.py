@@ -21,7 +21,8 @@ def test_seeds_rerun_post_training_from_one_checkpoint(data_run, tmp_path, monke
     clone_run(root, "seedbase")
     pretrain(compose([*overrides, "run.name=seedbase", "train=smoke"]))
     summary = main(
-        ["--run", str(root / "seedbase"), "--seeds", "0", "1", "--overrides", "experiment=smoke", "wandb.mode=disabled"]
+        ["--run", str(root / "seedbase"), "--seeds", "0", "1", "--jobs", "2"]
+        + ["--overrides", "experiment=smoke", "wandb.mode=disabled"]
     )
 
     assert json.loads((root / "seedbase" / "seeds" / "summary.json").read_text()) == json.loads(json.dumps(summary))
@@ -33,6 +34,7 @@ def test_seeds_rerun_post_training_from_one_checkpoint(data_run, tmp_path, monke
         dist = json.loads((run_dir / "distill" / "manifest.json").read_text())
         assert dist["inputs"]["student_init"]["path"] == summary["student_base"]  # one base for every seed, hashed
         assert (run_dir / "eval" / "eval.json").is_file() and not (run_dir / "data").exists()
+        assert "=== stage eval" in (root / f"seedbase_seed{seed}.log").read_text()  # side by side: one log each
     per_seed = {int(k): v for k, v in summary["per_seed"].items()}
     m = summary["metrics"]["rl_gain_points"]
     values = [per_seed[s]["rl_gain_points"] for s in (0, 1)]
