@@ -88,6 +88,7 @@ fp8-study: $(VENV)  ## FP8 studies: accumulation precision vs K; FP8 vs BF16 pre
 
 bench: $(VENV)  ## the side-by-side benchmarks (CPU); results append to bench/results/*.csv
 	$(PY) -m bench.data_throughput
+	$(PY) -m bench.tokenizer_sample
 	$(PY) -m bench.model_vs_hf
 	$(PY) -m bench.balance --run $(RUN)
 	$(PY) -m bench.eplb_imbalance

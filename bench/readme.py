@@ -59,15 +59,33 @@ def dedup_recall() -> tuple[str, list[Row]]:
 
 
 def data_throughput() -> tuple[str, list[Row]]:
-    r = last("data_throughput", scope="end_to_end", procs="2")
-    if r is None:
+    found = [r for r in (last("data_throughput", scope="end_to_end", procs=p) for p in ("1", "2")) if r]
+    if not found:
         return "", []
-    text = (
-        f"{r['mb_in']} MB corpus, 2 worker processes: {num(r, 'pipeline_mb_s')} MB/s vs raw `tokenizers` encode "
-        f"{num(r, 'raw_mb_s')} MB/s (ratio {num(r, 'ratio', '.2f')}; CPU-time ratio {num(r, 'cpu_ratio', '.2f')}),"
-        f" load average {r['load_avg_1m']}"
+    text = f"{found[-1]['mb_in']} MB corpus vs raw `tokenizers` encode (all cores) in the same run: " + "; ".join(
+        f"{r['procs']} process{'es' if r['procs'] != '1' else ''}: {num(r, 'pipeline_mb_s')} vs "
+        f"{num(r, 'raw_mb_s')} MB/s (ratio {num(r, 'ratio', '.2f')}; CPU-time ratio {num(r, 'cpu_ratio', '.2f')}), "
+        f"load average {r['load_avg_1m']}"
+        for r in found
     )
-    return text, [r]
+    return text, found
+
+
+def tokenizer_sample() -> tuple[str, list[Row]]:
+    found = rows("tokenizer_sample")
+    if not found:
+        return "", []
+    found = [r for r in found if r["commit"] == found[-1]["commit"] and r["date"][:10] == found[-1]["date"][:10]]
+    found.sort(key=lambda r: float(r["sample_mb"]))
+    per = ", ".join(
+        f"{r['sample_mb']} MB: {num(r, 'heldout_bytes_per_token', '.3f')} ({num(r, 'train_cpu_s', '.1f')} CPU s)"
+        for r in found
+    )
+    text = (
+        f"BPE vocab {found[0]['vocab_size']}, bytes per token on {found[0]['heldout_mb']} MB of held-out documents "
+        f"by training sample (training CPU seconds): {per}"
+    )
+    return text, found
 
 
 def data_memory() -> tuple[str, list[Row]]:
@@ -327,6 +345,7 @@ ENTRIES: list[tuple[str, Callable[[], tuple[str, list[Row]]], str]] = [
     ("near-duplicate recall", dedup_recall, "bench/dedup_recall.py"),
     ("data stage throughput", data_throughput, "bench/data_throughput.py"),
     ("data stage memory", data_memory, "bench/data_memory.py"),
+    ("tokenizer training sample", tokenizer_sample, "bench/tokenizer_sample.py"),
     ("FP8 vs BF16 pretraining", fp8_vs_bf16, "bench/fp8_vs_bf16.py"),
     ("FP8 accumulation", fp8_accumulation, "bench/fp8_accumulation.py"),
     ("FP8 kernels on Hopper vs torch._scaled_mm / torchao", lambda: ("", []), "bench/kernels_gpu.py"),
