@@ -284,7 +284,21 @@ def seeds() -> tuple[str, list[Row]]:
     if not found:
         return "", []
     r = found[-1]
-    return f"RL gain over {r['n']} seeds: {float(r['mean']):+.1f} +- {float(r['sd']):.1f} points", [r]
+    same = {m["metric"]: m for m in rows("seeds_summary", run=r["run"], seeds=r["seeds"])}  # the newest of each
+
+    def pct(metric: str) -> str:
+        m = same.get(metric)
+        return f"{100 * float(m['mean']):.1f}% +- {100 * float(m['sd']):.1f}" if m else "?"
+
+    text = (
+        f"RL gain over {r['n']} seeds ({r['seeds']}) from one pretrained checkpoint: {float(r['mean']):+.1f} +- "
+        f"{float(r['sd']):.1f} points (95% t interval {float(r['ci_low']):+.1f} .. {float(r['ci_high']):+.1f}; per "
+        f"seed {r['values']}); held-out greedy SFT {pct('sft_heldout_greedy')} -> RL {pct('rl_heldout_greedy')}; "
+        f"greedy answers that reason {pct('sft_heldout_think_rate')} -> {pct('rl_heldout_think_rate')}"
+    )
+    if "rl_code_bpb_over_pretrain" in same:
+        text += f"; code bpb after RL / pretrained x{float(same['rl_code_bpb_over_pretrain']['mean']):.3f}"
+    return text, [r]
 
 
 def code_retention() -> tuple[str, list[Row]]:

@@ -15,7 +15,8 @@ rollouts and prompt order, trace sampling, student batches) differs. A seed whos
 skipped stage by stage, as the pipeline always does.
 
 Headline metrics per seed, read from the files the stages wrote: held-out greedy accuracy of SFT and RL (the GRPO
-stage scores both on `rl.eval_n` prompts with the training grader) and their difference in points; the student's
+stage scores both on `rl.eval_n` prompts with the training grader) and their difference in points, and the share
+of those greedy answers that reason before answering, before and after GRPO; the student's
 and teacher's greedy accuracy (distill manifest); from `eval/eval.json`, reasoning pass@1 (sampled, k per prompt)
 and held-out code bits per byte of each checkpoint, and the code bpb after RL over the pretrained model's (from
 `<run>/eval/eval.json` when the run's eval stage has scored its pretrain checkpoint).
@@ -44,6 +45,9 @@ POST_STAGES = "[sft,rl,distill,eval]"
 MANIFEST_METRICS = {
     "sft_heldout_greedy": ("rl", "eval_accuracy_initial"),
     "rl_heldout_greedy": ("rl", "eval_accuracy"),
+    # greedy answers that reason (<think> with content) before and after GRPO: what the gain has tracked
+    "sft_heldout_think_rate": ("rl", "eval_think_rate_initial"),
+    "rl_heldout_think_rate": ("rl", "eval_think_rate"),
     "student_heldout_greedy": ("distill", "eval_accuracy"),
     "teacher_heldout_greedy": ("distill", "teacher_eval_accuracy"),
 }
