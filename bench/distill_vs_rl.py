@@ -10,7 +10,8 @@ large-scale RL. This bench asks the same question at our scale, on one run direc
     student_sft_ref        the `student` preset from the run's student base (pretrained, distill/student_base.py;
                            random weights when the run has none), SFT on the data's reference chains of thought
                            (`--sft-steps`): the student's own cold start
-    student_sft_ref+grpo   that checkpoint, then GRPO (`--rl-steps`, train.grpo's loop and objective)
+    student_sft_ref+grpo   that checkpoint, then GRPO (`--rl-steps`, train.grpo's loop and objective, without the
+                           pretraining-LM term `rl.lm_mix`: the distillation arms have none)
     student_distill        the same student from the same start, SFT on the teacher's rejection-sampled traces, as many
                            steps as give the same student training FLOPs as student_sft_ref+grpo
     student_distill+kd     as student_distill plus forward KL to the teacher's logits (`--kd-mode`, online by
@@ -260,7 +261,12 @@ def run_arms(cfg, ctx: dict, args, work: Path):
     row = {**score(student, ctx), "steps": args.sft_steps, "student_flops": f_sft, **no_teacher, "wall_s": wall}
     yield "student_sft_ref", row
     t0 = time.perf_counter()
-    rl_cfg = replace(cfg, run=replace(cfg.run, name=f"{ctx['run_name']}/{work.parent.name}/{work.name}"))
+    # no pretraining-LM term (rl.lm_mix): distillation has none, and its FLOPs are not in the RL arm's count
+    rl_cfg = replace(
+        cfg,
+        run=replace(cfg.run, name=f"{ctx['run_name']}/{work.parent.name}/{work.name}"),
+        rl=replace(cfg.rl, lm_mix=0.0),
+    )
     paths = {"tokenizer": ctx["data"]["tokenizer"], "reasoning": ctx["data"]["reasoning"]}
     paths["init"] = Path(sft_res["checkpoint"])
     stage = StageRun(rl_cfg, "student_grpo", inputs=paths, resume=cfg.rl.resume)

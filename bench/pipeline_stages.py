@@ -6,7 +6,8 @@ Two wall times: `wall_s`, the stage's child process as `python -m pipeline` ran 
 imports and sub-stages included, e.g. the distillation stage's student base pretraining), which is what adds up to
 the pipeline's duration; and `stage_wall_s`, the stage's own (manifest.json `wall_time_s`). Peak resident memory
 comes from `pipeline.json` too. Both `pipeline.json` columns are empty for a stage the pipeline found up to date or
-that was run on its own; the last row of a run is the total.
+that was run on its own; the last row of a run is the total. `--note` says what else the machine ran meanwhile
+(a shared 2-core machine stretches every stage), and the README shows it beside the total.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ STAGES = ("data", "pretrain", "sft", "rl", "distill", "eval", "report")
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="the run directory, e.g. outputs/default")
+    ap.add_argument("--note", default="", help="what else ran on the machine meanwhile (kept in every row)")
     args = ap.parse_args(argv)
     record = json.loads((args.run / "pipeline.json").read_text()) if (args.run / "pipeline.json").is_file() else {}
     rows = []
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "peak_rss_mb": round(child["peak_rss_mb"]) if "peak_rss_mb" in child else "",
             "finished_at": m.get("finished_at", ""),
             "stage_wall_s": m["wall_time_s"],
+            "note": args.note,
         }
         rows.append(row)
     if rows:
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "peak_rss_mb": max((r["peak_rss_mb"] for r in rows if r["peak_rss_mb"] != ""), default=""),
                 "finished_at": rows[-1]["finished_at"],
                 "stage_wall_s": round(sum(r["stage_wall_s"] for r in rows), 2),
+                "note": args.note,
             }
         )
     for row in rows:

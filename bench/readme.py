@@ -9,6 +9,7 @@ the newest row it used; an entry whose rows are missing says "not measured". Add
 
 import argparse
 import csv
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -290,10 +291,11 @@ def seeds() -> tuple[str, list[Row]]:
         m = same.get(metric)
         return f"{100 * float(m['mean']):.1f}% +- {100 * float(m['sd']):.1f}" if m else "?"
 
+    per_seed = ", ".join(f"{v:+.1f}" for v in json.loads(r["values"]))
     text = (
         f"RL gain over {r['n']} seeds ({r['seeds']}) from one pretrained checkpoint: {float(r['mean']):+.1f} +- "
         f"{float(r['sd']):.1f} points (95% t interval {float(r['ci_low']):+.1f} .. {float(r['ci_high']):+.1f}; per "
-        f"seed {r['values']}); held-out greedy SFT {pct('sft_heldout_greedy')} -> RL {pct('rl_heldout_greedy')}; "
+        f"seed {per_seed}); held-out greedy SFT {pct('sft_heldout_greedy')} -> RL {pct('rl_heldout_greedy')}; "
         f"greedy answers that reason {pct('sft_heldout_think_rate')} -> {pct('rl_heldout_think_rate')}"
     )
     if "rl_code_bpb_over_pretrain" in same:
@@ -344,14 +346,19 @@ def code_structure() -> tuple[str, list[Row]]:
 
 
 def pipeline_total() -> tuple[str, list[Row]]:
-    r = last("pipeline_stages", stage="total")
-    if r is None:
+    every = rows("pipeline_stages")
+    ends = [i for i, s in enumerate(every) if s["stage"] == "total"]
+    if not ends:
         return "", []
-    stages = [s for s in rows("pipeline_stages", run=r["run"], date=r["date"]) if s["stage"] != "total"]
+    r = every[ends[-1]]
+    start = ends[-2] + 1 if len(ends) > 1 else 0
+    stages = [s for s in every[start : ends[-1]] if s["run"] == r["run"]]  # the rows written with this total
     parts = ", ".join(f"{s['stage']} {num(s, 'stage_wall_s', '.0f')} s" for s in stages)
     text = (
         f"`make pipeline` run `{r['run']}`: {float(r['wall_s']) / 60:.1f} min ({parts}), peak RSS {r['peak_rss_mb']} MB"
     )
+    if r.get("note"):
+        text += f"; {r['note']}"
     return text, [r]
 
 

@@ -33,7 +33,7 @@ def _wandb_run(stage_dir):
     return rec, read_run(segment)
 
 
-def test_smoke_pipeline_records_every_stage_in_wandb_then_resumes_as_a_no_op(tmp_path, child_env):
+def test_smoke_pipeline_records_every_stage_in_wandb_then_resumes_as_a_no_op(tmp_path, child_env, monkeypatch):
     r = _pipeline(tmp_path, child_env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run_dir = tmp_path / "smoke"
@@ -102,3 +102,13 @@ def test_smoke_pipeline_records_every_stage_in_wandb_then_resumes_as_a_no_op(tmp
     for stage in STAGES:
         assert "skipped_at" in record["stages"][stage], f"{stage} ran again although only W&B settings changed"
         assert (run_dir / stage / "manifest.json").stat().st_mtime == mtimes[stage]
+
+    # a bench that reads a finished run, at micro scale (it broke unseen once rl.lm_mix defaulted to 1)
+    import bench.common
+    from bench.distill_vs_rl import main as distill_vs_rl
+
+    monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path / "results")  # not the repository's bench/results
+    argv = ["--run", str(run_dir), "--sft-steps", "2", "--rl-steps", "1", "--eval-n", "4", "--seeds", "0", "1"]
+    rows = distill_vs_rl([*argv, "--overrides", "experiment=smoke"])
+    arms = {"student_sft_ref", "student_sft_ref+grpo", "student_distill", "student_distill+kd"}
+    assert arms <= {r["arm"] for r in rows} and (tmp_path / "results" / "distill_vs_rl_summary.csv").is_file()
