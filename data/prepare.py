@@ -106,7 +106,7 @@ def build(dcfg: DataConfig, out_dir: Path, tracker=None, listing: tuple[list, st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     outs = stage_outputs(out_dir)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()  # setup's CPU counts from here (a caller may have run builds before)
     check_sources(dcfg.sources)
     start_fork_server(dcfg)  # its imports overlap the listing
     items, fingerprint = listing or list_items(dcfg.sources, dcfg.seed)
@@ -114,7 +114,9 @@ def build(dcfg: DataConfig, out_dir: Path, tracker=None, listing: tuple[list, st
     atomic_write_text(work / "items.jsonl", "".join(json.dumps(it) + "\n" for it in items))
     contamination = build_contamination_set(eval_texts(dcfg), dcfg.decontam.ngram) if dcfg.decontam.enabled else None
     t_list = time.time() - t0
-    list(MemoryProbe(str(work / "memory"), "setup").run(None))  # this process's resources so far: listing, setup
+    start = {"stage": "start", "rank": 0, "pid": os.getpid(), "host": os.uname().nodename, "peak_rss_mb": 0.0}
+    atomic_write_json(work / "memory" / "start_00000.json", start | {"cpu_s": round(cpu0, 3)})
+    list(MemoryProbe(str(work / "memory"), "setup").run(None))  # this process's resources since: listing, setup
     timings = run_stages(dcfg, work, contamination)
     timings = {"list": round(t_list, 3), **timings}
     stats = json.loads((work / "out" / "stats.json").read_text())
@@ -138,8 +140,9 @@ def build(dcfg: DataConfig, out_dir: Path, tracker=None, listing: tuple[list, st
             timings["reasoning"] = round(time.time() - t, 3)
     # every directory above is now in place; the single files follow
     os.replace(work / "out" / "tokenizer.json", outs["tokenizer"])
-    stages = ["setup", *(s for s in timings if s not in ("list", "reasoning", "slurm"))]
+    stages = ["start", "setup", *(s for s in timings if s not in ("list", "reasoning", "slurm"))]
     peak, cpu = stage_resources(work / "memory", stages)
+    peak.pop("start"), cpu.pop("start")
     samples = stats.pop("samples")
     stats |= {
         "contamination_ngrams": len(contamination) if contamination else 0,

@@ -173,6 +173,22 @@ def test_two_tasks_count_the_same(first_run, tmp_path):
     assert two["tasks"] == 2 and PackedDataset(tmp / "outputs" / "two" / "data" / "train").n_tokens > 0
 
 
+def test_stage_cpu_counts_this_build_only(first_run, tmp_path):
+    """stats.json's cpu_s: the driver's setup is charged from the build's start, not from the process's (a bench or
+    a test process runs several builds and imports before them)."""
+    import time
+
+    from data.prepare import build
+
+    tmp, _, _ = first_run
+    cfg = make_cfg(tmp_path, name="cpu")
+    cpu = time.process_time()
+    build(cfg.data, tmp_path / "cpu")
+    spent = time.process_time() - cpu
+    stats = json.loads((tmp_path / "cpu" / "stats.json").read_text())
+    assert 0 < stats["cpu_s"]["setup"] <= spent and "start" not in stats["cpu_s"]
+
+
 def test_changed_corpus_reruns_the_stage(first_run, tmp_path):
     tmp, _, _ = first_run
     cfg = make_cfg(tmp_path, name="grow")
