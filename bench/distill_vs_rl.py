@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "teacher_activated_params": n_t,
         "trace_acceptance_rate": prov["stats"]["acceptance_rate"],
         "n_traces": len(traces),
+        "eval_n": len(test_rows),
     }
     rows: list[dict] = []
 

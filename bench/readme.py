@@ -322,11 +322,51 @@ def code_retention() -> tuple[str, list[Row]]:
 
 def distill_vs_rl() -> tuple[str, list[Row]]:
     arms = ("student_sft_ref+grpo", "student_distill", "student_distill+kd")
-    found = [last("distill_vs_rl", arm=a) for a in arms]
-    if None in found:
+    summary = rows("distill_vs_rl_summary")
+    if not summary:  # one seed, before the bench summarized seeds
+        found = [last("distill_vs_rl", arm=a) for a in arms]
+        if None in found:
+            return "", []
+        accs = " / ".join(pct(r, "eval_accuracy") for r in found)
+        return (
+            f"student, SFT+GRPO / distill / distill+KD: {accs} held-out ({found[0]['eval_n']} prompts, one seed)",
+            found,
+        )
+    newest = summary[-1]
+    by_arm = {
+        r["arm"]: r
+        for r in summary
+        if (r["run"], r["commit"], r["seeds"]) == (newest["run"], newest["commit"], newest["seeds"])
+    }
+    if any(a not in by_arm for a in arms):
         return "", []
-    accs = " / ".join(pct(r, "eval_accuracy") for r in found)
-    return f"student, SFT+GRPO / distill / distill+KD: {accs} held-out ({found[0]['eval_n']} prompts, one seed)", found
+    # the newest row of each arm and seed of that run up to the summary (a run's rows may carry several commits)
+    newest_rows = {
+        (r["arm"], r["seed"]): r for r in rows("distill_vs_rl", run=newest["run"]) if r["date"] <= newest["date"]
+    }
+    per_seed = [r for (_, seed), r in newest_rows.items() if seed in newest["seeds"].split()]
+    teacher = [r for (arm, _), r in newest_rows.items() if arm == "teacher"]
+
+    def gflop(arm: str, key: str) -> float:
+        vals = [float(r[key]) for r in per_seed if r["arm"] == arm and r[key]]
+        return sum(vals) / len(vals) / 1e9 if vals else float("nan")
+
+    n = per_seed[-1].get("eval_n") if per_seed else ""
+    accs = " / ".join(
+        f"{100 * float(by_arm[a]['eval_accuracy_mean']):.1f}% +- {100 * float(by_arm[a]['eval_accuracy_sd']):.1f}"
+        for a in arms
+    )
+    text = (
+        f"student held-out greedy accuracy{f' ({n} prompts)' if n else ''}, SFT+GRPO / distill / distill+KD, "
+        "mean +- sd over "
+        f"{by_arm[arms[0]]['eval_accuracy_n']} seeds: {accs}, at ~{gflop(arms[1], 'student_flops'):.0f} GFLOP of "
+        f"student training each; the teacher's cost, not charged to the student: traces "
+        f"{gflop(arms[1], 'teacher_trace_flops'):.0f} GFLOP, KD's teacher forwards "
+        f"+{gflop(arms[2], 'teacher_kd_flops'):.0f}"
+    )
+    if teacher:
+        text += f"; teacher {pct(teacher[-1], 'eval_accuracy')}"
+    return text, [by_arm[a] for a in arms]
 
 
 def code_structure() -> tuple[str, list[Row]]:
