@@ -269,14 +269,19 @@ def eval_cost() -> tuple[str, list[Row]]:
 
 
 def rl_gain() -> tuple[str, list[Row]]:
-    r = last("rl_gain", decoding="greedy")
+    r = last("rl_gain")
     if r is None:
         return "", []
     text = (
-        f"SFT -> GRPO held-out greedy accuracy ({r['n_test']} prompts), run `{Path(r['run']).name}`, one seed: "
-        f"{pct(r, 'sft_accuracy')} -> {pct(r, 'rl_accuracy')} ({float(r['gain_points']):+.1f} points); "
+        f"SFT -> GRPO held-out accuracy ({r['n_test']} prompts, {r['decoding']}), run `{Path(r['run']).name}`, one "
+        f"seed: {pct(r, 'sft_accuracy')} -> {pct(r, 'rl_accuracy')} ({float(r['gain_points']):+.1f} points); "
         f"samples that reason {pct(r, 'sft_think_rate', 0)} -> {pct(r, 'rl_think_rate', 0)}"
     )
+    if r.get("sft_think_accuracy") and r.get("sft_direct_accuracy"):  # does reasoning pay after SFT?
+        text += (
+            f"; accuracy of the samples that reason / answer directly: SFT {pct(r, 'sft_think_accuracy')} / "
+            f"{pct(r, 'sft_direct_accuracy')}, RL {pct(r, 'rl_think_accuracy')} / {pct(r, 'rl_direct_accuracy')}"
+        )
     return text, [r]
 
 
