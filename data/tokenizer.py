@@ -24,14 +24,13 @@ The saved `tokenizer.json` loads in `transformers.PreTrainedTokenizerFast(tokeni
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pipeline.io import atomic_write_text
+from pipeline.io import atomic_write_text, scoped_env
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -76,23 +75,14 @@ def new_tokenizer() -> Tokenizer:
     return tok
 
 
-@contextlib.contextmanager
-def tokenizer_threads(threads: int) -> Iterator[None]:
+def tokenizer_threads(threads: int) -> contextlib.AbstractContextManager[None]:
     """Encode and train with `threads` threads (0: every core), whatever this process inherited: the Makefile
     turns the tokenizers library's parallelism off for the training stages, and the data stage decides its own.
     Rayon sizes its thread pool at the first parallel call of a process, so `threads` holds from that call on."""
-    saved = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
-    os.environ["TOKENIZERS_PARALLELISM"] = "false" if threads == 1 else "true"
+    env = {"TOKENIZERS_PARALLELISM": "false" if threads == 1 else "true"}
     if threads:
-        os.environ["RAYON_NUM_THREADS"] = str(threads)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        env["RAYON_NUM_THREADS"] = str(threads)
+    return scoped_env(env)
 
 
 def train_tokenizer(

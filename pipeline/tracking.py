@@ -29,7 +29,6 @@ Lineage: outputs are logged as reference artifacts (the bytes stay in the run di
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -37,13 +36,13 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, scoped_env
 from pipeline.lineage import use_online
 from pipeline.wandb_records import read_run, run_files, wait_exited
 
@@ -80,21 +79,6 @@ def wandb_env(stage_dir: Path) -> dict[str, str]:
         "WANDB_SILENT": "true",
         "WANDB_CONSOLE": "off",
     }
-
-
-@contextlib.contextmanager
-def scoped_env(env: dict[str, str]) -> Iterator[None]:
-    """`env` set in os.environ for the duration of the block, the previous values (or absence) restored after."""
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def new_run_id() -> str:
