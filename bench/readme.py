@@ -156,6 +156,13 @@ def model_vs_hf() -> tuple[str, list[Row]]:
             f"{num(spec, 'cpu_ratio_to_ours_plain', '.2f')}x our plain decode"
         )
     used = [*found.values(), *([spec] if spec else [])]
+    compiled = [
+        last("model_vs_hf", metric=m) for m in ("train_tokens_per_s_ours_compiled", "decode_tokens_per_s_ours_compiled")
+    ]
+    if None not in compiled and compiled[0]["date"][:10] == found["train_tokens_per_s"]["date"][:10]:
+        train_c, decode_c = (num(r, "cpu_speed_ratio", ".2f") for r in compiled)
+        parts.append(f"with model.compile=true: training {train_c}x, decode {decode_c}x")
+        used += compiled
     roof = last("model_vs_hf", metric="train_roofline")
     if roof is not None:
         parts.append(
