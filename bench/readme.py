@@ -299,7 +299,7 @@ def seeds() -> tuple[str, list[Row]]:
     r = found[-1]
     same = {m["metric"]: m for m in rows("seeds_summary", run=r["run"], seeds=r["seeds"])}  # the newest of each
 
-    def pct(metric: str) -> str:
+    def spread(metric: str) -> str:
         m = same.get(metric)
         return f"{100 * float(m['mean']):.1f}% +- {100 * float(m['sd']):.1f}" if m else "?"
 
@@ -307,8 +307,8 @@ def seeds() -> tuple[str, list[Row]]:
     text = (
         f"RL gain over {r['n']} seeds ({r['seeds']}) from one pretrained checkpoint: {float(r['mean']):+.1f} +- "
         f"{float(r['sd']):.1f} points (95% t interval {float(r['ci_low']):+.1f} .. {float(r['ci_high']):+.1f}; per "
-        f"seed {per_seed}); held-out greedy SFT {pct('sft_heldout_greedy')} -> RL {pct('rl_heldout_greedy')}; "
-        f"greedy answers that reason {pct('sft_heldout_think_rate')} -> {pct('rl_heldout_think_rate')}"
+        f"seed {per_seed}); held-out greedy SFT {spread('sft_heldout_greedy')} -> RL {spread('rl_heldout_greedy')}; "
+        f"greedy answers that reason {spread('sft_heldout_think_rate')} -> {spread('rl_heldout_think_rate')}"
     )
     if "rl_code_bpb_over_pretrain" in same:
         text += f"; code bpb after RL / pretrained x{float(same['rl_code_bpb_over_pretrain']['mean']):.3f}"

@@ -114,9 +114,7 @@ def build(dcfg: DataConfig, out_dir: Path, tracker=None, listing: tuple[list, st
     atomic_write_text(work / "items.jsonl", "".join(json.dumps(it) + "\n" for it in items))
     contamination = build_contamination_set(eval_texts(dcfg), dcfg.decontam.ngram) if dcfg.decontam.enabled else None
     t_list = time.time() - t0
-    start = {"stage": "start", "rank": 0, "pid": os.getpid(), "host": os.uname().nodename, "peak_rss_mb": 0.0}
-    atomic_write_json(work / "memory" / "start_00000.json", start | {"cpu_s": round(cpu0, 3)})
-    list(MemoryProbe(str(work / "memory"), "setup").run(None))  # this process's resources since: listing, setup
+    list(MemoryProbe(str(work / "memory"), "setup").run(None))  # this process's resources so far: listing, setup
     timings = run_stages(dcfg, work, contamination)
     timings = {"list": round(t_list, 3), **timings}
     stats = json.loads((work / "out" / "stats.json").read_text())
@@ -140,9 +138,9 @@ def build(dcfg: DataConfig, out_dir: Path, tracker=None, listing: tuple[list, st
             timings["reasoning"] = round(time.time() - t, 3)
     # every directory above is now in place; the single files follow
     os.replace(work / "out" / "tokenizer.json", outs["tokenizer"])
-    stages = ["start", "setup", *(s for s in timings if s not in ("list", "reasoning", "slurm"))]
+    stages = ["setup", *(s for s in timings if s not in ("list", "reasoning", "slurm"))]
     peak, cpu = stage_resources(work / "memory", stages)
-    peak.pop("start"), cpu.pop("start")
+    cpu["setup"] = round(cpu["setup"] - cpu0, 3)  # the probe counts from the process's start
     samples = stats.pop("samples")
     stats |= {
         "contamination_ngrams": len(contamination) if contamination else 0,
