@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.data_throughput                   # 16 MB of this environment's code and docs
     .venv/bin/python -m bench.data_throughput --mb 4 --procs 1 --no-csv
+    .venv/bin/python -m bench.data_throughput --bpe-mb 100 1.6   # the default BPE cap, and a cap at 1/10 of the corpus
 
 The corpus is the stage's default source (this interpreter's standard library and installed packages: .py, .md,
 .rst, .txt) capped at `--mb` MB. Both sides get the same bytes:
@@ -13,6 +14,11 @@ The corpus is the stage's default source (this interpreter's standard library an
 - raw: `tokenizer.encode_batch_fast(texts)` of every readable document with the tokenizer the run trained, in
   one process (Rust, all cores, whatever TOKENIZERS_PARALLELISM says, as the stage's own tokenizer steps): what a
   user would otherwise run to tokenize the corpus, and nothing else.
+
+BPE training reads its whole sample once more, about as much work as encoding it. Below the sample cap
+(data.tokenizer.max_train_bytes, 100 MB) that is the whole corpus, a fixed cost that a 16 MB run pays in full and
+a 100 GB corpus pays on 0.1% of its bytes. `--bpe-mb` runs the same corpus under other caps (the rows record
+`bpe_cap_mb`): a cap at a tenth of the corpus is the per-byte rate of a corpus ten times the default cap.
 
 The goal is a pipeline at no less than half the raw encode rate. Both rates are given per wall second and per CPU
 second (all processes of the run, sampled from /proc: on a loaded machine the CPU figure is the fair one). Rows (one
@@ -29,6 +35,7 @@ this one, interleaved, and records each one's wall and CPU seconds (scope "stage
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -89,10 +96,13 @@ class TreeCpu:
         return sum(self.last.values())
 
 
-def corpus_config(mb: float, procs: int):
+def corpus_config(mb: float, procs: int, bpe_mb: float | None = None):
     from pipeline.config import compose
 
-    cfg = compose([f"data.sources.0.max_bytes={int(mb * 1e6)}", f"data.num_proc={procs}", f"data.tasks={procs}"])
+    overrides = [f"data.sources.0.max_bytes={int(mb * 1e6)}", f"data.num_proc={procs}", f"data.tasks={procs}"]
+    if bpe_mb is not None:
+        overrides.append(f"data.tokenizer.max_train_bytes={int(bpe_mb * 1e6)}")
+    cfg = compose(overrides)
     cfg.data.reasoning.enabled = False
     return cfg.data
 
@@ -118,6 +128,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=float, default=16.0, help="MB of source files")
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    ap.add_argument(
+        "--bpe-mb",
+        type=float,
+        nargs="+",
+        default=[None],
+        help="BPE sample caps to run (MB; data.tokenizer.max_train_bytes), default: the config's",
+    )
     ap.add_argument("--vs-checkout", type=Path, help="also time the data stage of this checkout against ours")
     ap.add_argument("--repeats", type=int, default=1, help="--vs-checkout runs per checkout, interleaved")
     ap.add_argument("--no-csv", action="store_true")
@@ -125,9 +142,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.vs_checkout:
         return versus_checkout(args)
 
+    # read once before any build: the first build would otherwise also pay for the disk (a cold page cache), and
+    # the text is the same for every row (the sources do not depend on the processes or the BPE cap)
+    texts = readable_texts(corpus_config(args.mb, 1))
+    mb = sum(len(x.encode("utf-8", "surrogatepass")) for x in texts) / 1e6
     rows = []
-    for procs in args.procs:
-        dcfg = corpus_config(args.mb, procs)
+    for procs, bpe_mb in itertools.product(args.procs, args.bpe_mb):
+        dcfg = corpus_config(args.mb, procs, bpe_mb)
         with tempfile.TemporaryDirectory() as d:
             cpu0 = TreeCpu(os.getpid())
             with cpu0:
@@ -139,8 +160,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             tok = load_tokenizer(Path(d) / "tokenizer.json")
             stats = json.loads((Path(d) / "stats.json").read_text())
             print(json.dumps({"procs": procs, "stage_wall_s": stats["timings_s"], "stage_cpu_s": stats["cpu_s"]}))
-        texts = readable_texts(dcfg)
-        mb = sum(len(x.encode("utf-8", "surrogatepass")) for x in texts) / 1e6
         c = time.process_time()
         t = time.perf_counter()
         with tokenizer_threads(0):
@@ -150,6 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = {
             "scope": "end_to_end",  # rows without it measured the per-document steps only (before datatrove)
             "procs": procs,
+            "bpe_cap_mb": dcfg.tokenizer.max_train_bytes / 1e6,
             "mb_in": round(metrics["bytes_in"] / 1e6, 2),
             "docs_in": metrics["documents_in"],
             "docs_kept": metrics["documents_kept"],

@@ -60,15 +60,31 @@ def dedup_recall() -> tuple[str, list[Row]]:
 
 
 def data_throughput() -> tuple[str, list[Row]]:
-    found = [r for r in (last("data_throughput", scope="end_to_end", procs=p) for p in ("1", "2")) if r]
-    if not found:
+    """The newest run's rows (its commit and corpus size), by BPE sample cap (largest first) and processes."""
+    runs = rows("data_throughput", scope="end_to_end")
+    if not runs:
         return "", []
-    text = f"{found[-1]['mb_in']} MB corpus vs raw `tokenizers` encode (all cores) in the same run: " + "; ".join(
-        f"{r['procs']} process{'es' if r['procs'] != '1' else ''}: {num(r, 'pipeline_mb_s')} vs "
-        f"{num(r, 'raw_mb_s')} MB/s (ratio {num(r, 'ratio', '.2f')}; CPU-time ratio {num(r, 'cpu_ratio', '.2f')}), "
-        f"load average {r['load_avg_1m']}"
-        for r in found
-    )
+    newest = runs[-1]
+    found = [
+        r
+        for r in runs
+        if (r["commit"], r["mb_in"], r["date"][:10]) == (newest["commit"], newest["mb_in"], newest["date"][:10])
+    ]
+    latest: dict[tuple[str, str], Row] = {(r.get("bpe_cap_mb", ""), r["procs"]): r for r in found}
+    found = sorted(latest.values(), key=lambda r: (-float(r.get("bpe_cap_mb") or 1e9), int(r["procs"])))
+    caps = []
+    for cap in dict.fromkeys(r.get("bpe_cap_mb", "") for r in found):
+        per = "; ".join(
+            f"{r['procs']} process{'es' if r['procs'] != '1' else ''}: {num(r, 'pipeline_mb_s')} vs "
+            f"{num(r, 'raw_mb_s')} MB/s (ratio {num(r, 'ratio', '.2f')}; CPU-time ratio {num(r, 'cpu_ratio', '.2f')}, "
+            f"load {r['load_avg_1m']})"
+            for r in found
+            if r.get("bpe_cap_mb", "") == cap
+        )
+        whole = cap and float(cap) >= float(newest["mb_in"])
+        label = "BPE on the whole corpus" if not cap or whole else f"BPE sample capped at {float(cap):.3g} MB"
+        caps.append(f"{label}: {per}")
+    text = f"{newest['mb_in']} MB corpus vs raw `tokenizers` encode (all cores) in the same run. " + ". ".join(caps)
     return text, found
 
 

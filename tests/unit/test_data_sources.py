@@ -50,6 +50,24 @@ def test_python_env_source_reads_good_files_and_names_every_bad_one(tmp_path):
     assert by_name["one_line.txt"]["text"] == "" and by_name["caf\\xe9_name.py"]["text"].startswith("def increment(x)")
 
 
+def test_a_file_that_grows_after_its_stat_is_read_whole_or_refused(tmp_path, monkeypatch):
+    """The reader asks for the size fstat gave, plus one byte: a file that grew in between is read to its end, or
+    counted as too large past the cap, never cut at the old size."""
+    import data.sources as sources
+
+    path = tmp_path / "grown.py"
+    path.write_text(GOOD_PY * 3)
+    real_fstat = os.fstat
+
+    def stale_fstat(fd):  # the size the file had before it grew
+        st = real_fstat(fd)
+        return os.stat_result((*st[:6], len(GOOD_PY), *st[7:]))
+
+    monkeypatch.setattr(sources.os, "fstat", stale_fstat)
+    assert sources.read_text_file(path, 10**6, "python") == (GOOD_PY * 3, "")
+    assert sources.read_text_file(path, 2 * len(GOOD_PY), "python") == ("", "too_large")
+
+
 def test_a_file_replaced_after_listing_is_counted_not_fatal(tmp_path):
     root = tmp_path / "r"
     root.mkdir()
