@@ -5,6 +5,9 @@ VENV  := .venv/.installed
 RUN   ?= default
 ARGS  ?=
 NPROC ?= 4
+# the model stages' precision: auto = bf16 where the device multiplies bf16 natively (a CPU with AVX512-BF16 or
+# AMX, a bf16 GPU), fp32 elsewhere (bench/cpu_autocast.py; `python -m ...` alone defaults to fp32)
+PRECISION ?= auto
 PARALLEL ?= hsdp_ep
 export WANDB_SILENT := true
 # OpenMP threads that spin while waiting make torch's CPU kernels 10-50x slower as soon as another process competes
@@ -51,19 +54,19 @@ clean:  ## delete outputs/ (runs, checkpoints, W&B files)
 	rm -rf outputs multirun
 
 pretrain: $(VENV)  ## pretraining stage: the tiny MoE on the packed shards (needs `make data`)
-	$(PY) -m train.pretrain run.name=$(RUN) $(ARGS)
+	$(PY) -m train.pretrain run.name=$(RUN) precision=$(PRECISION) $(ARGS)
 
 sft: $(VENV)  ## cold-start SFT on the chain-of-thought traces (needs `make pretrain`)
-	$(PY) -m train.sft run.name=$(RUN) $(ARGS)
+	$(PY) -m train.sft run.name=$(RUN) precision=$(PRECISION) $(ARGS)
 
 rl: $(VENV)  ## GRPO on rule-based rewards from the SFT checkpoint
-	$(PY) -m train.grpo run.name=$(RUN) $(ARGS)
+	$(PY) -m train.grpo run.name=$(RUN) precision=$(PRECISION) $(ARGS)
 
 distill: $(VENV)  ## teacher traces with rejection sampling -> dense student
-	$(PY) -m distill.run run.name=$(RUN) $(ARGS)
+	$(PY) -m distill.run run.name=$(RUN) precision=$(PRECISION) $(ARGS)
 
 eval: $(VENV)  ## every checkpoint of the run: BPB, FIM, HumanEval, reasoning, MoE load -> eval.json
-	$(PY) -m eval.run run.name=$(RUN) $(ARGS)
+	$(PY) -m eval.run run.name=$(RUN) precision=$(PRECISION) $(ARGS)
 
 report: $(VENV)  ## report.md + PNG plots into the run directory (RUN: a name under outputs/ or a path)
 	$(PY) -m eval.report run=$(if $(findstring /,$(RUN)),$(RUN),outputs/$(RUN)) $(ARGS)
@@ -102,11 +105,11 @@ gpu-check: $(VENV)  ## on a GPU machine: gpu tests, 100-step bf16/fp8 pretrainin
 	$(PY) -m bench.gpu_check $(ARGS)
 
 pipeline: $(VENV)  ## every stage in order into outputs/$(RUN)/, resumable
-	$(PY) -m pipeline run.name=$(RUN) $(ARGS)
+	$(PY) -m pipeline run.name=$(RUN) precision=$(PRECISION) $(ARGS)
 
 SEEDS ?= 0 1 2
 seeds: $(VENV)  ## sft -> rl -> distill -> eval from RUN's pretrained checkpoint for each of SEEDS -> mean +- sd
-	$(PY) -m bench.seeds --run outputs/$(RUN) --seeds $(SEEDS) $(ARGS)
+	$(PY) -m bench.seeds --run outputs/$(RUN) --seeds $(SEEDS) --overrides precision=$(PRECISION) $(ARGS)
 
 lm-eval: $(VENV)  ## lm-evaluation-harness on every HF export of RUN, beside our harness -> outputs/RUN/lm_eval/
 	$(PY) -m eval.lm_eval_run --run $(if $(findstring /,$(RUN)),$(RUN),outputs/$(RUN)) $(ARGS)

@@ -27,23 +27,13 @@ from pathlib import Path
 import torch
 
 from bench.common import append_result
+from train.runtime import cpu_flags
 
 FILES = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
 
 
 def byte_corpus(files: list[Path]) -> torch.Tensor:
     return torch.tensor(list(b"".join(f.read_bytes() for f in files)), dtype=torch.long) + 2  # 0, 1: BOS, EOS
-
-
-def cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-                return " ".join(f for f in line.split(":", 1)[1].split() if f in wanted)
-    except OSError:
-        pass
-    return ""
 
 
 def run(precision: str, args: argparse.Namespace, train_ids: torch.Tensor, val_ids: torch.Tensor) -> list[dict]:
@@ -112,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             "bf16_steps_per_fp32_step": round(bf16_row["steps"] / fp32_row["steps"], 3),
             "threads": args.threads,
             "batch": f"{args.batch} x {args.seq} bytes",
-            "cpu_flags": cpu_flags(),
+            "cpu_flags": " ".join(cpu_flags()),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_avg_1m": round(os.getloadavg()[0], 2),
         }

@@ -413,6 +413,34 @@ def code_structure() -> tuple[str, list[Row]]:
     return text, [a, b]
 
 
+def pipeline_precision() -> tuple[str, list[Row]]:
+    """The newest fp32 / bf16 pair of runs (written together)."""
+    every = rows("pipeline_precision")
+    pair = {r["precision"]: r for r in every[-2:]}
+    if set(pair) != {"fp32", "bf16"}:
+        return "", []
+    f, b = pair["fp32"], pair["bf16"]
+
+    def acc(r: Row) -> str:
+        return (
+            f"SFT {pct(r, 'sft_eval_accuracy')}, GRPO {pct(r, 'rl_eval_accuracy')}, student "
+            f"{pct(r, 'student_eval_accuracy')}, reasoning pass@1 {pct(r, 'rl_reasoning_pass_at_1')}"
+        )
+
+    stages = ", ".join(
+        f"{s} {float(f[s + '_wall_s']):.0f} / {float(b[s + '_wall_s']):.0f} s"
+        for s in ("pretrain", "sft", "rl", "distill", "eval")
+    )
+    text = (
+        f"side by side, one core each (CPU flags: {b['cpu_flags']}): fp32 {float(f['total_wall_s']) / 60:.1f} min, "
+        f"bf16 autocast {float(b['total_wall_s']) / 60:.1f} min ({stages}); pretraining val bpb "
+        f"{num(f, 'pretrain_val_bpb', '.4f')} / {num(b, 'pretrain_val_bpb', '.4f')}; fp32 {acc(f)}; bf16 {acc(b)}; "
+        f"code bpb after GRPO {num(f, 'rl_bpb_code_bpb', '.3f')} / {num(b, 'rl_bpb_code_bpb', '.3f')} (one seed each: "
+        "see the seeds row for the spread)"
+    )
+    return text, [f, b]
+
+
 def pipeline_total() -> tuple[str, list[Row]]:
     every = rows("pipeline_stages")
     ends = [i for i, s in enumerate(every) if s["stage"] == "total"]
@@ -452,6 +480,7 @@ ENTRIES: list[tuple[str, Callable[[], tuple[str, list[Row]]], str]] = [
     ("post-training keeps code (PPO-ptx term)", code_retention, "bench/code_retention.py"),
     ("distillation vs RL at equal student FLOPs", distill_vs_rl, "bench/distill_vs_rl.py"),
     ("whole pipeline", pipeline_total, "bench/pipeline_stages.py"),
+    ("whole pipeline, fp32 vs bf16 autocast", pipeline_precision, "bench/precision_pipeline.py"),
     ("code structure", code_structure, "bench/code_structure.py"),
 ]
 

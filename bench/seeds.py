@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="a run with finished data and pretrain stages")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides for every seed (sft.*, rl.*, ...)")
+    ap.add_argument(
+        "--overrides", nargs="*", action="extend", default=[], help="Hydra overrides for every seed (sft.*, rl.*, ...)"
+    )
     ap.add_argument("--timeout", type=int, default=6 * 3600, help="seconds allowed for one seed's chain")
     ap.add_argument(
         "--jobs", type=int, default=1, help="seeds run side by side (each stage of a tiny model uses ~1 core)"

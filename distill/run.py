@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import hydra
@@ -60,7 +60,7 @@ from pipeline.stage import StageRun
 from train.checkpoint import CheckpointManager, read_model_config
 from train.parallel.parallelize import world_size_from_env
 from train.policy import evaluate_accuracy, load_policy
-from train.runtime import build_model, device_for, dist_info, require_one_process
+from train.runtime import build_model, device_for, dist_info, require_one_process, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source
     d = cfg.distill.validate()
     info = dist_info()
     device = device_for(info)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     tok = load_tokenizer(paths["tokenizer"])
     vocab = tok.get_vocab_size(with_added_tokens=True)
@@ -237,6 +238,7 @@ def distill(cfg: Config, stage: StageRun, paths: dict[str, Path], teacher_source
         "teacher_activated_params": t_act,
         "student_activated_params": s_act,
         "activated_params_ratio": s_act / t_act,
+        "precision": cfg.precision,
     }
     if teacher_eval and "eval_accuracy" in result:
         t_acc = teacher_eval["teacher_eval_accuracy"]

@@ -57,7 +57,7 @@ from pipeline.io import atomic_write_json
 from pipeline.seed import seed_everything
 from pipeline.stage import StageRun
 from rewards.humaneval import load_problems
-from train.runtime import device_for, dist_info
+from train.runtime import device_for, dist_info, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ def run(cfg: Config) -> dict:
         return stage.previous_metrics()
     device = device_for(dist_info())
     with stage:
+        cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))  # read while the stage records
         for old in stage.dir.glob("samples_*.jsonl"):  # tables of a previous execution
             old.unlink()
         results, floor_cache = {}, {}
@@ -205,7 +206,7 @@ def run(cfg: Config) -> dict:
             del model
         out = stage.dir / "eval.json"
         atomic_write_json(out, results)
-        flat = flat_metrics(results)
+        flat = flat_metrics(results) | {"precision": cfg.precision}
         stage.tracker.log({k: v for k, v in flat.items() if isinstance(v, int | float)})
         return stage.finish(outputs={"eval": out}, metrics=flat)
 

@@ -101,7 +101,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    precision: str = "fp32"  # fp32 | bf16 | fp8
+    precision: str = "fp32"  # fp32 | bf16 | fp8 | auto (bf16 where the device has native bf16 matmuls, else fp32)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -140,8 +140,8 @@ def _validate_sections(section: Any, key: str) -> None:
 
 
 def _check(cfg: Config) -> None:
-    if cfg.precision not in ("fp32", "bf16", "fp8"):
-        raise ConfigError(f"precision must be fp32, bf16 or fp8, got {cfg.precision!r}")
+    if cfg.precision not in ("fp32", "bf16", "fp8", "auto"):
+        raise ConfigError(f"precision must be fp32, bf16, fp8 or auto, got {cfg.precision!r}")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode must be offline, online or disabled, got {cfg.wandb.mode!r}")
     for f in fields(cfg):

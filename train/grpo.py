@@ -83,7 +83,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import hydra
@@ -108,7 +108,7 @@ from train.optim import build_optimizer
 from train.parallel.parallelize import world_size_from_env
 from train.policy import Scores, evaluate_accuracy, load_policy, newest_checkpoint, score_completions
 from train.post_config import ADV_NORMS, LOSS_AGGS, GRPOConfig
-from train.runtime import autocast, device_for, dist_info, require_one_process
+from train.runtime import autocast, device_for, dist_info, require_one_process, resolve_precision
 
 __all__ = ["Scores", "TrainingError", "evaluate_accuracy", "load_policy", "newest_checkpoint", "run"]
 prompt_indices = batch_indices  # the prompts of a step: the same resumable per-epoch order as SFT's examples
@@ -357,6 +357,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     r = cfg.rl
     info = dist_info()
     device = device_for(info)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     tok = load_tokenizer(paths["tokenizer"])
     eos = eos_id(tok)
@@ -445,6 +446,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
 
     final = ckpts.checkpoints()[-1]
     result = {k: metrics[k] for k in ("reward_mean", "accuracy", "format_rate", "response_len") if k in metrics}
+    result["precision"] = cfg.precision
     if "eval_accuracy" in metrics:
         result |= {k: metrics[k] for k in ("eval_accuracy", "eval_format_rate", "eval_think_rate")}
     if "eval_accuracy" in initial:

@@ -33,7 +33,7 @@ from train.loop import Loop
 from train.metrics import flops_per_token, max_violation, mfu, peak_memory_mb, unigram_loss
 from train.optim import build_optimizer
 from train.parallel.mesh import ParallelMeshes
-from train.runtime import device_for, dist_info
+from train.runtime import device_for, dist_info, resolve_precision
 from train.steps import build_layout
 
 
@@ -87,7 +87,8 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelM
     mcfg = replace(cfg.model, vocab_size=tok.get_vocab_size(with_added_tokens=True))
     dp_size = meshes.dp.size() if meshes is not None else 1
     pp = meshes.pp.size() if meshes is not None else 1
-    cfg = check_config(replace(cfg, model=mcfg), dp_size, pp)
+    precision = resolve_precision(cfg.precision, device)
+    cfg = check_config(replace(cfg, model=mcfg, precision=precision), dp_size, pp)
     t = cfg.train
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     accum = t.batch_size // (t.micro_batch_size * dp_size)
@@ -172,6 +173,7 @@ def train(cfg: Config, stage: StageRun, data: dict[str, Path], meshes: ParallelM
     uni = unigram_loss(train_sample, np.concatenate([y.flatten().numpy() for _, y in val_batches]), mcfg.vocab_size)
     result = {k: metrics[k] for k in ("loss", "val_loss", "val_bpb", "val_loss_ema", "val_bpb_ema") if k in metrics}
     result |= {"unigram_val_loss": uni, "steps": t.steps, "bad_steps": loop.bad_total, "checkpoint": str(final)}
+    result["precision"] = cfg.precision
     if t.export_hf:
         layout.export(mcfg, cfg, stage.dir / "hf", data["tokenizer"])
     return result

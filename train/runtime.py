@@ -2,7 +2,10 @@
 
 Precision (`precision=`):
 - fp32: everything in FP32.
-- bf16: FP32 master weights, compute under `torch.autocast(bfloat16)` (bf16 matmuls are faster on AMX CPUs).
+- bf16: FP32 master weights, compute under `torch.autocast(bfloat16)`.
+- auto: bf16 where the device multiplies bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX),
+        else fp32 (`resolve_precision`, called by each stage once its device is known). On an AVX2 CPU bf16
+        matmuls are emulated and several times slower than fp32 (bench/cpu_autocast.py).
 - fp8:  as bf16, plus the DeepSeek-V3 FP8 recipe on the attention projections and every expert/MLP linear
         (`kernels.fp8_linear.convert_to_fp8`):
         1x128 activation tiles, 128x128 weight blocks, e4m3, FP32 promotion; sizes that are not multiples of
@@ -60,9 +63,36 @@ def device_for(info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(wanted: tuple[str, ...] = ("avx2", "avx512f", *NATIVE_BF16_CPU_FLAGS)) -> list[str]:
+    """Which of `wanted` this CPU's /proc/cpuinfo lists (empty where there is no /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`precision=auto` for this device: bf16 where its matmuls run bf16 natively, else fp32; other values as given."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_flags(NATIVE_BF16_CPU_FLAGS) else "fp32"
+
+
 def autocast(precision: str, device: torch.device):
     if precision in ("bf16", "fp8"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision != "fp32":  # "auto" must be resolved first (resolve_precision), or it would silently run fp32
+        raise ValueError(f"precision must be fp32, bf16 or fp8 here, got {precision!r}")
     return contextlib.nullcontext()
 
 

@@ -62,7 +62,7 @@ from train.loop import Loop, TrainingError
 from train.optim import build_optimizer
 from train.parallel.parallelize import world_size_from_env
 from train.policy import evaluate_accuracy, newest_checkpoint
-from train.runtime import autocast, build_model, device_for, dist_info, require_one_process
+from train.runtime import autocast, build_model, device_for, dist_info, require_one_process, resolve_precision
 
 __all__ = ["TrainingError", "batch_indices", "make_batch", "run"]
 
@@ -71,6 +71,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     s = cfg.sft
     info = dist_info()
     device = device_for(info)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     tok = load_tokenizer(paths["tokenizer"])
     vocab = tok.get_vocab_size(with_added_tokens=True)
@@ -160,6 +161,7 @@ def train(cfg: Config, stage: StageRun, paths: dict[str, Path]) -> dict:
     final = ckpts.checkpoints()[-1]
     result = {k: metrics[k] for k in ("loss", "ce_loss", "lm_loss") if k in metrics}
     result |= {"steps": s.steps, "bad_steps": loop.bad_total, "too_long": too_long, "checkpoint": str(final)}
+    result["precision"] = cfg.precision
     if test_rows and info.is_main:
         ev = evaluate_accuracy(model, tok, test_rows, max_new_tokens=s.eval_max_new_tokens, precision=cfg.precision)
         result |= {

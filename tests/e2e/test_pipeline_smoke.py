@@ -65,6 +65,13 @@ def test_smoke_pipeline_records_every_stage_in_wandb_then_resumes_as_a_no_op(tmp
     )[1].history_keys
     assert {"reward_mean", "accuracy"} <= _wandb_run(run_dir / "rl")[1].history_keys
     assert any(t.startswith("samples_") for t in _wandb_run(run_dir / "eval")[1].tables)
+    # the precision bench's row of this run: every stage's wall time, the precision each stage ran, the metrics
+    import bench.precision_pipeline as precision_bench
+
+    row = precision_bench.summarize("fp32", run_dir)
+    assert all(isinstance(row[f"{s}_wall_s"], float) for s in precision_bench.STAGES) and row["total_wall_s"] > 0
+    assert row["stage_precisions"] == "pretrain:fp32 sft:fp32 rl:fp32 distill:fp32 eval:fp32"
+    assert isinstance(row["pretrain_val_bpb"], float) and isinstance(row["rl_humaneval_pass_at_1"], float)
 
     # lineage: what each stage consumed is what an upstream stage produced, byte for byte (same digest)
     edges = set()

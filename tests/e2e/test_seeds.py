@@ -4,10 +4,12 @@ seed's stages sharing that checkpoint, the data and the student base, and the me
 import json
 
 import pytest
+import torch
 
 import bench.common
 from pipeline.config import compose
 from tests.e2e.conftest import clone_run
+from train.runtime import resolve_precision
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +24,9 @@ def test_seeds_rerun_post_training_from_one_checkpoint(data_run, tmp_path, monke
     pretrain(compose([*overrides, "run.name=seedbase", "train=smoke"]))
     summary = main(
         ["--run", str(root / "seedbase"), "--seeds", "0", "1", "--jobs", "2"]
-        + ["--overrides", "experiment=smoke", "wandb.mode=disabled"]
+        + ["--overrides", "experiment=smoke", "wandb.mode=disabled", "--overrides", "precision=auto"]  # as make does
     )
+    ran = resolve_precision("auto", torch.device("cpu"))  # bf16 on a CPU with native bf16 matmuls, else fp32
 
     assert json.loads((root / "seedbase" / "seeds" / "summary.json").read_text()) == json.loads(json.dumps(summary))
     init = summary["pretrained_checkpoint"]
@@ -31,6 +34,9 @@ def test_seeds_rerun_post_training_from_one_checkpoint(data_run, tmp_path, monke
         run_dir = root / f"seedbase_seed{seed}"
         sft = json.loads((run_dir / "sft" / "manifest.json").read_text())
         assert sft["inputs"]["init"]["path"] == init and sft["config"]["run"]["seed"] == seed
+        assert sft["reads"]["precision"] == "auto" and sft["metrics"]["precision"] == ran  # both --overrides apply
+        for stage in ("rl", "distill", "eval"):
+            assert json.loads((run_dir / stage / "manifest.json").read_text())["metrics"]["precision"] == ran, stage
         dist = json.loads((run_dir / "distill" / "manifest.json").read_text())
         assert dist["inputs"]["student_init"]["path"] == summary["student_base"]  # one base for every seed, hashed
         assert (run_dir / "eval" / "eval.json").is_file() and not (run_dir / "data").exists()
