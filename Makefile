@@ -93,6 +93,8 @@ bench: $(VENV)  ## the side-by-side benchmarks (CPU); results append to bench/re
 	$(PY) -m bench.data_throughput
 	$(PY) -m bench.tokenizer_sample
 	$(PY) -m bench.model_vs_hf
+	$(PY) -m bench.cpu_autocast
+	$(PY) -m bench.cpu_threads
 	$(PY) -m bench.balance --run $(RUN)
 	$(PY) -m bench.eplb_imbalance
 	$(PY) -m bench.fp8_accumulation

@@ -413,6 +413,25 @@ def code_structure() -> tuple[str, list[Row]]:
     return text, [a, b]
 
 
+def cpu_threads() -> tuple[str, list[Row]]:
+    """The newest invocation's rows (one per threads x precision pair, written together)."""
+    every = rows("cpu_threads")
+    if not every:
+        return "", []
+    found = [r for r in every if r["date"][:16] == every[-1]["date"][:16] and r["commit"] == every[-1]["commit"]]
+    per = "; ".join(
+        f"{r['threads']} thread{'s' if r['threads'] != '1' else ''} {r['precision']} "
+        f"{num(r, 'median_s_per_step', '.3f')} s ({num(r, 'min_s_per_step', '.3f')}-{num(r, 'max_s_per_step', '.3f')})"
+        for r in found
+    )
+    r = found[-1]
+    text = (
+        f"tiny preset, one {r['batch']} micro-batch step, median (range) of {r['rounds']} interleaved rounds, "
+        f"OMP_WAIT_POLICY={r['omp_wait_policy'] or 'unset'}, CPU flags {r['cpu_flags']}: {per}"
+    )
+    return text, found
+
+
 def pipeline_precision() -> tuple[str, list[Row]]:
     """The newest fp32 / bf16 pair of runs (written together)."""
     every = rows("pipeline_precision")
@@ -469,6 +488,7 @@ ENTRIES: list[tuple[str, Callable[[], tuple[str, list[Row]]], str]] = [
     ("load balancing", balance, "bench/balance.py"),
     ("ours vs transformers' DeepseekV3", model_vs_hf, "bench/model_vs_hf.py"),
     ("bf16 autocast on CPU", cpu_autocast, "bench/cpu_autocast.py"),
+    ("CPU threads x precision, training step", cpu_threads, "bench/cpu_threads.py"),
     ("host syncs", host_syncs, "bench/host_syncs.py"),
     ("expert-parallel traffic", dist_layouts, "bench/dist_scaling.py"),
     ("EPLB", eplb, "bench/eplb_imbalance.py"),
