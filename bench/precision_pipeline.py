@@ -24,10 +24,10 @@ import sys
 from pathlib import Path
 
 from bench.common import append_result
+from bench.pipeline_stages import STAGES
 from train.runtime import cpu_flags
 
 PRECISIONS = ("fp32", "bf16")
-STAGES = ("data", "pretrain", "sft", "rl", "distill", "eval", "report")
 EVAL_KEYS = ("rl/humaneval/pass@1", "rl/reasoning/pass@1", "rl/bpb/code/bpb", "pretrain/bpb/code/bpb")
 
 
@@ -39,11 +39,11 @@ def launch(runs: dict[str, Path], extra: list[str]) -> None:
         cmd += [f"precision={precision}", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         run.parent.mkdir(parents=True, exist_ok=True)
-        with open(run.parent / f"{run.name}.log", "w") as log:  # the child keeps its own copy of the descriptor
-            procs[precision] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    for precision, proc in procs.items():
+        log = run.parent / f"{run.name}.log"
+        with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+            procs[precision] = (subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), log)
+    for precision, (proc, log) in procs.items():
         if proc.wait():
-            log = runs[precision].parent / f"{runs[precision].name}.log"
             raise SystemExit(f"{runs[precision]}: the pipeline failed (rc {proc.returncode}), see {log}")
 
 

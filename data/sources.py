@@ -291,9 +291,8 @@ def read_text_file(path: Path, max_doc_bytes: int, lang: str = "text") -> tuple[
                 return "", "not_a_file"
             if st.st_size > max_doc_bytes:
                 return "", "too_large"
-            # read(n) allocates n bytes up front: asking for max_doc_bytes each time cost more than the reading
-            data = f.read(st.st_size + 1)
-            if len(data) > st.st_size:  # it grew since stat
+            data = f.read(st.st_size + 1)  # the size fstat gave, and one byte more to see a file that grew
+            if len(data) > st.st_size:
                 data += f.read(max_doc_bytes + 1 - len(data))
     except OSError as e:  # EIO, EISDIR on odd filesystems
         return "", _why(e)
